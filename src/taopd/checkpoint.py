@@ -1,0 +1,112 @@
+"""Atomic checkpoints: write into a temp folder, fsync, rename; never pick up a half-written one."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "save_checkpoint",
+    "latest_checkpoint",
+    "load_trainer_state",
+    "rng_state",
+    "set_rng_state",
+    "atomic_write_text",
+]
+
+PREFIX = "step-"
+DONE = "COMPLETE"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file through a temp file + rename, so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    save_model: Any,
+    trainer_state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    """Save `ckpt_root/step-NNNNNN/` = model/ (via `save_model(dir)`) + trainer_state.pt.
+
+    Written to a hidden temp folder first and renamed when complete; then all but the newest
+    `keep_last` complete checkpoints are removed.
+    """
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{PREFIX}{step:06d}"
+    tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(tmp / "model")
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / DONE).write_text(str(step))
+    _fsync_tree(tmp)
+    if final.exists():  # a checkpoint of the same step (e.g. saved on exit after a step save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in _complete(ckpt_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-*"):  # leftovers of killed writers
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _complete(ckpt_root: Path) -> list[Path]:
+    found = [
+        p
+        for p in ckpt_root.glob(f"{PREFIX}*")
+        if p.is_dir() and (p / DONE).exists() and (p / "trainer_state.pt").exists()
+    ]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    if not ckpt_root.exists():
+        return None
+    done = _complete(ckpt_root)
+    return done[-1] if done else None
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False)

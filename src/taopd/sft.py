@@ -1,0 +1,120 @@
+"""Supervised fine-tuning of a teacher on a task's train split (the demo's cached preparation step).
+
+The CPU demo needs a teacher that clearly beats the student on the task; with only the 135M model
+available offline, the teacher is a copy fine-tuned on reference answers, cached by content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import make_task, render_prompt
+from .models import cache_dir, hidden_states, lm_head, load_model, load_tokenizer
+
+__all__ = ["teacher_cache_key", "prepare_teacher", "sft_batch", "answer_loss"]
+
+
+def teacher_cache_key(cfg: Config) -> str:
+    """Content hash of everything that determines the fine-tuned teacher."""
+    assert cfg.teacher_sft is not None
+    blob = json.dumps(
+        {
+            "teacher": cfg.teacher,
+            "task": cfg.task.as_task_dict(),
+            "suffix": cfg.task.prompt_suffix,
+            "system_prompt": cfg.task.system_prompt,
+            "chat_template": cfg.task.chat_template,
+            "n_train": cfg.task.n_train,
+            "seed": cfg.task.seed,
+            "sft": cfg.teacher_sft.model_dump(),
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sft_batch(tokenizer: Any, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+answer+eos ids; labels on the answer and eos only (-100 elsewhere)."""
+    eos = tokenizer.eos_token or ""
+    rows, labels = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answer + eos, add_special_tokens=False)["input_ids"]
+        rows.append(p_ids + a_ids)
+        labels.append([-100] * len(p_ids) + a_ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    att = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, y) in enumerate(zip(rows, labels, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(y)] = torch.tensor(y)
+        att[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+def answer_loss(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the labeled tokens, projecting only their positions through the
+    lm_head (the 49k-row head over every prompt position is most of a small model's cost)."""
+    hidden = hidden_states(model, enc["input_ids"], enc["attention_mask"])[:, :-1]
+    labels = enc["labels"][:, 1:]
+    keep = labels != -100
+    logits = hidden[keep] @ lm_head(model).T
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def prepare_teacher(cfg: Config, progress: bool = True) -> Path:
+    """Fine-tune `cfg.teacher` on the task's reference answers once; return the cached folder."""
+    assert cfg.teacher_sft is not None
+    sft = cfg.teacher_sft
+    out = cache_dir() / "teachers" / teacher_cache_key(cfg)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(sft.seed)
+    tokenizer = load_tokenizer(cfg.teacher)
+    model = load_model(cfg.teacher, dtype=cfg.train.dtype)
+    model.train()
+    task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
+    examples = task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(sft.seed)
+    order = torch.randperm(len(examples), generator=gen).tolist()
+    start = time.perf_counter()
+    bar = tqdm(range(sft.steps), desc="teacher fine-tune", disable=not progress)
+    for step in bar:
+        idx = [order[(step * sft.batch_size + j) % len(order)] for j in range(sft.batch_size)]
+        batch = [examples[i] for i in idx]
+        prompts = [
+            render_prompt(tokenizer, ex.question, cfg.task.system_prompt, cfg.task.chat_template)
+            for ex in batch
+        ]
+        enc = sft_batch(tokenizer, prompts, [ex.answer for ex in batch])
+        loss = answer_loss(model, enc)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {"seconds": time.perf_counter() - start, "config": cfg.teacher_sft.model_dump()}
+    (tmp / "taopd_teacher.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

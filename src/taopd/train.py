@@ -1,0 +1,694 @@
+"""The selective OPD loop: rollouts, teacher scoring, selection, selective-head loss, on accelerate.
+
+One step (../shared/design.md): the student samples responses; teacher and student bodies give
+hidden states; signals are scored from detached hidden states in chunks; the strategy keeps a
+share of the batch's response positions; only those rows go through the student's lm_head with
+gradient. Multi-process runs select over the global batch and normalize by the global count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import Config
+from .data import Example, make_task, render_prompt
+from .errors import UserError
+from .evaluate import evaluate
+from .loss import selective_head_loss
+from .models import (
+    check_tokenizers,
+    hidden_states,
+    lm_head,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    shared_vocab_size,
+)
+from .rollout import Rollout, make_sampler
+from .scores import TokenSignals, normalize, signals_from_hidden
+from .selection import select_tokens
+
+__all__ = ["Trainer", "TrainingError", "train"]
+
+SIGNAL_NAMES = ("teachability", "student_entropy", "disagreement", "compatibility", "reverse_kl")
+
+
+class TrainingError(UserError):
+    """A run that cannot go on (e.g. repeated non-finite losses); its last checkpoint is kept."""
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    total, warm, kind = cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _mean(x: Tensor, m: Tensor) -> float:
+    return float(x[m].mean()) if bool(m.any()) else float("nan")
+
+
+class Trainer:
+    """Selective OPD trainer; `run()` trains, evaluates, checkpoints and writes summary.json."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+        accelerator: Any | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.progress = progress
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        if cfg.train.batch_size % self.world:
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                f"{self.world} processes"
+            )
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.out = Path(cfg.output_dir)
+        self.resume_from = self._prepare_output(resume, overwrite)
+        self.stop_requested = False
+        self._setup()
+
+    # ----------------------------------------------------------------------------- set-up
+    def _prepare_output(self, resume: bool, overwrite: bool) -> Path | None:
+        """Check the output folder before any heavy work; return the checkpoint to resume."""
+        out = self.out
+        has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output_dir {out} exists and is not a folder")
+        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+        if has_run and not (resume or overwrite):
+            raise UserError(
+                f"output_dir {out} already holds a run; pass --resume to continue it or "
+                "--overwrite to replace it (or choose another output_dir)"
+            )
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            if overwrite and has_run and not resume:
+                shutil.rmtree(out)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".write-test"
+                probe.write_text("ok")
+                probe.unlink()
+            except OSError as e:
+                raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
+            if not (resume and ckpt is not None):
+                (out / "config.yaml").write_text(self.cfg.to_yaml())
+        self.acc.wait_for_everyone()
+        return ckpt
+
+    def _setup(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
+        self.train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
+        self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
+        if not self.train_examples:
+            raise UserError("the task gave no training examples")
+        teacher_name = cfg.teacher
+        resolve_model(cfg.student)
+        resolve_model(cfg.teacher)
+        self.tokenizer = load_tokenizer(cfg.student)
+        teacher_tok = load_tokenizer(cfg.teacher)
+        check_tokenizers(self.tokenizer, teacher_tok, cfg.student, cfg.teacher)
+        if cfg.teacher_sft is not None:
+            from .sft import prepare_teacher
+
+            with acc.main_process_first():
+                teacher_name = str(prepare_teacher(cfg, progress=self.progress))
+        self.teacher_path = teacher_name
+        device = acc.device
+        t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
+        self.teacher = load_model(teacher_name, dtype=t_dtype, device=device).eval()
+        self.teacher.requires_grad_(False)
+        student = load_model(cfg.student, dtype=cfg.train.dtype, device=device)
+        if cfg.lora is not None:
+            student = self._apply_lora(student)
+        self.student = student
+        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
+        if cfg.selection.k > self.vocab_size:
+            raise UserError(
+                f"selection.k={cfg.selection.k} exceeds the vocabulary size {self.vocab_size}"
+            )
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+        )
+        self.sched = _scheduler(self.opt, cfg)
+        self.sampler = make_sampler(cfg.rollout.backend)
+        self.step = 0
+        self.data_pos = 0
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self.tokens_trained = 0
+        self.skipped_prompts = 0
+        self.truncated_prompts = 0
+        self.history: dict[str, Any] = {}
+        self._bank: Rollout | None = None
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.tb = None
+        if cfg.train.tensorboard and acc.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"))
+            except ImportError:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
+        lc = self.cfg.lora
+        assert lc is not None
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                target_modules=lc.target_modules, task_type="CAUSAL_LM",
+            ),
+        )
+
+    # ----------------------------------------------------------------------------- data
+    def _epoch_order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+        return torch.randperm(len(self.train_examples), generator=gen).tolist()
+
+    def _next_examples(self) -> list[Example]:
+        """This rank's share of the next global batch; the data position survives resume."""
+        n_ex = len(self.train_examples)
+        bs = self.cfg.train.batch_size
+        picked = []
+        for j in range(bs):
+            pos = self.data_pos + j
+            epoch, idx = divmod(pos, n_ex)
+            picked.append(self.train_examples[self._epoch_order(epoch)[idx]])
+        self.data_pos += bs
+        per = bs // self.world
+        return picked[self.rank * per : (self.rank + 1) * per]
+
+    def render(self, question: str) -> str:
+        cfg = self.cfg.task
+        return render_prompt(self.tokenizer, question, cfg.system_prompt, cfg.chat_template)
+
+    def _fit_prompts(self, prompts: list[str]) -> list[str]:
+        """Apply rollout.max_prompt_tokens: keep the last tokens (truncate) or drop (skip)."""
+        limit, mode = self.cfg.rollout.max_prompt_tokens, self.cfg.rollout.prompt_overflow
+        kept = []
+        for p in prompts:
+            ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
+            if len(ids) <= limit:
+                kept.append(p)
+            elif mode == "truncate":
+                self.truncated_prompts += 1
+                kept.append(self.tokenizer.decode(ids[-limit:]))
+            else:
+                self.skipped_prompts += 1
+        return kept
+
+    # ----------------------------------------------------------------------------- step
+    def _gather_rows(self, x: Tensor, fill: float | bool) -> Tensor:
+        """All ranks' rows of a per-position [b, T] tensor, padded to the longest T."""
+        if self.world == 1:
+            return x
+        t_max = int(self.acc.gather(torch.tensor([x.shape[1]], device=x.device)).max())
+        if x.shape[1] < t_max:
+            pad = torch.full((x.shape[0], t_max - x.shape[1]), fill, dtype=x.dtype, device=x.device)
+            x = torch.cat([x, pad], dim=1)
+        return self.acc.gather(x.contiguous())
+
+    def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
+        """Batch-scope selection over the global batch; returns this rank's mask and global n."""
+        sel = self.cfg.selection
+        names = [name for name, _ in sig.items()]
+        t_local, b_local = valid.shape[1], valid.shape[0]
+        g_valid = self._gather_rows(valid, False)
+        g_sig = TokenSignals(**{n: self._gather_rows(getattr(sig, n), 0.0) for n in names})
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        mask = select_tokens(
+            g_sig.__class__(**{n: getattr(g_sig, n).cpu() for n in names}),
+            g_valid.cpu(),
+            strategy=sel.strategy,
+            ratio=sel.ratio,
+            scope=sel.scope,
+            min_per_sequence=sel.min_per_sequence,
+            generator=gen,
+        ).to(valid.device)
+        if self.cfg.loss.reduction == "token":
+            norm = float(mask.sum())
+        else:
+            norm = float((mask.sum(-1) > 0).sum())
+        local = mask[self.rank * b_local : (self.rank + 1) * b_local, :t_local]
+        return local, norm
+
+    def _rollout(self, step: int) -> Rollout | None:
+        prompts = self._fit_prompts([self.render(ex.question) for ex in self._next_examples()])
+        if not prompts:
+            return None
+        ro = self.cfg.rollout
+        seed = self.cfg.train.seed * 1_000_003 + step * 101 + self.rank
+        return self.sampler(
+            self.acc.unwrap_model(self.student), self.tokenizer, prompts,
+            max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+            seed=seed,
+        )
+
+    def _response_hidden(self, model: torch.nn.Module, roll: Rollout, rows: slice) -> Tensor:
+        p = roll.prompt_len
+        h = hidden_states(model, roll.input_ids[rows], roll.attention_mask[rows])
+        return h[:, p - 1 : -1]
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step; returns its metrics (None when the batch had nothing to train)."""
+        cfg, step = self.cfg, self.step + 1
+        t0 = time.perf_counter()
+        roll = self._rollout(step)
+        t_roll = time.perf_counter() - t0
+        if roll is None:
+            self.step = step
+            return None
+        p = roll.prompt_len
+        targets, valid = roll.input_ids[:, p:], roll.response_mask[:, p:]
+        n_rows = targets.shape[0]
+        mb = cfg.train.micro_batch_size or n_rows
+        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
+        w_s, w_t = lm_head(self.student), lm_head(self.teacher)
+        self.student.train()
+        with torch.no_grad():
+            h_t = torch.cat([self._response_hidden(self.teacher, roll, c) for c in chunks])
+        if len(chunks) == 1:  # one student forward serves scoring (detached) and the loss
+            h_s_grad = self._response_hidden(self.student, roll, chunks[0])
+            h_s = h_s_grad.detach()
+        else:  # scoring pass without grad, then a grad pass per micro-batch
+            h_s_grad = None
+            with torch.no_grad():
+                h_s = torch.cat([self._response_hidden(self.student, roll, c) for c in chunks])
+        sel, lcfg = cfg.selection, cfg.loss
+        sig = signals_from_hidden(
+            h_s, w_s, h_t, w_t, tokens=targets, k=sel.k, valid=valid,
+            temperature=lcfg.temperature, vocab_size=self.vocab_size, chunk_size=sel.chunk_size,
+        )
+        mask, norm = self._select(sig, valid, step)
+        t_score = time.perf_counter() - t0 - t_roll
+        if norm == 0:
+            raise TrainingError("selection kept no positions in the whole batch")
+        loss_kw = dict(
+            kind=lcfg.kind, normalizer=norm, reduction=lcfg.reduction, beta=lcfg.beta,
+            temperature=lcfg.temperature, vocab_size=self.vocab_size, chunk_size=lcfg.chunk_size,
+        )
+        total = 0.0
+        for c in chunks:
+            h = h_s_grad if h_s_grad is not None else self._response_hidden(self.student, roll, c)
+            loss = selective_head_loss(
+                h, w_s, mask[c], teacher_hidden=h_t[c], teacher_weight=w_t,
+                tokens=targets[c], **loss_kw,
+            )
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm, finite = self._reduce_and_clip(total)
+        metrics = {"step": step}
+        if finite:
+            self.opt.step()
+            self.nonfinite_in_row = 0
+        else:
+            self.nonfinite_in_row += 1
+            self.nonfinite_total += 1
+            metrics["skipped_nonfinite"] = True
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.step = step
+        n_sel_local = int(mask.sum())
+        n_sel = self._sum(n_sel_local)
+        self.tokens_trained += int(n_sel) if finite else 0
+        elapsed = time.perf_counter() - t0
+        metrics.update(self._signal_metrics(sig, valid, mask))
+        metrics.update(
+            loss=self._sum(total),  # each rank's share is normalized by the global count
+            grad_norm=grad_norm,
+            lr=self.sched.get_last_lr()[0],
+            n_selected=int(n_sel),
+            n_valid=int(self._sum(int(valid.sum()))),
+            tokens_trained=self.tokens_trained,
+            response_length=float(valid.sum(-1).float().mean()),
+            rollout_seconds=t_roll,
+            scoring_seconds=t_score,
+            step_seconds=elapsed,
+            tokens_per_second=self._sum(int(valid.sum())) / elapsed,
+            nonfinite_steps=self.nonfinite_total,
+        )
+        metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
+        if cfg.train.samples_every and step % cfg.train.samples_every == 0:
+            self._write_samples(roll, sig, mask, h_s, h_t, step)
+        if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
+                f"(step {step}); stopping. The last good checkpoint is kept: lower optim.lr, "
+                "check the teacher and the data, then --resume"
+            )
+        return metrics
+
+    def _sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64)
+        return float(self.acc.reduce(t, reduction="sum"))
+
+    def _reduce_and_clip(self, loss_value: float) -> tuple[float, bool]:
+        """Sum gradients over ranks (the loss is already globally normalized), check, clip."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if self.world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+        grads = [p.grad for p in params if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(norm)) and math.isfinite(self._sum(loss_value)) and bool(grads)
+        return float(norm), finite
+
+    def _signal_metrics(self, sig: TokenSignals, valid: Tensor, mask: Tensor) -> dict[str, float]:
+        out: dict[str, float] = {}
+        teach = normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
+        values = {"teachability": teach, "kl": sig.reverse_kl, "forward_kl": sig.forward_kl}
+        for name in ("student_entropy", "teacher_entropy", "disagreement", "compatibility"):
+            values[name.replace("student_", "")] = getattr(sig, name)
+        for name, x in values.items():
+            out[f"{name}_all"] = _mean(x, valid)
+            out[f"{name}_selected"] = _mean(x, mask)
+        out["overlap_all"] = _mean(sig.overlap, valid)
+        return out
+
+    @torch.no_grad()
+    def _write_samples(
+        self, roll: Rollout, sig: TokenSignals, mask: Tensor, h_s: Tensor, h_t: Tensor, step: int
+    ) -> None:
+        """Append two rollouts with per-token signals and top candidates to samples.jsonl."""
+        if not self.acc.is_main_process:
+            return
+        p = roll.prompt_len
+        valid = roll.response_mask[:, p:]
+        teach = normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
+        w_s, w_t = lm_head(self.student), lm_head(self.teacher)
+        lines = []
+        for b in range(min(2, valid.shape[0])):
+            idx = valid[b].nonzero().squeeze(-1)
+            ids = roll.input_ids[b, p:][idx].tolist()
+            top = {}
+            for side, h, w in (("student_top", h_s, w_s), ("teacher_top", h_t, w_t)):
+                logits = h[b, idx].float() @ w[: self.vocab_size].float().T
+                pr, ti = torch.softmax(logits, -1).topk(5, -1)
+                top[side] = [
+                    [[self.tokenizer.decode([int(t)]), round(float(q), 4)] for t, q in zip(tr, prr)]
+                    for tr, prr in zip(ti, pr)
+                ]
+            signals = {"teachability": teach[b, idx].tolist()}
+            for name in ("student_entropy", "disagreement", "compatibility", "reverse_kl"):
+                signals[name] = getattr(sig, name)[b, idx].tolist()
+            prompt_ids = roll.input_ids[b, :p][roll.attention_mask[b, :p].bool()]
+            lines.append(
+                {
+                    "step": step,
+                    "prompt": self.tokenizer.decode(prompt_ids.tolist()),
+                    "answer": None,
+                    "correct": None,
+                    "tokens": [self.tokenizer.decode([t]) for t in ids],
+                    "selected": mask[b, idx].tolist(),
+                    "signals": signals,
+                    **top,
+                }
+            )
+        with open(self.out / "samples.jsonl", "a") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+
+    # ----------------------------------------------------------------------------- eval
+    def evaluate(self, model: torch.nn.Module | None = None) -> float:
+        """Greedy accuracy on the test split (every rank evaluates its share; reduced)."""
+        model = model if model is not None else self.acc.unwrap_model(self.student)
+        ex = self.test_examples[self.rank :: self.world]
+        res = evaluate(
+            model, self.tokenizer, self.task, ex, batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.eval.max_new_tokens, system_prompt=self.cfg.task.system_prompt,
+            progress=self.progress and self.acc.is_main_process,
+            chat_template=self.cfg.task.chat_template,
+        )
+        correct = self._sum(res["n_correct"])
+        return correct / self._sum(res["n"])
+
+    @torch.no_grad()
+    def heldout_kl(self) -> float | None:
+        """Mean KL(p_S‖p_T) over a fixed bank of student rollouts on test prompts.
+
+        The bank is sampled once from the initial student and saved in the run folder, so every
+        evaluation (and every arm of a comparison with the same seed) scores the same contexts.
+        """
+        n = min(self.cfg.eval.heldout_kl_prompts, len(self.test_examples))
+        if n == 0:
+            return None
+        path = self.out / "heldout_bank.pt"
+        if self._bank is None:
+            if path.exists():
+                self._bank = torch.load(path, weights_only=False)
+            else:
+                prompts = [self.render(ex.question) for ex in self.test_examples[:n]]
+                ro = self.cfg.rollout
+                roll = self.sampler(
+                    self.acc.unwrap_model(self.student), self.tokenizer, prompts,
+                    max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                    top_p=ro.top_p, seed=self.cfg.train.seed + 12345,
+                ).to("cpu")
+                self._bank = roll
+                if self.acc.is_main_process:
+                    torch.save(roll, path)
+        roll = self._bank.to(self.acc.device)
+        rows = list(range(len(roll)))[self.rank :: self.world]
+        p = roll.prompt_len
+        sub = Rollout(roll.input_ids[rows], roll.attention_mask[rows], roll.response_mask[rows],
+                      p, [roll.texts[i] for i in rows])
+        model = self.acc.unwrap_model(self.student)
+        h_s = self._response_hidden(model, sub, slice(None))
+        h_t = self._response_hidden(self.teacher, sub, slice(None))
+        valid = sub.response_mask[:, p:]
+        sig = signals_from_hidden(
+            h_s, lm_head(model), h_t, lm_head(self.teacher), k=1, valid=valid,
+            temperature=self.cfg.loss.temperature, vocab_size=self.vocab_size,
+            chunk_size=self.cfg.selection.chunk_size,
+        )
+        total = self._sum(float(sig.reverse_kl[valid].sum()))
+        return total / max(1.0, self._sum(int(valid.sum())))
+
+    # ----------------------------------------------------------------------------- state
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data_pos": self.data_pos,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng_state(),
+            "tokens_trained": self.tokens_trained,
+            "nonfinite_total": self.nonfinite_total,
+            "history": self.history,
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    def save(self) -> Path | None:
+        """Write an atomic checkpoint (rank 0), keeping the newest `train.keep_last`."""
+        path = None
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.student)
+
+            def save_model(d: Path) -> None:
+                model.save_pretrained(d, safe_serialization=True)
+                self.tokenizer.save_pretrained(d)
+
+            path = save_checkpoint(
+                self.out / "checkpoints", self.step, save_model, self._trainer_state(),
+                keep_last=self.cfg.train.keep_last,
+            )
+        self.acc.wait_for_everyone()
+        return path
+
+    def _load(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_trainer_state(ckpt)
+        model = self.student
+        weights = {}
+        for f in sorted((ckpt / "model").glob("*.safetensors")):
+            weights.update(load_file(f))
+        if self.cfg.lora is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, weights)
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = [m for m in missing if "lm_head" not in m]  # tied heads are not saved
+            if missing or unexpected:
+                raise UserError(f"checkpoint {ckpt} does not match the student: {missing[:3]}")
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.data_pos = state["step"], state["data_pos"]
+        self.tokens_trained = state["tokens_trained"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.history = state.get("history", {})
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+        path = self.out / "metrics.jsonl"
+        if not (self.acc.is_main_process and path.exists()):
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    # ----------------------------------------------------------------------------- run
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def run(self) -> dict[str, Any]:
+        """Train `train.steps` steps with evaluation and checkpoints; return the summary."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        old_handlers = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                old_handlers[s] = signal.signal(s, self._on_signal)
+        h = self.history
+        try:
+            if "teacher_accuracy" not in h and cfg.train.eval_teacher:
+                h["teacher_accuracy"] = self.evaluate(self.teacher)
+            if "student_accuracy_before" not in h and cfg.train.eval_before:
+                h["student_accuracy_before"] = self.evaluate()
+            if "heldout_kl_before" not in h:
+                h["heldout_kl_before"] = self.heldout_kl()
+            h.setdefault("selected_fractions", [])
+            h.setdefault("accuracy_curve", [])
+            bar = tqdm(
+                total=cfg.train.steps, initial=self.step, desc="TA-OPD" if
+                cfg.selection.strategy == "teachability" else f"OPD ({cfg.selection.strategy})",
+                disable=not (self.progress and self.acc.is_main_process),
+            )
+            while self.step < cfg.train.steps and not self.stop_requested:
+                metrics = self.train_step()
+                if metrics is None:
+                    bar.update(1)
+                    continue
+                h["selected_fractions"].append(metrics["selected_fraction"])
+                last = self.step == cfg.train.steps
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last):
+                    metrics["accuracy"] = self.evaluate()
+                    metrics["heldout_kl"] = self.heldout_kl()
+                    h["accuracy_curve"].append([self.step, self.tokens_trained,
+                                                metrics["accuracy"], metrics["heldout_kl"]])
+                self._log(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=metrics["n_selected"])
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                    self.save()
+            bar.close()
+            if self.stop_requested:
+                self.save()
+                raise TrainingError(
+                    f"stopped by a signal at step {self.step}; checkpoint saved, continue with "
+                    "--resume"
+                )
+            if h["accuracy_curve"] and h["accuracy_curve"][-1][0] == self.step:
+                _, _, after, kl_after = h["accuracy_curve"][-1]
+            else:
+                after, kl_after = self.evaluate(), self.heldout_kl()
+            summary = self._summary(after, kl_after, time.perf_counter() - start)
+            self.save()
+        finally:
+            for s, old in old_handlers.items():
+                signal.signal(s, old)
+            if self.tb is not None:
+                self.tb.flush()
+        if self.acc.is_main_process:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def _summary(self, after: float, kl_after: float | None, seconds: float) -> dict[str, Any]:
+        h, cfg = self.history, self.cfg
+        fr = h.get("selected_fractions") or [float("nan")]
+        return {
+            "teacher_accuracy": h.get("teacher_accuracy"),
+            "student_accuracy_before": h.get("student_accuracy_before"),
+            "student_accuracy_after": after,
+            "n_test": len(self.test_examples),
+            "heldout_kl_before": h.get("heldout_kl_before"),
+            "heldout_kl": kl_after,
+            "selected_fraction": sum(fr) / len(fr),
+            "tokens_trained": self.tokens_trained,
+            "steps": self.step,
+            "strategy": cfg.selection.strategy,
+            "ratio": cfg.selection.ratio,
+            "k": cfg.selection.k,
+            "batch_size": cfg.train.batch_size,
+            "seed": cfg.train.seed,
+            "wall_seconds": seconds,
+            "accuracy_curve": h.get("accuracy_curve", []),
+            "teacher": self.teacher_path,
+            "student": cfg.student,
+            "task": cfg.task.name or cfg.task.path,
+            "nonfinite_steps": self.nonfinite_total,
+            "skipped_prompts": self.skipped_prompts,
+            "truncated_prompts": self.truncated_prompts,
+            "output_dir": str(self.out),
+        }
+
+
+def train(
+    cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Build a Trainer and run it; returns the summary dict (also in output_dir/summary.json)."""
+    return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).run()

@@ -1,0 +1,218 @@
+"""data.py: answer extraction, reasoning-gym splits and scoring, file tasks, prompt rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from taopd.data import (
+    Example,
+    FileTask,
+    ReasoningGymTask,
+    extract_answer,
+    make_task,
+    numbers_equal,
+    reference_answer,
+    render_prompt,
+)
+from taopd.errors import UserError
+
+CHAIN_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+
+# --------------------------------------------------------------------------------------------
+# Answers
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("The answer is 173.", "173"),
+        ("5 - 9 = -4", "-4"),
+        ("23 - 60 = -37<|im_end|>", "-37"),
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72"),
+        ("#### 1,234\nmore text", "1,234"),
+        ("think 3 then <answer> 42 </answer> and 7", "42"),
+        ("<answer>yes</answer></s>", "yes"),
+        ("It costs $1,250 in total", "1250"),
+        ("  blue  <|im_end|>", "blue"),
+        ("", ""),
+    ],
+)
+def test_extract_answer(completion: str, expected: str) -> None:
+    assert extract_answer(completion) == expected
+
+
+def test_reference_answer_gsm8k() -> None:
+    assert reference_answer("She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7") == "7"
+    assert reference_answer("...\n#### 1,000") == "1000"
+    assert reference_answer(42) == "42"
+    assert reference_answer("Paris") == "Paris"
+
+
+def test_numbers_equal() -> None:
+    assert numbers_equal("1,000", "1000")
+    assert numbers_equal("$5", "5.0")
+    assert numbers_equal("42.", "42")
+    assert not numbers_equal("42", "43")
+    assert not numbers_equal("forty", "40")
+
+
+# --------------------------------------------------------------------------------------------
+# reasoning-gym
+
+
+def test_reasoning_gym_splits_do_not_overlap() -> None:
+    task = ReasoningGymTask("chain_sum", CHAIN_SUM, holdout=500)
+    train = task.examples("train", 500, seed=0)
+    test = task.examples("test", 200, seed=0)
+    assert len(train) == 500 and len(test) == 200
+    assert not {e.question for e in train} & {e.question for e in test}
+    # a smaller train request is a prefix of the same stream, so it cannot overlap either
+    assert [e.question for e in task.examples("train", 50, seed=0)] == [
+        e.question for e in train[:50]
+    ]
+
+
+def test_reasoning_gym_without_holdout() -> None:
+    task = make_task({"name": "chain_sum", "params": CHAIN_SUM, "holdout": 0})
+    assert len(task.examples("test", 10, seed=0)) == 10
+
+
+def test_reasoning_gym_deterministic_and_seeded() -> None:
+    task = ReasoningGymTask("chain_sum", CHAIN_SUM)
+    a = [e.question for e in task.examples("train", 30, seed=3)]
+    b = [e.question for e in task.examples("train", 30, seed=3)]
+    c = [e.question for e in task.examples("train", 30, seed=4)]
+    assert a == b
+    assert a != c
+    # neighbouring seeds must not give the same items shifted by one (reasoning-gym uses seed+idx)
+    assert a[1:] != c[:-1]
+
+
+def test_reasoning_gym_scoring() -> None:
+    task = ReasoningGymTask("chain_sum", CHAIN_SUM)
+    ex = task.examples("test", 1, seed=0)[0]
+    assert ex.entry is not None and ex.answer == ex.entry["answer"]
+    assert task.score(f"The answer is {ex.answer}.", ex) == 1.0
+    assert task.correct(ex.answer, ex)
+    wrong = str(int(ex.answer) + 1)
+    assert task.score(f"The answer is {wrong}.", ex) == 0.0
+    assert not task.correct("I do not know", ex)
+
+
+def test_reasoning_gym_suffix_and_errors() -> None:
+    task = make_task({"name": "chain_sum", "params": CHAIN_SUM, "suffix": "Answer with a number."})
+    ex = task.examples("train", 1, seed=0)[0]
+    assert ex.question.endswith("= Answer with a number.")
+    with pytest.raises(UserError, match="no_such_task"):
+        ReasoningGymTask("no_such_task", {})
+    with pytest.raises(UserError, match="unknown split"):
+        task.examples("validation", 1, seed=0)
+
+
+def test_reasoning_gym_too_few_distinct_questions() -> None:
+    tiny_space = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    task = ReasoningGymTask("chain_sum", tiny_space, holdout=2000)  # 200 questions, all in train
+    with pytest.raises(UserError, match="too few distinct"):
+        task.examples("test", 5, seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_file_task_jsonl_with_split_and_gsm8k_answers(tmp_path: Path) -> None:
+    rows = [
+        {"question": f"q{i}", "answer": f"work...\n#### {i * 1000:,}", "split": "train"}
+        for i in range(8)
+    ] + [{"question": "qt", "answer": "#### 1,500", "split": "test"}]
+    task = FileTask(_write_jsonl(tmp_path / "gsm.jsonl", rows))
+    test = task.examples("test", 10, seed=0)
+    assert [e.question for e in test] == ["qt"]  # test stops at what exists
+    assert test[0].answer == "1500"
+    assert task.score("so the total is $1,500.", test[0]) == 1.0
+    assert task.score("#### 1500", test[0]) == 1.0
+    assert task.score("1400", test[0]) == 0.0
+    train = task.examples("train", 20, seed=1)
+    assert len(train) == 20  # train cycles over epochs
+    assert {e.question for e in train} == {f"q{i}" for i in range(8)}
+    assert train == task.examples("train", 20, seed=1)
+
+
+def test_file_task_hash_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    rows = [{"q": f"what is {i} + 1?", "a": str(i + 1)} for i in range(400)]
+    path = _write_jsonl(tmp_path / "plain.jsonl", rows)
+    task = FileTask(path, prompt_field="q", answer_field="a")
+    train = {e.question for e in task.examples("train", 400, seed=0)}
+    test = {e.question for e in task.examples("test", 400, seed=0)}
+    assert not train & test
+    assert len(train) + len(test) == 400
+    assert 20 <= len(test) <= 65  # ~10%
+    again = FileTask(path, prompt_field="q", answer_field="a")
+    assert {e.question for e in again.examples("test", 400, seed=5)} == test
+
+
+def test_file_task_parquet_and_json(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "capital of France?", "answer": "Paris", "split": "test"}] + [
+        {"question": f"t{i}", "answer": str(i), "split": "train"} for i in range(3)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    task = make_task({"path": str(tmp_path / "d.parquet")})
+    ex = task.examples("test", 5, seed=0)[0]
+    assert ex.answer == "Paris" and ex.entry is not None
+    assert task.score("Paris", ex) == 1.0
+    assert task.score("paris", ex) == 0.0  # non-numeric answers compare exactly
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    assert len(FileTask(tmp_path / "d.json").examples("train", 3, seed=0)) == 3
+
+
+def test_file_task_missing_field_names_file_and_fields(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "solution": "1"}])
+    with pytest.raises(UserError) as info:
+        FileTask(path)
+    msg = str(info.value)
+    assert str(path) in msg and "'question'" in msg and "prompt, solution" in msg
+
+
+def test_file_task_empty_missing_and_wrong_type(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="no records"):
+        FileTask(empty)
+    with pytest.raises(UserError, match="does not exist"):
+        FileTask(tmp_path / "missing.jsonl")
+    (tmp_path / "data.csv").write_text("question,answer\n")
+    with pytest.raises(UserError, match="jsonl"):
+        FileTask(tmp_path / "data.csv")
+    with pytest.raises(UserError, match="'name'.*'path'"):
+        make_task({"params": {}})
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_render_prompt_chat_template(tiny_model_dir: Path) -> None:
+    from taopd.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    text = render_prompt(tok, "1 + 2 =")
+    assert text == "<|im_start|>user\n1 + 2 =<|im_end|>\n<|im_start|>assistant\n"
+    with_sys = render_prompt(tok, "1 + 2 =", system_prompt="Be brief.")
+    assert with_sys.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    assert render_prompt(tok, "1 + 2 =", chat_template=False) == "1 + 2 =\n"
+
+
+def test_example_dataclass() -> None:
+    ex = Example("q", "a")
+    assert ex.entry is None

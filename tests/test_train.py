@@ -1,0 +1,190 @@
+"""End-to-end trainer tests on tiny random Llama models (seconds each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taopd.config import load_config
+from taopd.errors import UserError
+from taopd.selection import STRATEGIES
+from taopd.train import Trainer, TrainingError, train
+
+
+def tiny_cfg(student: Path, teacher: Path, out: Path, *overrides: str):
+    base = [
+        f"student={student}", f"teacher={teacher}", f"output_dir={out}",
+        "task.n_train=64", "task.n_test=8", "train.steps=4", "train.batch_size=8",
+        "rollout.max_new_tokens=5", "eval.max_new_tokens=4", "eval.heldout_kl_prompts=8",
+        "train.tensorboard=false", "train.eval_teacher=false",
+    ]
+    return load_config(None, base + list(overrides))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_trains_and_lowers_heldout_kl(
+    strategy, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    cfg = tiny_cfg(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
+        f"selection.strategy={strategy}", "selection.ratio=0.3", "optim.lr=3e-3",
+        "train.steps=6", "train.eval_before=false",
+    )
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 6
+    assert summary["heldout_kl"] < summary["heldout_kl_before"]  # the student moved to the teacher
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for r in rows:
+        if strategy == "full":
+            assert r["n_selected"] == r["n_valid"]
+        elif strategy != "q3":
+            assert r["n_selected"] == -(-3 * r["n_valid"] // 10)  # ⌈0.3·n_valid⌉
+        assert 0 < r["n_selected"] <= r["n_valid"]
+        assert r["loss"] >= 0 and r["selected_fraction"] <= 1
+    assert summary["tokens_trained"] == sum(r["n_selected"] for r in rows)
+
+
+def test_teachability_selects_higher_teachability_than_all(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
+                   "train.steps=2", "train.eval_before=false")
+    train(cfg, progress=False)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert r["teachability_selected"] > r["teachability_all"]
+
+
+def test_summary_and_checkpoint_reload(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.save_every=2",
+                   "train.eval_every=2", "train.samples_every=2", "optim.lr=1e-3")
+    summary = train(cfg, progress=False)
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after",
+                "n_test", "selected_fraction", "wall_seconds"):
+        assert key in saved
+    assert saved["n_test"] == 8 and 0 <= saved["student_accuracy_after"] <= 1
+    assert summary["selected_fraction"] == pytest.approx(saved["selected_fraction"])
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-000002", "step-000004"]  # keep_last=2
+    from taopd.models import load_model
+
+    reloaded = load_model(str(ckpts[-1] / "model"))
+    trainer_student = weights(ckpts[-1] / "model")
+    for name, p in reloaded.state_dict().items():
+        if name in trainer_student:
+            assert torch.equal(p, trainer_student[name])
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    n_tok = len(sample["tokens"])
+    assert n_tok == len(sample["selected"]) == len(sample["signals"]["teachability"])
+    assert len(sample["student_top"][0]) == 5
+
+
+def test_resume_continues_to_the_same_weights(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
+):
+    common = ("train.save_every=2", "optim.lr=2e-3", "selection.ratio=0.5",
+              "train.eval_before=false")
+    ref = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "a", *common)
+    train(ref, progress=False)
+
+    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "b", *common)
+    original = Trainer.train_step
+
+    def crash_at_3(self):
+        if self.step == 2:  # step 2 was checkpointed; die while doing step 3
+            raise RuntimeError("killed")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, progress=False)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg, progress=False)  # the folder holds a run: refuse without --resume
+    train(cfg, resume=True, progress=False)
+    a = weights(tmp_path / "a" / "checkpoints" / "step-000004" / "model")
+    b = weights(tmp_path / "b" / "checkpoints" / "step-000004" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(ma) == len(mb) == 4
+    for la, lb in zip(ma, mb):
+        ra, rb = json.loads(la), json.loads(lb)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["n_selected"] == rb["n_selected"]
+
+
+def test_micro_batches_give_the_same_step(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
+    runs = {}
+    for mb in (8, 3):
+        out = tmp_path / f"mb{mb}"
+        cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.steps=2",
+                       f"train.micro_batch_size={mb}", "train.save_every=2", "optim.lr=1e-3",
+                       "train.eval_before=false")
+        train(cfg, progress=False)
+        runs[mb] = weights(out / "checkpoints" / "step-000002" / "model")
+    for k in runs[8]:
+        assert torch.allclose(runs[8][k], runs[3][k], atol=1e-5), k
+
+
+def test_mismatched_tokenizers_fail_before_training(
+    tiny_model_dir, tiny_model_dir_other_tokenizer, tmp_path
+):
+    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_other_tokenizer, tmp_path / "run")
+    with pytest.raises(UserError) as err:
+        train(cfg, progress=False)
+    assert str(tiny_model_dir) in str(err.value) and str(tiny_model_dir_other_tokenizer) in str(
+        err.value
+    )
+
+
+def test_k_larger_than_vocab_is_refused(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
+                   "selection.k=100000")
+    with pytest.raises(UserError, match="selection.k=100000 exceeds the vocabulary"):
+        train(cfg, progress=False)
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_checkpoint(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
+):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.save_every=1",
+                   "train.steps=6", "train.max_nonfinite_steps=2", "train.eval_before=false")
+    import taopd.train as tr
+
+    real = tr.selective_head_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(tr, "selective_head_loss", poisoned)
+    with pytest.raises(TrainingError, match="2 steps in a row had a non-finite"):
+        train(cfg, progress=False)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts[-1] == "step-000003"  # step 3 was skipped (not applied) but still saved
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[2].get("skipped_nonfinite") is True
+    good = weights(out / "checkpoints" / "step-000002" / "model")
+    after_skip = weights(out / "checkpoints" / "step-000003" / "model")
+    for k in good:
+        assert torch.equal(good[k], after_skip[k]), k  # a skipped step changes nothing
