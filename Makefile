@@ -27,6 +27,9 @@ test: venv
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
+demo: venv
+	$(VENV)/bin/taopd demo
+
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -224,6 +225,8 @@ def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 def test_report_in_headless_chromium(tmp_path):
     if not (Path(CHROMIUM).exists() and shutil.which(CHROMIUM)):
+        if os.environ.get("TAOPD_REQUIRE_CHROMIUM"):  # CI installs it: a skip would hide a gap
+            pytest.fail(f"{CHROMIUM} not installed (Debian package 'chromium')")
         pytest.skip(f"{CHROMIUM} not installed (Debian package 'chromium')")
     run = make_run(tmp_path)
     url = render_report(run).resolve().as_uri()

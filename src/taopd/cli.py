@@ -126,6 +126,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            msg = f"expected comma-separated values, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+    return parse
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import plan_arms, run_compare
+
+    cfg = _load(args)
+    out = Path(args.output_dir or cfg.output_dir)
+    arms = plan_arms(args.strategies, args.ratios, args.seeds, args.k or [cfg.selection.k],
+                     args.batch_sizes or [cfg.train.batch_size])
+    print(f"taopd compare: {len(arms)} runs in {out} ({args.parallel} at a time)", flush=True)
+    run_compare(cfg, out, arms, parallel=args.parallel, progress=not args.no_progress)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.html'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taopd",
@@ -157,6 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="number of test problems (default task.n_test)")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="selection strategies side by side over seeds",
+                       description="Train one run per strategy × ratio × K × batch size × seed "
+                       "with the same budget; resumable (finished arms are not rerun). Writes "
+                       "results.csv, results.md, learning curves and report.html.")
+    _add_config_args(p)
+    p.add_argument("--strategies", type=_csv(str),
+                   default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
+                   help="comma-separated strategy names")
+    p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--k", type=_csv(int), default=None, help="teachability K values, e.g. 1,5,16")
+    p.add_argument("--batch-sizes", type=_csv(int), default=None, help="prompts per step")
+    p.add_argument("--parallel", type=int, default=1, help="arms running at once")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="HTML report of a run folder",
                        description="Write RUN_DIR/report.html: curves, tables, token view.")

@@ -1,0 +1,303 @@
+"""Selection strategies side by side: one training run per arm and seed, resumable, then tables.
+
+Every arm uses the same config (rollout budget, optimizer steps, seeds); only the selection
+(strategy, ratio, K) and the batch size vary. Arms run as `taopd train` subprocesses; a finished
+arm (summary.json present) is never rerun, a killed one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text, latest_checkpoint
+from .config import Config, load_config
+from .errors import UserError
+
+__all__ = ["Arm", "plan_arms", "run_compare", "aggregate", "CSV_FIELDS"]
+
+CSV_FIELDS = [
+    "strategy", "ratio", "k", "batch_size", "seed", "accuracy", "accuracy_before",
+    "teacher_accuracy", "tokens_trained", "steps", "wall_seconds", "heldout_kl",
+    "heldout_kl_before", "selected_fraction",
+]
+
+# two-sided 95% Student-t quantiles by degrees of freedom (1..30); normal beyond
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass(frozen=True)
+class Arm:
+    strategy: str
+    ratio: float
+    k: int
+    batch_size: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-r{self.ratio:g}-k{self.k}-b{self.batch_size}-s{self.seed}"
+
+    @property
+    def group(self) -> tuple[str, float, int, int]:
+        return (self.strategy, self.ratio, self.k, self.batch_size)
+
+    def overrides(self) -> list[str]:
+        return [
+            f"selection.strategy={self.strategy}",
+            f"selection.ratio={self.ratio}",
+            f"selection.k={self.k}",
+            f"train.batch_size={self.batch_size}",
+            f"train.seed={self.seed}",
+        ]
+
+
+def plan_arms(
+    strategies: list[str], ratios: list[float], seeds: int, ks: list[int], batch_sizes: list[int]
+) -> list[Arm]:
+    """All arms; `full` keeps every position, so it runs once at ratio 1 (and one K)."""
+    from .selection import STRATEGIES
+
+    arms: list[Arm] = []
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise UserError(f"unknown strategy {s!r}; choose from {', '.join(sorted(STRATEGIES))}")
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise UserError(f"--ratios: each ratio must be in (0, 1], got {r}")
+    for bs in batch_sizes:
+        for seed in range(seeds):
+            for s in strategies:
+                uses_k = s not in ("full", "random", "entropy", "reverse_kl")
+                for k in ks if uses_k else ks[:1]:
+                    for r in [1.0] if s == "full" else ratios:
+                        arms.append(Arm(s, r, k, bs, seed))
+    return arms
+
+
+def _arm_done(folder: Path) -> bool:
+    return (folder / "summary.json").exists()
+
+
+def _launch(cfg_path: Path, folder: Path, threads: int, log: Path) -> subprocess.Popen:
+    args = [sys.executable, "-m", "taopd", "train", str(cfg_path), "--no-progress"]
+    if latest_checkpoint(folder / "checkpoints") is not None:
+        args.append("--resume")
+    elif folder.exists():
+        args.append("--overwrite")  # a killed arm with no checkpoint yet: start it again
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def run_compare(
+    cfg: Config,
+    out: Path,
+    arms: list[Arm],
+    parallel: int = 1,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run (or resume) every arm under out/arms/, then write results.{csv,md} and plots."""
+    from tqdm.auto import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "arms").mkdir(exist_ok=True)
+    atomic_write_text(out / "base_config.yaml", cfg.to_yaml())
+    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    pending = []
+    for i, arm in enumerate(arms):
+        folder = out / "arms" / arm.name
+        if _arm_done(folder):
+            continue
+        # teacher and initial-student accuracy are the same for every arm of a seed: the first
+        # arm of each seed measures them, the others skip the two evaluations
+        first_of_seed = all(a.seed != arm.seed or a.batch_size != arm.batch_size for a in arms[:i])
+        data = cfg.model_dump(mode="json")
+        overrides = arm.overrides() + [
+            f"output_dir={folder}",
+            f"train.eval_teacher={str(first_of_seed).lower()}",
+            f"train.eval_before={str(first_of_seed).lower()}",
+            f"train.threads={threads}",
+        ]
+        arm_cfg = load_config(data, overrides)
+        cfg_path = out / "arms" / f"{arm.name}.yaml"
+        atomic_write_text(cfg_path, arm_cfg.to_yaml())
+        pending.append((arm, folder, cfg_path))
+    running: list[tuple[Arm, subprocess.Popen]] = []
+    failed: list[str] = []
+    bar = tqdm(total=len(arms), initial=len(arms) - len(pending), desc="compare arms",
+               disable=not progress)
+    while pending or running:
+        while pending and len(running) < parallel:
+            arm, folder, cfg_path = pending.pop(0)
+            log = out / "arms" / f"{arm.name}.log"
+            running.append((arm, _launch(cfg_path, folder, threads, log)))
+        time.sleep(0.5)
+        for item in list(running):
+            arm, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                bar.update(1)
+                if proc.returncode != 0:
+                    failed.append(arm.name)
+    bar.close()
+    rows = collect(out, arms)
+    write_results(out, rows)
+    if failed:
+        raise UserError(
+            f"{len(failed)} arm(s) failed: {', '.join(failed)}; see their logs in {out / 'arms'}; "
+            "rerun the same command to retry them (finished arms are kept)"
+        )
+    return rows
+
+
+def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
+    """One row per finished arm (CSV_FIELDS), teacher/before accuracy shared per seed."""
+    rows = []
+    shared: dict[tuple[int, int], dict[str, Any]] = {}
+    summaries = {}
+    for arm in arms:
+        path = out / "arms" / arm.name / "summary.json"
+        if path.exists():
+            summaries[arm] = json.loads(path.read_text())
+            s = summaries[arm]
+            if s.get("teacher_accuracy") is not None:
+                shared[(arm.seed, arm.batch_size)] = s
+    for arm, s in summaries.items():
+        base = shared.get((arm.seed, arm.batch_size), {})
+        rows.append({
+            "strategy": arm.strategy, "ratio": arm.ratio, "k": arm.k,
+            "batch_size": arm.batch_size, "seed": arm.seed,
+            "accuracy": s["student_accuracy_after"],
+            "accuracy_before": s.get("student_accuracy_before")
+            or base.get("student_accuracy_before"),
+            "teacher_accuracy": s.get("teacher_accuracy") or base.get("teacher_accuracy"),
+            "tokens_trained": s["tokens_trained"], "steps": s["steps"],
+            "wall_seconds": round(s["wall_seconds"], 1), "heldout_kl": s.get("heldout_kl"),
+            "heldout_kl_before": s.get("heldout_kl_before"),
+            "selected_fraction": s.get("selected_fraction"),
+        })
+    return rows
+
+
+def _ci95(values: list[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    t = _T95[min(len(values) - 1, len(_T95)) - 1] if len(values) - 1 <= len(_T95) else 1.96
+    return t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± 95% t-interval over seeds for each (strategy, ratio, K, batch size)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["strategy"], r["ratio"], r["k"], r["batch_size"]), []).append(r)
+    table = []
+    for (strategy, ratio, k, bs), rs in groups.items():
+        acc = [r["accuracy"] for r in rs]
+        kls = [r["heldout_kl"] for r in rs if r["heldout_kl"] is not None]
+        table.append({
+            "strategy": strategy, "ratio": ratio, "k": k, "batch_size": bs, "seeds": len(rs),
+            "accuracy": statistics.mean(acc), "accuracy_ci95": _ci95(acc),
+            "tokens_trained": statistics.mean(r["tokens_trained"] for r in rs),
+            "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
+            "heldout_kl": statistics.mean(kls) if kls else float("nan"),
+        })
+    table.sort(key=lambda r: (r["batch_size"], -r["ratio"], r["strategy"], r["k"]))
+    return table
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    table = aggregate(rows)
+    before = [r["accuracy_before"] for r in rows if r.get("accuracy_before") is not None]
+    teacher = [r["teacher_accuracy"] for r in rows if r.get("teacher_accuracy") is not None]
+    lines = ["# Selection strategies compared", ""]
+    if before:
+        lines.append(f"Student before training: {100 * statistics.mean(before):.1f}%; "
+                     f"teacher: {100 * statistics.mean(teacher):.1f}% (mean over seeds).")
+        lines.append("")
+    lines.append("| strategy | ratio | K | batch | seeds | accuracy (mean ± 95% CI) "
+                 "| tokens trained | wall time (s) | held-out KL |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        ci = "" if math.isnan(r["accuracy_ci95"]) else f" ± {100 * r['accuracy_ci95']:.1f}"
+        lines.append(
+            f"| {r['strategy']} | {r['ratio']:g} | {r['k']} | {r['batch_size']} | {r['seeds']} | "
+            f"{100 * r['accuracy']:.1f}%{ci} | {r['tokens_trained']:.0f} | "
+            f"{r['wall_seconds']:.0f} | {r['heldout_kl']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Accuracy and held-out KL vs step and vs tokens trained, mean over seeds per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[list[list[float]]]] = {}
+    for r in rows:
+        arm = Arm(r["strategy"], r["ratio"], r["k"], r["batch_size"], r["seed"])
+        s = json.loads((out / "arms" / arm.name / "summary.json").read_text())
+        curve = s.get("accuracy_curve") or []
+        if curve and r.get("accuracy_before") is not None:
+            curve = [[0, 0, r["accuracy_before"], r.get("heldout_kl_before")], *curve]
+        if curve:
+            label = f"{arm.strategy} {arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
+            label += f" b{arm.batch_size}" if len({x['batch_size'] for x in rows}) > 1 else ""
+            groups.setdefault(label, []).append(curve)
+    if not groups:
+        return
+    (out / "plots").mkdir(exist_ok=True)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for label, curves in sorted(groups.items()):
+        n = min(len(c) for c in curves)
+        mean = [[statistics.mean(c[i][j] if c[i][j] is not None else math.nan for c in curves)
+                 for j in range(len(curves[0][0]))] for i in range(n)]
+        steps = [m[0] for m in mean]
+        tokens = [m[1] for m in mean]
+        axes[0][0].plot(steps, [m[2] for m in mean], marker="o", label=label)
+        axes[0][1].plot(tokens, [m[2] for m in mean], marker="o", label=label)
+        if len(mean[0]) > 3:
+            axes[1][0].plot(steps, [m[3] for m in mean], marker="o", label=label)
+            axes[1][1].plot(tokens, [m[3] for m in mean], marker="o", label=label)
+    for ax, (x, y) in zip(
+        axes.flat, [("step", "accuracy"), ("tokens trained", "accuracy"),
+                    ("step", "held-out KL"), ("tokens trained", "held-out KL")]
+    ):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0][1].set_xscale("symlog")
+    axes[1][1].set_xscale("symlog")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "plots" / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    """results.csv (one row per arm and seed), results.md (aggregated), plots, report.html."""
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in sorted(rows, key=lambda r: (r["strategy"], r["ratio"], r["k"], r["seed"])):
+            writer.writerow(r)
+    if not rows:
+        return
+    atomic_write_text(out / "results.md", _markdown(rows))
+    _curves(out, rows)
+    from .report import render_report
+
+    render_report(out)
