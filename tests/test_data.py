@@ -216,3 +216,11 @@ def test_render_prompt_chat_template(tiny_model_dir: Path) -> None:
 def test_example_dataclass() -> None:
     ex = Example("q", "a")
     assert ex.entry is None
+
+
+def test_boxed_answers_for_math_style_data():
+    from taopd.data import extract_answer, reference_answer
+
+    assert extract_answer(r"so we get \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert extract_answer(r"first \boxed{1}, then \boxed{x^{2}}") == "x^{2}"
+    assert reference_answer(r"Hence the answer is $\boxed{12}$.") == "12"

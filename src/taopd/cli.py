@@ -63,9 +63,9 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before importing torch: a config mistake is reported at once
     from .train import train
 
-    cfg = _load(args)
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
                     progress=not args.no_progress)
     print_summary(summary, "taopd train")
@@ -115,6 +115,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import run_diagnose
+
+    cfg = _load(args)
+    s = run_diagnose(
+        cfg, mode=args.mode, bank_path=args.bank, relative=True if args.relative else None,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(f"\ntaopd diagnose ({s['mode']}): {s['n_positions']} positions of {s['n_contexts']} "
+          f"contexts, mean KL0 {s['kl0_mean']:.4g}, mean gain {s['gain_mean']:.4g} "
+          f"({s['wall_seconds'] / 60:.1f} min)")
+    print(Path(s["output_dir"], "diagnose.md").read_text().split("## Standardized")[0].rstrip())
+    print(f"\nrun folder: {s['output_dir']} (diagnose.md, report.html)")
     return 0
 
 
@@ -196,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_csv(int), default=None, help="prompts per step")
     p.add_argument("--parallel", type=int, default=1, help="arms running at once")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("diagnose", help="fixed-context diagnostic: which tokens' losses help",
+                       description="Freeze a bank of student rollouts on held-out prompts, update "
+                       "the student (short OPD run or single steps), and relate each position's "
+                       "gain KL(p_T||p_θ0) - KL(p_T||p_θτ) to its signals (matched top-N, "
+                       "regressions, correlations, plots, report.html).")
+    _add_config_args(p)
+    p.add_argument("--mode", choices=["opd", "single-step"],
+                   help="update: a short OPD run (default) or one SGD step per position")
+    p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
+    p.add_argument("--relative", action="store_true", help="gain (KL0 - KLτ) / KL0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("report", help="HTML report of a run folder",
                        description="Write RUN_DIR/report.html: curves, tables, token view.")

@@ -69,6 +69,7 @@ class RolloutCfg(_Strict):
     max_new_tokens: int = Field(6, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    greedy: bool = False  # argmax rollouts (deterministic; for checks, not for training)
     max_prompt_tokens: int = Field(512, ge=1)
     prompt_overflow: Literal["truncate", "skip"] = "truncate"
 
@@ -147,6 +148,56 @@ class EvalCfg(_Strict):
     heldout_kl_prompts: int = Field(32, ge=0)  # fixed bank of rollouts for KL(student‖teacher)
 
 
+DIAGNOSE_SELECTORS = (
+    "teachability", "divergence", "reverse_kl", "incompatible", "tip", "entropy",
+    "compatibility", "random",
+)
+
+
+class DiagnoseCfg(_Strict):
+    """`taopd diagnose`: the fixed-context diagnostic (bank, update, per-position gains, stats)."""
+
+    n_contexts: int = Field(100, ge=1)  # held-out prompts in the bank (one rollout each)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
+    mode: Literal["opd", "single-step"] = "opd"
+    update_strategy: str | None = "full"  # OPD update's selection.strategy (None: `selection`)
+    relative: bool = False  # gain (KL0 - KLτ) / KL0 instead of KL0 - KLτ
+    n_single: int = Field(16, ge=0)  # single-step: positions updated one at a time (0: all)
+    single_lr: float = Field(1e-3, gt=0)  # single-step: SGD step size η
+    ratios: list[float] = Field(default_factory=lambda: [0.03, 0.05])
+    selectors: list[str] = Field(default_factory=lambda: list(DIAGNOSE_SELECTORS))
+    bootstrap: int = Field(200, ge=0)  # prompt-clustered bootstrap draws
+    batch_size: int = Field(32, ge=1)  # contexts per forward pass when sampling / scoring
+    seed: int = 0
+    save_student: bool = False  # also save θτ (OPD mode) under update/student
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 < r <= 1.0 for r in v):
+            raise ValueError(f"ratios must be a non-empty list of values in (0, 1], got {v}")
+        return v
+
+    @field_validator("selectors")
+    @classmethod
+    def _selectors(cls, v: list[str]) -> list[str]:
+        from .selection import STRATEGIES
+
+        bad = [s for s in v if s not in STRATEGIES]
+        if bad or not v:
+            raise ValueError(f"selectors must be among {', '.join(sorted(STRATEGIES))}; got {bad}")
+        return v
+
+    @field_validator("update_strategy")
+    @classmethod
+    def _update_strategy(cls, v: str | None) -> str | None:
+        from .selection import STRATEGIES
+
+        if v is not None and v not in STRATEGIES:
+            raise ValueError(f"update_strategy must be one of {', '.join(sorted(STRATEGIES))}")
+        return v
+
+
 class Config(_Strict):
     """One run: models, task, rollout, selection, loss, optimizer, loop, evaluation, output."""
 
@@ -161,6 +212,7 @@ class Config(_Strict):
     lora: LoraCfg | None = None
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
+    diagnose: DiagnoseCfg = Field(default_factory=DiagnoseCfg)
     output_dir: str = "runs/run"
 
     def to_yaml(self) -> str:
@@ -217,8 +269,9 @@ def recipe_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.exists():
         return path
-    candidate = Path(str(resources.files("taopd") / "configs" / f"{path.stem}.yaml"))
-    if path.suffix in ("", ".yaml") and path.parent == Path(".") and candidate.exists():
+    name = str(name_or_path).removesuffix(".yaml")
+    candidate = Path(str(resources.files("taopd") / "configs" / f"{name}.yaml"))
+    if "/" not in name and candidate.exists():
         return candidate
     raise UserError(
         f"config file {name_or_path} does not exist (shipped recipes: {', '.join(list_recipes())})"

@@ -49,8 +49,21 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNOREC
 _NUMBER = re.compile(r"-?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
 
+def _last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} (braces balanced), as MATH-style solutions give it."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
 def extract_answer(completion: str) -> str:
-    """The final answer of a completion: after the last '####', in <answer>, last number, or all.
+    """The final answer: after the last '####', in <answer>, in the last \\boxed{}, last number.
 
     Special-token remnants (`<|im_end|>`, `</s>`, ...) are removed first; a number loses its
     thousands commas and `$` so '1,234' and '$1234' both give '1234'.
@@ -62,6 +75,9 @@ def extract_answer(completion: str) -> str:
     tags = _ANSWER_TAG.findall(text)
     if tags:
         return tags[-1].strip()
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
     numbers = _NUMBER.findall(text)
     if numbers:
         return re.sub(r"[\s,$]", "", numbers[-1])
@@ -88,6 +104,9 @@ def numbers_equal(a: str, b: str) -> bool:
 def reference_answer(answer: Any) -> str:
     """A reference answer as a string; GSM8K's '... #### 42' becomes '42'."""
     text = str(answer).strip()
+    boxed = _last_boxed(text)
+    if boxed is not None:  # a MATH-style full solution
+        return boxed
     if "####" in text:
         text = text.rsplit("####", 1)[1].strip()
         num = parse_number(text)

@@ -89,19 +89,39 @@ def _xlogy_sum(p: Tensor, logq: Tensor) -> Tensor:
 def _row_signals(s_logits: Tensor, t_logits: Tensor, k: int, tokens: Tensor | None) -> dict:
     """Signals for rows [N, V] of logits already divided by the temperature."""
     dtype = torch.promote_types(s_logits.dtype, torch.float32)
-    ls = torch.log_softmax(s_logits.to(dtype), dim=-1)
-    lt = torch.log_softmax(t_logits.to(dtype), dim=-1)
-    ps, pt = ls.exp(), lt.exp()
-    neg_h_s = _xlogy_sum(ps, ls)
-    neg_h_t = _xlogy_sum(pt, lt)
+    x = torch.stack([s_logits.to(dtype), t_logits.to(dtype)], dim=1)
+    return _stacked_signals(x, torch.empty_like(x), k, tokens)
+
+
+def _stacked_signals(x: Tensor, work: Tensor, k: int, tokens: Tensor | None) -> dict:
+    """Signals for rows of stacked logits x [N, 2, V] (student, teacher), already divided by the
+    temperature, in float32 or wider. Overwrites x with the probabilities and `work` (same shape
+    and dtype) with the log-probabilities: two [N, 2, V] buffers, reused by the caller across
+    chunks (fresh [N, V] tensors cost page faults on CPU), and a small product scratch.
+    """
+    logp = torch.log_softmax(x, dim=-1, out=work)
+    prob = torch.exp(logp, out=x)
+    ls, lt, ps, pt = logp[:, 0], logp[:, 1], prob[:, 0], prob[:, 1]
+    neg_h_s, s_lt, neg_h_t, t_ls = _plogq_rows(prob, logp)
     out = {
         "student_entropy": -neg_h_s,
         "teacher_entropy": -neg_h_t,
-        "reverse_kl": neg_h_s - _xlogy_sum(ps, lt),
-        "forward_kl": neg_h_t - _xlogy_sum(pt, ls),
+        "reverse_kl": neg_h_s - s_lt,
+        "forward_kl": neg_h_t - t_ls,
     }
-    ids_s = ls.topk(k, dim=-1).indices  # S^S
-    ids_t = lt.topk(k, dim=-1).indices  # S^T
+    # A -inf logit gives 0·(-inf) = nan in `_plogq_rows`: redo those rows with 0·log 0 = 0 (and
+    # +inf KL where one side has mass the other excludes).
+    bad = ~torch.isfinite(logp.sum(-1)).all(-1)
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(-1)
+        b_ls, b_lt, b_ps, b_pt = ls[idx], lt[idx], ps[idx], pt[idx]
+        b_neg_h_s, b_neg_h_t = _xlogy_sum(b_ps, b_ls), _xlogy_sum(b_pt, b_lt)
+        out["student_entropy"][idx] = -b_neg_h_s
+        out["teacher_entropy"][idx] = -b_neg_h_t
+        out["reverse_kl"][idx] = b_neg_h_s - _xlogy_sum(b_ps, b_lt)
+        out["forward_kl"][idx] = b_neg_h_t - _xlogy_sum(b_pt, b_ls)
+    top = logp.topk(k, dim=-1).indices
+    ids_s, ids_t = top[:, 0], top[:, 1]  # S^S, S^T
     s_in_t = (ids_s.unsqueeze(-1) == ids_t.unsqueeze(-2)).any(-1)  # v ∈ S^S ∩ S^T
     t_in_s = (ids_t.unsqueeze(-1) == ids_s.unsqueeze(-2)).any(-1)
     # U = S^S ∪ S^T as the 2K ids [S^S, S^T] with the duplicates of S^T switched off.
@@ -116,11 +136,43 @@ def _row_signals(s_logits: Tensor, t_logits: Tensor, k: int, tokens: Tensor | No
     pt_at_s = pt.gather(-1, ids_s)
     out["compatibility"] = pt_at_s.sum(-1)
     out["compatibility_lb"] = (pt_at_s * s_in_t).sum(-1)
-    out["overlap"] = s_in_t.to(dtype).sum(-1) / k
+    out["overlap"] = s_in_t.to(x.dtype).sum(-1) / k
     if tokens is not None:
         idx = tokens.long().unsqueeze(-1)
         out["log_ratio"] = (ls.gather(-1, idx) - lt.gather(-1, idx)).squeeze(-1)
     return out
+
+
+_PLOGQ_BLOCK_BYTES = 8 << 20  # product block on CPU: stays in cache between the mul and the sum
+
+
+def _plogq_rows(prob: Tensor, logp: Tensor) -> Tensor:
+    """Σ_v p_i(v) log p_j(v) per row for (i, j) = (S, S), (S, T), (T, T), (T, S): [4, N].
+
+    Inputs [N, 2, V] (student, teacher). Products go through a small scratch, a block of rows at a
+    time, and each row is summed as `_xlogy_sum` sums it (same values on rows without -inf).
+    """
+    n, _, vocab = prob.shape
+    block = n
+    if prob.device.type == "cpu":
+        block = max(8, _PLOGQ_BLOCK_BYTES // (vocab * prob.element_size()))
+    out = prob.new_empty(4, n)
+    scratch = prob.new_empty(min(block, n), vocab)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 1), (1, 0))):
+            prod = torch.mul(prob[i:j, a], logp[i:j, b], out=scratch[: j - i])
+            torch.sum(prod, dim=-1, out=out[q, i:j])
+    return out
+
+
+def _project(h: Tensor, weight: Tensor, out: Tensor) -> None:
+    """out[:] = h @ weight.T on out's device and dtype, in place when nothing needs converting."""
+    h = h.to(weight.device)
+    if h.dtype == weight.dtype == out.dtype and h.device == out.device:
+        torch.mm(h, weight.T, out=out)
+    else:
+        out.copy_(h @ weight.T.to(h.dtype))
 
 
 def _valid_mask(lead: torch.Size, valid: Tensor | None, device: torch.device) -> Tensor:
@@ -219,13 +271,22 @@ def signals_from_hidden(
     h_s = student_hidden.detach().reshape(-1, student_hidden.shape[-1])[flat_valid]
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[flat_valid]
     tok = tokens.reshape(-1)[flat_valid] if tokens is not None else None
-    rows = []
-    for start in range(0, h_s.shape[0], chunk_size):
-        end = start + chunk_size
-        s = (h_s[start:end] @ w_s.T.to(h_s.dtype)) / temperature
-        t = (h_t[start:end].to(w_t.device) @ w_t.T.to(h_t.dtype)).to(device) / temperature
-        rows.append(_row_signals(s, t, k, tok[start:end] if tok is not None else None))
     dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    n_rows, rows = h_s.shape[0], []
+    if n_rows:  # one workspace for all chunks: fresh [chunk, V] tensors cost page faults on CPU
+        shape = (min(chunk_size, n_rows), 2, w_s.shape[0])
+        x_buf = torch.empty(shape, dtype=dtype, device=device)
+        work = torch.empty(shape, dtype=dtype, device=device)
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        x = x_buf[: end - start]
+        _project(h_s[start:end], w_s, x[:, 0])
+        _project(h_t[start:end], w_t, x[:, 1])
+        if temperature != 1.0:
+            x.div_(temperature)
+        rows.append(
+            _stacked_signals(x, work[: end - start], k, tok[start:end] if tok is not None else None)
+        )
     sig = _assemble(lead, valid, rows, device, dtype)
     if tokens is not None and sig.log_ratio is None:
         sig.log_ratio = torch.zeros(lead, dtype=dtype, device=device)

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,6 @@ class Trainer:
             )
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            if overwrite and has_run and not resume:
-                shutil.rmtree(out)
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 probe = out / ".write-test"
@@ -127,10 +126,27 @@ class Trainer:
                 probe.unlink()
             except OSError as e:
                 raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
-            if not (resume and ckpt is not None):
-                (out / "config.yaml").write_text(self.cfg.to_yaml())
         self.acc.wait_for_everyone()
+        # Deleting an old run (--overwrite) and writing config.yaml wait for _commit_output,
+        # after the cheap input checks: a run that fails them leaves the folder as it was.
+        self._replace_run = overwrite and has_run and not resume
+        self._fresh_start = not (resume and ckpt is not None)
+        self._resume_from_scratch = resume and ckpt is None
         return ckpt
+
+    def _commit_output(self) -> None:
+        """Claim the output folder: remove a run replaced by --overwrite, write config.yaml."""
+        out = self.out
+        if self.acc.is_main_process:
+            if self._replace_run:
+                shutil.rmtree(out)
+                out.mkdir(parents=True)
+            if self._fresh_start:
+                (out / "config.yaml").write_text(self.cfg.to_yaml())
+            if self._resume_from_scratch:  # logs of a run killed before its first checkpoint
+                for stale in ("metrics.jsonl", "samples.jsonl"):
+                    (out / stale).unlink(missing_ok=True)
+        self.acc.wait_for_everyone()
 
     def _setup(self) -> None:
         cfg, acc = self.cfg, self.acc
@@ -140,11 +156,26 @@ class Trainer:
         if not self.train_examples:
             raise UserError("the task gave no training examples")
         teacher_name = cfg.teacher
-        resolve_model(cfg.student)
-        resolve_model(cfg.teacher)
+        for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
+            folder = Path(resolve_model(name))
+            if folder.is_dir() and not (folder / "config.json").is_file():
+                raise UserError(
+                    f"{role} model folder {name} holds no saved model (no config.json); "
+                    "give a folder written by save_pretrained, a hub id or 'smollm2'"
+                )
         self.tokenizer = load_tokenizer(cfg.student)
         teacher_tok = load_tokenizer(cfg.teacher)
         check_tokenizers(self.tokenizer, teacher_tok, cfg.student, cfg.teacher)
+        if cfg.selection.k > len(self.tokenizer):
+            raise UserError(
+                f"selection.k={cfg.selection.k} exceeds the vocabulary size {len(self.tokenizer)}"
+            )
+        if cfg.lora is not None:
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
+        self._commit_output()  # inputs look sound: only now touch the output folder
         if cfg.teacher_sft is not None:
             from .sft import prepare_teacher
 
@@ -286,7 +317,7 @@ class Trainer:
         return self.sampler(
             self.acc.unwrap_model(self.student), self.tokenizer, prompts,
             max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
-            seed=seed,
+            greedy=ro.greedy, seed=seed,
         )
 
     def _response_hidden(self, model: torch.nn.Module, roll: Rollout, rows: slice) -> Tensor:
@@ -376,10 +407,13 @@ class Trainer:
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
             self._write_samples(roll, sig, mask, h_s, h_t, step)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+            self._log(metrics)  # the run stops here: still record the skipped step
+            ckpt = latest_checkpoint(self.out / "checkpoints")
+            kept = f"the last checkpoint, {ckpt}, is kept" if ckpt else "no checkpoint was saved"
             raise TrainingError(
                 f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
-                f"(step {step}); stopping. The last good checkpoint is kept: lower optim.lr, "
-                "check the teacher and the data, then --resume"
+                f"(step {step}); stopping. Skipped steps change no weights and {kept}: lower "
+                "optim.lr, check the teacher and the data, then --resume"
             )
         return metrics
 
@@ -524,6 +558,8 @@ class Trainer:
             "rng": rng_state(),
             "tokens_trained": self.tokens_trained,
             "nonfinite_total": self.nonfinite_total,
+            "skipped_prompts": self.skipped_prompts,
+            "truncated_prompts": self.truncated_prompts,
             "history": self.history,
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -570,16 +606,44 @@ class Trainer:
         self.step, self.data_pos = state["step"], state["data_pos"]
         self.tokens_trained = state["tokens_trained"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.skipped_prompts = state.get("skipped_prompts", 0)
+        self.truncated_prompts = state.get("truncated_prompts", 0)
         self.history = state.get("history", {})
+        self._apply_optim_config()
         self._truncate_metrics(self.step)
 
+    def _apply_optim_config(self) -> None:
+        """After a resume, use this config's optimizer settings (e.g. a lowered optim.lr).
+
+        The optimizer's saved state brings back the old lr, betas and weight decay; unchanged
+        values give exactly the lr the uninterrupted run would have had.
+        """
+        o, groups = self.cfg.optim, self.opt.param_groups
+        for g in groups:
+            g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), initial_lr=o.lr)
+        self.sched.base_lrs = [o.lr] * len(groups)
+        for g, factor in zip(groups, self.sched.lr_lambdas):
+            g["lr"] = o.lr * factor(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in groups]
+
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
-        path = self.out / "metrics.jsonl"
-        if not (self.acc.is_main_process and path.exists()):
+        """Drop log lines written after the checkpoint we resume from (they will be redone).
+
+        A line cut short by a kill is dropped too.
+        """
+        if not self.acc.is_main_process:
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        atomic_write_text(path, "".join(k + "\n" for k in keep))
+        for path in (self.out / "metrics.jsonl", self.out / "samples.jsonl"):
+            if not path.exists():
+                continue
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= step:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    continue
+            atomic_write_text(path, "".join(k + "\n" for k in keep))
 
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.acc.is_main_process:
@@ -593,7 +657,16 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- run
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """First SIGINT/SIGTERM: finish the step, save, stop. A second one: quit at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
         self.stop_requested = True
+        if self.acc.is_main_process:
+            print(
+                f"\ntaopd: {signal.Signals(signum).name}: stopping after this step and saving a "
+                "checkpoint (send it again to quit without saving)",
+                file=sys.stderr, flush=True,
+            )
 
     def run(self) -> dict[str, Any]:
         """Train `train.steps` steps with evaluation and checkpoints; return the summary."""
@@ -620,8 +693,10 @@ class Trainer:
             )
             while self.step < cfg.train.steps and not self.stop_requested:
                 metrics = self.train_step()
-                if metrics is None:
+                if metrics is None:  # every prompt of the batch was skipped (too long)
                     bar.update(1)
+                    if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                        self.save()
                     continue
                 h["selected_fractions"].append(metrics["selected_fraction"])
                 last = self.step == cfg.train.steps
@@ -637,10 +712,10 @@ class Trainer:
                     self.save()
             bar.close()
             if self.stop_requested:
-                self.save()
+                saved = self.save()
                 raise TrainingError(
-                    f"stopped by a signal at step {self.step}; checkpoint saved, continue with "
-                    "--resume"
+                    f"stopped by a signal at step {self.step}; checkpoint saved"
+                    f"{f' to {saved}' if saved else ''}, continue with --resume"
                 )
             if h["accuracy_curve"] and h["accuracy_curve"][-1][0] == self.step:
                 _, _, after, kl_after = h["accuracy_curve"][-1]
@@ -674,6 +749,7 @@ class Trainer:
             "ratio": cfg.selection.ratio,
             "k": cfg.selection.k,
             "batch_size": cfg.train.batch_size,
+            "world_size": self.world,
             "seed": cfg.train.seed,
             "wall_seconds": seconds,
             "accuracy_curve": h.get("accuracy_curve", []),

@@ -1,0 +1,279 @@
+"""The fixed-context diagnostic: recorded gains, single-step updates, statistics, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from taopd.cli import main
+from taopd.config import load_config
+from taopd.diagnose import (
+    SIGNAL_FIELDS,
+    analysis_table,
+    bootstrap_draws,
+    correlations,
+    load_bank,
+    matched_topn,
+    rankdata,
+    regressions,
+    run_diagnose,
+    single_step_gain,
+    spearman,
+)
+from taopd.loss import per_token_loss
+from taopd.models import load_model, position_ids
+from taopd.scores import token_signals
+
+
+def tiny_diag_yaml(student: Path, teacher: Path, path: Path, **diagnose) -> Path:
+    cfg = {
+        "student": str(student), "teacher": str(teacher),
+        "task": {"n_train": 64, "n_test": 8},
+        "rollout": {"max_new_tokens": 5},
+        "optim": {"lr": 3e-3},
+        "train": {"steps": 2, "batch_size": 8, "tensorboard": False, "threads": 1},
+        "diagnose": {"n_contexts": 12, "bootstrap": 20, "batch_size": 5, **diagnose},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_positions(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def opd_run(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("diag")
+    cfg = tiny_diag_yaml(tiny_model_dir, tiny_model_dir_same_tokenizer, root / "d.yaml",
+                         save_student=True)
+    out = root / "run"
+    assert main(["diagnose", str(cfg), "--output-dir", str(out), "--no-progress"]) == 0
+    return out
+
+
+def full_forward_kl(model, teacher, input_ids, att, p, vocab) -> torch.Tensor:
+    """KL(p_T‖p_θ) at every response position from full [B, T, V] logits (the slow way)."""
+    with torch.no_grad():
+        pos = position_ids(att)
+        s = model(input_ids=input_ids, attention_mask=att, position_ids=pos).logits
+        t = teacher(input_ids=input_ids, attention_mask=att, position_ids=pos).logits
+    ls = torch.log_softmax(s[:, p - 1 : -1, :vocab].double(), -1)
+    lt = torch.log_softmax(t[:, p - 1 : -1, :vocab].double(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+# ----------------------------------------------------------------------------- (a) + (d)
+
+
+def test_cli_writes_every_output(opd_run):
+    out = opd_run
+    for name in ("bank.pt", "positions.csv", "matched_topn.json", "regression.json",
+                 "correlations.json", "diagnose.md", "summary.json", "config.yaml",
+                 "report.html", "update/metrics.jsonl", "update/student/config.json"):
+        assert (out / name).is_file(), name
+    plots = {p.name for p in (out / "plots").glob("*.png")}
+    assert {"gain_by_decile.png", "coef_split.png", "learnable_vs_incompatible.png"} <= plots
+    topn = json.loads((out / "matched_topn.json").read_text())
+    assert set(topn) == {"teachability", "divergence", "reverse_kl", "incompatible", "tip",
+                         "entropy", "compatibility", "random"}
+    n_pos = len(read_positions(out / "positions.csv"))
+    for per in topn.values():
+        assert set(per) == {"0.03", "0.05"}
+        assert per["0.03"]["n"] == math.ceil(0.03 * n_pos)
+        assert per["0.05"]["low"] <= per["0.05"]["high"]
+    reg = json.loads((out / "regression.json").read_text())
+    assert set(reg) == {"base", "+C", "split"} and {"D_L", "D_I"} <= set(reg["split"])
+    corr = json.loads((out / "correlations.json").read_text())
+    assert {"spearman", "spearman_low", "spearman_high"} <= set(corr["teachability"])
+    page = (out / "report.html").read_text()
+    assert "Matched top-n" in page and "Regression" in page
+    md = (out / "diagnose.md").read_text()
+    assert "| teachability |" in md and "D_L" in md
+    steps = [json.loads(x)["step"] for x in (out / "update/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the OPD update ran train.steps trainer steps
+
+
+def test_recorded_gain_equals_direct_recomputation(
+    opd_run, tiny_model_dir, tiny_model_dir_same_tokenizer
+):
+    """G_t = KL(p_T‖p_θ0) − KL(p_T‖p_θτ) from full logits of the two saved students."""
+    bank, prompts, meta = load_bank(opd_run / "bank.pt")
+    assert len(bank) == len(prompts) == meta["n_contexts"] == 12
+    p = bank.prompt_len
+    theta0 = load_model(str(tiny_model_dir))
+    theta_tau = load_model(str(opd_run / "update" / "student"))
+    teacher = load_model(str(tiny_model_dir_same_tokenizer))
+    vocab = theta0.config.vocab_size  # the teacher's head has 7 padded rows more
+    kl0 = full_forward_kl(theta0, teacher, bank.input_ids, bank.attention_mask, p, vocab)
+    kl_tau = full_forward_kl(theta_tau, teacher, bank.input_ids, bank.attention_mask, p, vocab)
+    rows = read_positions(opd_run / "positions.csv")
+    valid = bank.response_mask[:, p:]
+    assert len(rows) == int(valid.sum())
+    gains = []
+    for r in rows:
+        b, j = int(r["prompt_id"]), int(r["position"])
+        assert valid[b, j]
+        assert float(r["kl0"]) == pytest.approx(float(kl0[b, j]), abs=1e-5, rel=1e-5)
+        assert float(r["forward_kl"]) == pytest.approx(float(r["kl0"]))
+        assert float(r["kl_tau"]) == pytest.approx(float(kl_tau[b, j]), abs=1e-5, rel=1e-5)
+        direct = float(kl0[b, j] - kl_tau[b, j])
+        assert float(r["gain"]) == pytest.approx(direct, abs=2e-5)
+        gains.append(direct)
+    assert max(abs(g) for g in gains) > 1e-3  # the update really moved the student
+
+
+def test_single_step_mode_matches_a_manual_step(
+    opd_run, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    """Reusing the bank: each recorded single-step gain equals a by-hand SGD step on ℓ_t."""
+    cfg_path = tiny_diag_yaml(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "s.yaml",
+                              n_single=3, single_lr=0.05)
+    cfg = load_config(cfg_path, [f"output_dir={tmp_path / 'single'}"])
+    s = run_diagnose(cfg, mode="single-step", bank_path=opd_run / "bank.pt", progress=False)
+    assert s["mode"] == "single-step" and s["n_analysed"] == 3
+    rows = [r for r in read_positions(tmp_path / "single" / "positions.csv") if r["gain"]]
+    assert len(rows) == 3
+    bank, _, _ = load_bank(tmp_path / "single" / "bank.pt")
+    p = bank.prompt_len
+    valid = bank.response_mask[:, p:]
+    teacher = load_model(str(tiny_model_dir_same_tokenizer))
+    r = rows[0]
+    b, j = int(r["prompt_id"]), int(r["position"])
+    model = load_model(str(tiny_model_dir))
+    vocab = model.config.vocab_size
+    ids, att = bank.input_ids, bank.attention_mask
+    kl0 = full_forward_kl(model, teacher, ids, att, p, vocab)
+    pos = position_ids(att)
+    s_logits = model(input_ids=ids[b : b + 1], attention_mask=att[b : b + 1],
+                     position_ids=pos[b : b + 1]).logits[0, p - 1 + j, :vocab]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids[b : b + 1], attention_mask=att[b : b + 1],
+                           position_ids=pos[b : b + 1]).logits[0, p - 1 + j, :vocab]
+    per_token_loss(s_logits[None], t_logits[None], "reverse_kl").sum().backward()
+    with torch.no_grad():
+        for q in model.parameters():
+            q -= 0.05 * q.grad
+    kl_tau = full_forward_kl(model, teacher, ids, att, p, vocab)
+    direct = float((kl0 - kl_tau)[valid].mean())
+    assert float(r["gain"]) == pytest.approx(direct, abs=1e-5, rel=1e-3)
+    assert float(r["gain_self"]) == pytest.approx(float(kl0[b, j] - kl_tau[b, j]), abs=1e-5)
+    assert abs(direct) > 1e-6
+    assert math.isfinite(float(r["first_order"]))
+
+
+# ----------------------------------------------------------------------------- (b)
+
+
+def _toy_gain(teacher_logits: torch.Tensor, student_logits: torch.Tensor, lr: float) -> float:
+    """Single-step gain on one context of a 'model' whose logits are z0 + b (b learnable)."""
+    bias = torch.zeros_like(student_logits, requires_grad=True)
+
+    def step_loss() -> torch.Tensor:
+        return per_token_loss((student_logits + bias)[None], teacher_logits[None]).sum()
+
+    def fixed_kl() -> torch.Tensor:
+        return per_token_loss(teacher_logits[None], (student_logits + bias)[None])  # KL(T‖θ)
+
+    gains, _ = single_step_gain([bias], step_loss, fixed_kl, lr)
+    assert torch.equal(bias, torch.zeros_like(bias))  # weights restored
+    return float(gains[0])
+
+
+@pytest.mark.parametrize("lr", [0.3, 1.0, 3.0])
+def test_in_support_correction_gains_more_than_off_support(lr):
+    """The teacher's preferred token inside the student's top-K (compatible) is learned from one
+    reverse-KL step; the same correction outside the student's support barely moves (Eq. 10)."""
+    vocab, k = 64, 4
+    z0 = torch.full((vocab,), -2.0, dtype=torch.float64)
+    z0[:k] = torch.tensor([4.0, 3.0, 2.5, 2.0])
+    z0[40:] = -10.0  # tokens the student practically never samples
+    t_in, t_off = z0.clone(), z0.clone()
+    t_in[2] = 9.0  # teacher wants the student's 3rd candidate
+    t_off[50] = 9.0  # teacher wants a token off the student's support
+    sig = token_signals(torch.stack([z0, z0]), torch.stack([t_in, t_off]), k=k)
+    assert sig.compatibility[0] > 0.9 > 0.1 > sig.compatibility[1]
+    assert sig.forward_kl[1] > sig.forward_kl[0]  # off-support disagrees *more*
+    g_in, g_off = _toy_gain(t_in, z0, lr), _toy_gain(t_off, z0, lr)
+    assert g_in > 0
+    assert g_in > 5 * abs(g_off)
+
+
+# ----------------------------------------------------------------------------- (c)
+
+
+def test_rankdata_and_spearman():
+    assert rankdata(np.array([3.0, 1.0, 2.0, 2.0])).tolist() == [4.0, 1.0, 2.5, 2.5]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    assert spearman(x, np.exp(3 * x) + 7) == pytest.approx(1.0)
+    assert spearman(x, -(x**3)) == pytest.approx(-1.0)
+    y = rng.normal(size=300)
+    assert abs(spearman(x, y)) < 0.2
+    assert math.isnan(spearman(x, np.ones(300)))
+
+
+def test_bootstrap_draws_resample_whole_prompts():
+    clusters = np.repeat(np.arange(5), [1, 2, 3, 4, 5])
+    for idx in bootstrap_draws(clusters, 20, seed=1):
+        picked = clusters[idx]
+        for c in np.unique(picked):  # every drawn prompt comes with all of its positions
+            assert (picked == c).sum() % (c + 1) == 0
+
+
+def _synthetic(n_prompts=200, per=10, seed=0):
+    rng = np.random.default_rng(seed)
+    n = n_prompts * per
+    raw = {name: rng.uniform(0, 1, n) for name in SIGNAL_FIELDS}
+    raw["position"] = np.tile(np.arange(per), n_prompts).astype(float)
+    return raw, np.repeat(np.arange(n_prompts), per), rng
+
+
+def test_regression_recovers_the_learnable_vs_incompatible_ratio():
+    raw, clusters, rng = _synthetic()
+    n = len(clusters)
+    d, c, h = rng.uniform(0, 1, n), rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+    table = {"H": h, "D": d, "C": c, "H*D": h * d, "D_L": d * c, "D_I": d * (1 - c),
+             "position": raw["position"], "teacher_entropy": raw["teacher_entropy"]}
+    gain = 2 * d * c + 1 * d * (1 - c) + rng.normal(0, 0.05, n)
+    reg, r2 = regressions(table, gain, clusters, n_boot=100)
+    split = reg["split"]
+    assert split["D_L"]["coef"] / split["D_I"]["coef"] == pytest.approx(2.0, rel=0.1)
+    for name, e in split.items():
+        assert e["low"] <= e["coef"] <= e["high"], name
+    assert split["D_L"]["low"] > split["D_I"]["high"]
+    assert abs(split["H"]["coef"]) < 0.05 and split["H"]["low"] < 0 < split["H"]["high"]
+    assert r2["split"] > 0.95 and r2["base"] < r2["split"]  # base lacks C
+    assert reg["+C"]["C"]["coef"] > 0
+
+
+def test_matched_topn_and_correlations_on_a_known_answer():
+    raw, clusters, rng = _synthetic()
+    table = analysis_table(raw)
+    gain = table["teachability"] + rng.normal(0, 0.01, len(clusters))
+    sels = ["teachability", "incompatible", "entropy", "random"]
+    topn = matched_topn(table, gain, clusters, sels, [0.03, 0.05], n_boot=100)
+    n = len(clusters)
+    for sel in sels:
+        for r, e in topn[sel].items():
+            assert e["n"] == math.ceil(float(r) * n)
+            assert e["low"] < e["high"]
+    for e in topn["teachability"].values():  # a smooth top-N mean: the interval brackets it
+        assert e["low"] <= e["mean"] <= e["high"]
+    assert topn["teachability"]["0.03"]["low"] > topn["incompatible"]["0.03"]["high"]
+    assert topn["teachability"]["0.03"]["low"] > topn["entropy"]["0.03"]["high"]
+    rand = topn["random"]["0.05"]
+    assert rand["low"] <= float(gain.mean()) <= rand["high"]
+    corr = correlations(table, gain, clusters, ["teachability", "student_entropy"], n_boot=50)
+    assert corr["teachability"]["spearman"] > 0.95
+    e = corr["student_entropy"]
+    assert e["spearman_low"] <= e["spearman"] <= e["spearman_high"]
+    assert e["spearman_low"] < 0.1
