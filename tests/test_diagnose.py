@@ -34,7 +34,8 @@ from taopd.scores import token_signals
 
 def tiny_diag_yaml(student: Path, teacher: Path, path: Path, **diagnose) -> Path:
     cfg = {
-        "student": str(student), "teacher": str(teacher),
+        "student": str(student),
+        "teacher": str(teacher),
         "task": {"n_train": 64, "n_test": 8},
         "rollout": {"max_new_tokens": 5},
         "optim": {"lr": 3e-3},
@@ -53,8 +54,9 @@ def read_positions(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def opd_run(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diag")
-    cfg = tiny_diag_yaml(tiny_model_dir, tiny_model_dir_same_tokenizer, root / "d.yaml",
-                         save_student=True)
+    cfg = tiny_diag_yaml(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, root / "d.yaml", save_student=True
+    )
     out = root / "run"
     assert main(["diagnose", str(cfg), "--output-dir", str(out), "--no-progress"]) == 0
     return out
@@ -76,15 +78,33 @@ def full_forward_kl(model, teacher, input_ids, att, p, vocab) -> torch.Tensor:
 
 def test_cli_writes_every_output(opd_run):
     out = opd_run
-    for name in ("bank.pt", "positions.csv", "matched_topn.json", "regression.json",
-                 "correlations.json", "diagnose.md", "summary.json", "config.yaml",
-                 "report.html", "update/metrics.jsonl", "update/student/config.json"):
+    for name in (
+        "bank.pt",
+        "positions.csv",
+        "matched_topn.json",
+        "regression.json",
+        "correlations.json",
+        "diagnose.md",
+        "summary.json",
+        "config.yaml",
+        "report.html",
+        "update/metrics.jsonl",
+        "update/student/config.json",
+    ):
         assert (out / name).is_file(), name
     plots = {p.name for p in (out / "plots").glob("*.png")}
     assert {"gain_by_decile.png", "coef_split.png", "learnable_vs_incompatible.png"} <= plots
     topn = json.loads((out / "matched_topn.json").read_text())
-    assert set(topn) == {"teachability", "divergence", "reverse_kl", "incompatible", "tip",
-                         "entropy", "compatibility", "random"}
+    assert set(topn) == {
+        "teachability",
+        "divergence",
+        "reverse_kl",
+        "incompatible",
+        "tip",
+        "entropy",
+        "compatibility",
+        "random",
+    }
     n_pos = len(read_positions(out / "positions.csv"))
     for per in topn.values():
         assert set(per) == {"0.03", "0.05"}
@@ -135,8 +155,13 @@ def test_single_step_mode_matches_a_manual_step(
     opd_run, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
 ):
     """Reusing the bank: each recorded single-step gain equals a by-hand SGD step on ℓ_t."""
-    cfg_path = tiny_diag_yaml(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "s.yaml",
-                              n_single=3, single_lr=0.05)
+    cfg_path = tiny_diag_yaml(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        tmp_path / "s.yaml",
+        n_single=3,
+        single_lr=0.05,
+    )
     cfg = load_config(cfg_path, [f"output_dir={tmp_path / 'single'}"])
     s = run_diagnose(cfg, mode="single-step", bank_path=opd_run / "bank.pt", progress=False)
     assert s["mode"] == "single-step" and s["n_analysed"] == 3
@@ -153,11 +178,13 @@ def test_single_step_mode_matches_a_manual_step(
     ids, att = bank.input_ids, bank.attention_mask
     kl0 = full_forward_kl(model, teacher, ids, att, p, vocab)
     pos = position_ids(att)
-    s_logits = model(input_ids=ids[b : b + 1], attention_mask=att[b : b + 1],
-                     position_ids=pos[b : b + 1]).logits[0, p - 1 + j, :vocab]
+    s_logits = model(
+        input_ids=ids[b : b + 1], attention_mask=att[b : b + 1], position_ids=pos[b : b + 1]
+    ).logits[0, p - 1 + j, :vocab]
     with torch.no_grad():
-        t_logits = teacher(input_ids=ids[b : b + 1], attention_mask=att[b : b + 1],
-                           position_ids=pos[b : b + 1]).logits[0, p - 1 + j, :vocab]
+        t_logits = teacher(
+            input_ids=ids[b : b + 1], attention_mask=att[b : b + 1], position_ids=pos[b : b + 1]
+        ).logits[0, p - 1 + j, :vocab]
     per_token_loss(s_logits[None], t_logits[None], "reverse_kl").sum().backward()
     with torch.no_grad():
         for q in model.parameters():
@@ -241,8 +268,16 @@ def test_regression_recovers_the_learnable_vs_incompatible_ratio():
     raw, clusters, rng = _synthetic()
     n = len(clusters)
     d, c, h = rng.uniform(0, 1, n), rng.uniform(0, 1, n), rng.uniform(0, 1, n)
-    table = {"H": h, "D": d, "C": c, "H*D": h * d, "D_L": d * c, "D_I": d * (1 - c),
-             "position": raw["position"], "teacher_entropy": raw["teacher_entropy"]}
+    table = {
+        "H": h,
+        "D": d,
+        "C": c,
+        "H*D": h * d,
+        "D_L": d * c,
+        "D_I": d * (1 - c),
+        "position": raw["position"],
+        "teacher_entropy": raw["teacher_entropy"],
+    }
     gain = 2 * d * c + 1 * d * (1 - c) + rng.normal(0, 0.05, n)
     reg, r2 = regressions(table, gain, clusters, n_boot=100)
     split = reg["split"]

@@ -163,7 +163,7 @@ class DiagnoseCfg(_Strict):
     update_strategy: str | None = "full"  # OPD update's selection.strategy (None: `selection`)
     relative: bool = False  # gain (KL0 - KLτ) / KL0 instead of KL0 - KLτ
     n_single: int = Field(16, ge=0)  # single-step: positions updated one at a time (0: all)
-    single_lr: float = Field(1e-3, gt=0)  # single-step: SGD step size η
+    single_lr: float = Field(1e-5, gt=0)  # single-step: SGD step size η (keep η‖∇ℓ_t‖² ≪ ℓ_t)
     ratios: list[float] = Field(default_factory=lambda: [0.03, 0.05])
     selectors: list[str] = Field(default_factory=lambda: list(DIAGNOSE_SELECTORS))
     bootstrap: int = Field(200, ge=0)  # prompt-clustered bootstrap draws

@@ -27,6 +27,11 @@ Statistics over the positions with a gain (all valid positions in `opd` mode, th
   (D^L = D̃C̃, D^I = D̃(1−C̃)) ("split"; the H̃·D̃ term is kept). H̃, D̃, C̃ are normalized once
   over the analysed positions; bootstrap draws resample rows and refit.
 - Spearman rank correlation of each signal with the gain (numpy ranks, ties averaged).
+
+Eq. 11 clips each signal at its bank Q0.95, so about 5% of positions tie at 1 for a single-signal
+selector (entropy, divergence, reverse_kl, compatibility); at ρ ≤ 0.05 those selectors keep the
+earliest tied positions (the tie rule of `select`), while products and sums (teachability,
+incompatible, tip) still rank within the top 5%.
 """
 
 from __future__ import annotations
@@ -122,16 +127,25 @@ def load_bank(path: str | Path) -> tuple[Rollout, list[str], dict[str, Any]]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
         roll = Rollout(
-            data["input_ids"], data["attention_mask"], data["response_mask"],
-            int(data["prompt_len"]), list(data["texts"]),
+            data["input_ids"],
+            data["attention_mask"],
+            data["response_mask"],
+            int(data["prompt_len"]),
+            list(data["texts"]),
         )
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
         raise UserError(f"cannot read the bank {path}: {e}") from None
     return roll, list(data.get("prompts", [])), dict(data.get("meta", {}))
 
 
-def make_bank(trainer: Any, n_contexts: int, max_new_tokens: int, batch_size: int, seed: int,
-              progress: bool = True) -> tuple[Rollout, list[str], dict[str, Any]]:
+def make_bank(
+    trainer: Any,
+    n_contexts: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+) -> tuple[Rollout, list[str], dict[str, Any]]:
     """Sample one temperature-1 rollout of the (θ0) student per held-out test prompt."""
     cfg: Config = trainer.cfg
     examples = trainer.task.examples("test", n_contexts, seed=cfg.task.seed)
@@ -142,15 +156,27 @@ def make_bank(trainer: Any, n_contexts: int, max_new_tokens: int, batch_size: in
     parts = []
     chunks = range(0, len(prompts), batch_size)
     for i in tqdm(chunks, desc="bank: sampling", disable=not progress):
-        parts.append(trainer.sampler(
-            model, trainer.tokenizer, prompts[i : i + batch_size], max_new_tokens=max_new_tokens,
-            temperature=1.0, top_p=1.0, seed=seed * 1_000_003 + i,
-        ).to("cpu"))
+        parts.append(
+            trainer.sampler(
+                model,
+                trainer.tokenizer,
+                prompts[i : i + batch_size],
+                max_new_tokens=max_new_tokens,
+                temperature=1.0,
+                top_p=1.0,
+                seed=seed * 1_000_003 + i,
+            ).to("cpu")
+        )
     roll = _concat_rollouts(parts, trainer.tokenizer.pad_token_id)
     meta = {
-        "student": cfg.student, "task": cfg.task.name or cfg.task.path, "split": "test",
-        "n_contexts": len(prompts), "max_new_tokens": max_new_tokens, "temperature": 1.0,
-        "seed": seed, "questions": [ex.question for ex in examples],
+        "student": cfg.student,
+        "task": cfg.task.name or cfg.task.path,
+        "split": "test",
+        "n_contexts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "temperature": 1.0,
+        "seed": seed,
+        "questions": [ex.question for ex in examples],
         "answers": [ex.answer for ex in examples],
     }
     return roll, prompts, meta
@@ -179,8 +205,13 @@ def _concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
 
 
 def _rows(roll: Rollout, rows: slice) -> Rollout:
-    return Rollout(roll.input_ids[rows], roll.attention_mask[rows], roll.response_mask[rows],
-                   roll.prompt_len, roll.texts[rows])
+    return Rollout(
+        roll.input_ids[rows],
+        roll.attention_mask[rows],
+        roll.response_mask[rows],
+        roll.prompt_len,
+        roll.texts[rows],
+    )
 
 
 def _response_hidden(model: torch.nn.Module, roll: Rollout) -> Tensor:
@@ -223,10 +254,19 @@ def score_bank(
             h_t = _response_hidden(teacher, sub)
             if teacher_cache is not None:
                 teacher_cache.append(h_t)
-        out.append(signals_from_hidden(
-            h_s, w_s, h_t, w_t, tokens=sub.input_ids[:, p:], k=k,
-            valid=sub.response_mask[:, p:], vocab_size=vocab_size, chunk_size=chunk_size,
-        ))
+        out.append(
+            signals_from_hidden(
+                h_s,
+                w_s,
+                h_t,
+                w_t,
+                tokens=sub.input_ids[:, p:],
+                k=k,
+                valid=sub.response_mask[:, p:],
+                vocab_size=vocab_size,
+                chunk_size=chunk_size,
+            )
+        )
     student.train(was_training)
     names = [n for n, _ in out[0].items()]
     return TokenSignals(**{n: torch.cat([getattr(s, n) for s in out]).cpu() for n in names})
@@ -278,8 +318,9 @@ def single_step_gain(
     return kl0 - kl_tau, grads
 
 
-def _fixed_kl_grad(trainer: Any, bank: Rollout, teacher_cache: list[Tensor], batch_size: int,
-                   progress: bool) -> list[Tensor]:
+def _fixed_kl_grad(
+    trainer: Any, bank: Rollout, teacher_cache: list[Tensor], batch_size: int, progress: bool
+) -> list[Tensor]:
     """∇ L_fix = ∇ mean_t KL(p_T‖p_θ)(c_t) over the bank's valid positions (selective head)."""
     student, cfg = trainer.student, trainer.cfg
     device = next(student.parameters()).device
@@ -289,16 +330,23 @@ def _fixed_kl_grad(trainer: Any, bank: Rollout, teacher_cache: list[Tensor], bat
     w_s, w_t = lm_head(student), lm_head(trainer.teacher)
     student.zero_grad(set_to_none=True)
     starts = list(range(0, len(bank), batch_size))
-    for j, i in enumerate(tqdm(starts, desc="single-step: ∇L_fix", disable=not progress,
-                               leave=False)):
+    for j, i in enumerate(
+        tqdm(starts, desc="single-step: ∇L_fix", disable=not progress, leave=False)
+    ):
         sub = _rows(bank, slice(i, i + batch_size)).to(device)
         valid = sub.response_mask[:, p:]
         if not bool(valid.any()):
             continue
         h = _response_hidden(student, sub)
         loss = selective_head_loss(
-            h, w_s, valid, teacher_hidden=teacher_cache[j].to(device), teacher_weight=w_t,
-            kind="forward_kl", normalizer=n_valid, vocab_size=trainer.vocab_size,
+            h,
+            w_s,
+            valid,
+            teacher_hidden=teacher_cache[j].to(device),
+            teacher_weight=w_t,
+            kind="forward_kl",
+            normalizer=n_valid,
+            vocab_size=trainer.vocab_size,
             chunk_size=cfg.loss.chunk_size,
         )
         loss.backward()
@@ -307,8 +355,14 @@ def _fixed_kl_grad(trainer: Any, bank: Rollout, teacher_cache: list[Tensor], bat
     return grads
 
 
-def _single_step(trainer: Any, bank: Rollout, sig0: TokenSignals, teacher_cache: list[Tensor],
-                 dcfg: Any, progress: bool) -> dict[str, np.ndarray]:
+def _single_step(
+    trainer: Any,
+    bank: Rollout,
+    sig0: TokenSignals,
+    teacher_cache: list[Tensor],
+    dcfg: Any,
+    progress: bool,
+) -> dict[str, np.ndarray]:
     """Gains of one SGD step on each of `n_single` random valid positions (see module doc)."""
     student, cfg = trainer.student, trainer.cfg
     device = next(student.parameters()).device
@@ -321,8 +375,10 @@ def _single_step(trainer: Any, bank: Rollout, sig0: TokenSignals, teacher_cache:
     width = valid.shape[1]
     kl0 = sig0.forward_kl
     shape = tuple(valid.shape)
-    out = {name: np.full(shape, np.nan) for name in
-           ("gain", "gain_absolute", "gain_relative", "gain_self", "first_order")}
+    out = {
+        name: np.full(shape, np.nan)
+        for name in ("gain", "gain_absolute", "gain_relative", "gain_self", "first_order")
+    }
     student.eval()  # deterministic forward (no dropout) for the step and the measurements
     params = _params(student)
     g_fix = _fixed_kl_grad(trainer, bank, teacher_cache, dcfg.batch_size, progress)
@@ -330,9 +386,17 @@ def _single_step(trainer: Any, bank: Rollout, sig0: TokenSignals, teacher_cache:
     l0 = float(kl0[valid].mean())
 
     def fixed_kl() -> Tensor:
-        sig = score_bank(student, trainer.teacher, bank, trainer.vocab_size, k=1,
-                         batch_size=dcfg.batch_size, chunk_size=cfg.selection.chunk_size,
-                         teacher_cache=teacher_cache, progress=False)
+        sig = score_bank(
+            student,
+            trainer.teacher,
+            bank,
+            trainer.vocab_size,
+            k=1,
+            batch_size=dcfg.batch_size,
+            chunk_size=cfg.selection.chunk_size,
+            teacher_cache=teacher_cache,
+            progress=False,
+        )
         return sig.forward_kl
 
     bs = dcfg.batch_size
@@ -353,8 +417,9 @@ def _single_step(trainer: Any, bank: Rollout, sig0: TokenSignals, teacher_cache:
         out["gain_absolute"][b, j] = g_mean
         out["gain_relative"][b, j] = (l0 - lt) / max(l0, REL_EPS)
         out["gain_self"][b, j] = float(gains[b, j])
-        dot = sum(float((gf.double() * g.double()).sum()) for gf, g in zip(g_fix, grads,
-                                                                        strict=True))
+        dot = sum(
+            float((gf.double() * g.double()).sum()) for gf, g in zip(g_fix, grads, strict=True)
+        )
         out["first_order"][b, j] = dcfg.single_lr * dot
     key = "gain_relative" if dcfg.relative else "gain_absolute"
     out["gain"] = out[key].copy()
@@ -365,8 +430,9 @@ def _opd_update(trainer: Any, progress: bool) -> dict[str, Any]:
     """A short OPD run with the trainer's own step (no evaluation); θτ stays in `trainer`."""
     steps = trainer.cfg.train.steps
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"OPD update ({trainer.cfg.selection.strategy})",
-               disable=not progress)
+    bar = tqdm(
+        total=steps, desc=f"OPD update ({trainer.cfg.selection.strategy})", disable=not progress
+    )
     last: dict[str, Any] = {}
     while trainer.step < steps:
         metrics = trainer.train_step()
@@ -450,8 +516,19 @@ def analysis_table(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return normalize(torch.as_tensor(t[name], dtype=torch.float64), valid).numpy()
 
     h, d, c = norm("student_entropy"), norm("disagreement"), norm("compatibility")
-    t.update({"H": h, "D": d, "C": c, "H*D": h * d, "D_L": d * c, "D_I": d * (1 - c),
-              "teachability": d * c, "incompatible": d * (1 - c), "tip": h + d - h * d})
+    t.update(
+        {
+            "H": h,
+            "D": d,
+            "C": c,
+            "H*D": h * d,
+            "D_L": d * c,
+            "D_I": d * (1 - c),
+            "teachability": d * c,
+            "incompatible": d * (1 - c),
+            "tip": h + d - h * d,
+        }
+    )
     return t
 
 
@@ -463,9 +540,14 @@ def _token_signals(table: dict[str, np.ndarray], idx: np.ndarray | None) -> Toke
     return TokenSignals(**{n: col(n) for n in SIGNAL_FIELDS if n in table})
 
 
-def _topn_means(table: dict[str, np.ndarray], gain: np.ndarray, selectors: Sequence[str],
-                ratios: Sequence[float], idx: np.ndarray | None, seed: int
-                ) -> dict[str, dict[float, tuple[float, int]]]:
+def _topn_means(
+    table: dict[str, np.ndarray],
+    gain: np.ndarray,
+    selectors: Sequence[str],
+    ratios: Sequence[float],
+    idx: np.ndarray | None,
+    seed: int,
+) -> dict[str, dict[float, tuple[float, int]]]:
     sig = _token_signals(table, idx)
     g = gain if idx is None else gain[idx]
     valid = torch.ones(len(g), dtype=torch.bool)
@@ -595,9 +677,11 @@ def _markdown(summary: dict[str, Any], topn: dict, reg: dict, r2: dict, corr: di
         "# Fixed-context diagnostic\n",
         f"- bank: {s['n_contexts']} held-out {s['task']} prompts × ≤{s['max_new_tokens']} "
         f"sampled tokens = {s['n_positions']} valid positions ({s['n_analysed']} analysed)",
-        f"- update: {s['mode']}" + (
+        f"- update: {s['mode']}"
+        + (
             f" ({s['update_steps']} steps of {s['update_batch_size']} prompts, "
-            f"{s['update_strategy']}, lr {s['update_lr']:g})" if s["mode"] == "opd"
+            f"{s['update_strategy']}, lr {s['update_lr']:g})"
+            if s["mode"] == "opd"
             else f" (one SGD step, η = {s['single_lr']:g}, per updated position)"
         ),
         f"- gain: {'relative (KL0 − KLτ)/KL0' if s['relative'] else 'KL0 − KLτ'} of "
@@ -619,13 +703,16 @@ def _markdown(summary: dict[str, Any], topn: dict, reg: dict, r2: dict, corr: di
     lines.append("## Standardized regressions of the gain\n")
     for model, coefs in reg.items():
         lines.append(f"### {model} (R² = {r2[model]:.3f})\n")
-        rows = [{"coefficient": c, "coef": e["coef"], "low": e["low"], "high": e["high"]}
-                for c, e in coefs.items()]
+        rows = [
+            {"coefficient": c, "coef": e["coef"], "low": e["low"], "high": e["high"]}
+            for c, e in coefs.items()
+        ]
         lines.append(write_markdown_table(rows, ["coefficient", "coef", "low", "high"]))
     lines.append("## Spearman correlation with the gain\n")
     rows = [{"signal": n, **e} for n, e in corr.items()]
-    lines.append(write_markdown_table(rows, ["signal", "spearman", "spearman_low",
-                                             "spearman_high"]))
+    lines.append(
+        write_markdown_table(rows, ["signal", "spearman", "spearman_low", "spearman_high"])
+    )
     return "\n".join(lines)
 
 
@@ -637,8 +724,9 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6, 4)) 
     return fig, axes
 
 
-def _plots(out: Path, table: dict[str, np.ndarray], gain: np.ndarray, reg: dict,
-           topn: dict) -> list[Path]:
+def _plots(
+    out: Path, table: dict[str, np.ndarray], gain: np.ndarray, reg: dict, topn: dict
+) -> list[Path]:
     """Gain by signal decile, D^L vs D^I coefficients, top-N gain by D^L vs by D^I."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -651,14 +739,16 @@ def _plots(out: Path, table: dict[str, np.ndarray], gain: np.ndarray, reg: dict,
         groups = np.array_split(np.argsort(table[name], kind="mergesort"), 10)
         groups = [g for g in groups if len(g)]
         means = [float(gain[g].mean()) for g in groups]
-        errs = [1.96 * float(gain[g].std(ddof=1)) / math.sqrt(len(g)) if len(g) > 1 else 0.0
-                for g in groups]
+        errs = [
+            1.96 * float(gain[g].std(ddof=1)) / math.sqrt(len(g)) if len(g) > 1 else 0.0
+            for g in groups
+        ]
         ax.errorbar(range(1, len(groups) + 1), means, yerr=errs, marker="o", capsize=2)
         ax.axhline(float(gain.mean()), color="grey", lw=0.8, ls="--")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("decile", fontsize=8)
         ax.set_ylabel("mean gain", fontsize=8)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     fig.suptitle("Gain by signal decile (95% normal intervals; dashed: bank mean)")
     fig.tight_layout()
@@ -670,12 +760,17 @@ def _plots(out: Path, table: dict[str, np.ndarray], gain: np.ndarray, reg: dict,
         labels = list(coefs)
         vals = [coefs[c]["coef"] or 0.0 for c in labels]
         # percentile intervals need not contain the point estimate: clip the bars at 0
-        lo = [max(0.0, vals[i] - (coefs[c]["low"] if coefs[c]["low"] is not None else vals[i]))
-              for i, c in enumerate(labels)]
-        hi = [max(0.0, (coefs[c]["high"] if coefs[c]["high"] is not None else vals[i]) - vals[i])
-              for i, c in enumerate(labels)]
-        colours = ["tab:green" if c == "D_L" else "tab:red" if c == "D_I" else "tab:grey"
-                   for c in labels]
+        lo = [
+            max(0.0, vals[i] - (coefs[c]["low"] if coefs[c]["low"] is not None else vals[i]))
+            for i, c in enumerate(labels)
+        ]
+        hi = [
+            max(0.0, (coefs[c]["high"] if coefs[c]["high"] is not None else vals[i]) - vals[i])
+            for i, c in enumerate(labels)
+        ]
+        colours = [
+            "tab:green" if c == "D_L" else "tab:red" if c == "D_I" else "tab:grey" for c in labels
+        ]
         fig, axes = _figure(size=(7, 4))
         ax = axes[0, 0]
         ax.bar(labels, vals, yerr=[lo, hi], color=colours, capsize=3)
@@ -686,20 +781,32 @@ def _plots(out: Path, table: dict[str, np.ndarray], gain: np.ndarray, reg: dict,
         made.append(plots / "coef_split.png")
         fig.savefig(made[-1])
 
-    grid = sorted({0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0}
-                  | {float(r) for r in next(iter(topn.values()), {})})
+    grid = sorted(
+        {0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0}
+        | {float(r) for r in next(iter(topn.values()), {})}
+    )
     curves = _topn_means(table, gain, ["teachability", "incompatible"], grid, None, 0)
     fig, axes = _figure(size=(6.5, 4))
     ax = axes[0, 0]
-    for sel, label, colour in (("teachability", "top by D^L = D̃·C̃", "tab:green"),
-                               ("incompatible", "top by D^I = D̃(1−C̃)", "tab:red")):
+    for sel, label, colour, shift in (
+        ("teachability", "top by D^L = D̃·C̃", "tab:green", 0.97),
+        ("incompatible", "top by D^I = D̃(1−C̃)", "tab:red", 1.03),
+    ):
         ys = [curves[sel][r][0] for r in grid]
         ax.plot(grid, ys, marker="o", color=colour, label=label)
         if sel in topn:
             for r, e in topn[sel].items():
                 if e["low"] is not None and e["mean"] is not None:
                     err = [[max(0.0, e["mean"] - e["low"])], [max(0.0, e["high"] - e["mean"])]]
-                    ax.errorbar([float(r)], [e["mean"]], yerr=err, color=colour, capsize=3)
+                    ax.errorbar(
+                        [float(r) * shift],
+                        [e["mean"]],
+                        yerr=err,
+                        color=colour,
+                        capsize=3,
+                        fmt="s",
+                        ms=4,
+                    )  # bootstrap 95% interval
     ax.axhline(float(gain.mean()), color="grey", lw=0.8, ls="--", label="all positions")
     ax.set_xscale("log")
     ax.set_xlabel("retention ratio ρ (share of bank positions kept)")
@@ -740,8 +847,14 @@ def _update_config(cfg: Config, out: Path) -> Config:
     data["output_dir"] = str(out / "update")
     if cfg.diagnose.update_strategy is not None:
         data["selection"]["strategy"] = cfg.diagnose.update_strategy
-    data["train"].update(eval_before=False, eval_teacher=False, eval_every=0, save_every=0,
-                         samples_every=0, tensorboard=False)
+    data["train"].update(
+        eval_before=False,
+        eval_teacher=False,
+        eval_every=0,
+        save_every=0,
+        samples_every=0,
+        tensorboard=False,
+    )
     data["eval"]["heldout_kl_prompts"] = 0
     return Config.model_validate(data)
 
@@ -763,15 +876,16 @@ def run_diagnose(
     from .train import Trainer
 
     start = time.perf_counter()
-    dcfg = cfg.diagnose.model_copy(update={
-        k: v for k, v in (("mode", mode), ("relative", relative)) if v is not None
-    })
+    dcfg = cfg.diagnose.model_copy(
+        update={k: v for k, v in (("mode", mode), ("relative", relative)) if v is not None}
+    )
     if dcfg.mode not in ("opd", "single-step"):
         raise UserError(f"mode must be 'opd' or 'single-step', got {dcfg.mode!r}")
     out = Path(cfg.output_dir)
     if (out / "positions.csv").exists() and not overwrite:
-        raise UserError(f"{out} already holds a diagnostic; pass --overwrite or another "
-                        "--output-dir")
+        raise UserError(
+            f"{out} already holds a diagnostic; pass --overwrite or another --output-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     full_cfg = cfg.model_copy(update={"diagnose": dcfg})
     (out / "config.yaml").write_text(full_cfg.to_yaml())
@@ -783,8 +897,9 @@ def run_diagnose(
         if int(bank.input_ids.max()) >= trainer.vocab_size:
             raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
     else:
-        bank, prompts, meta = make_bank(trainer, dcfg.n_contexts, max_new, dcfg.batch_size,
-                                        dcfg.seed, progress)
+        bank, prompts, meta = make_bank(
+            trainer, dcfg.n_contexts, max_new, dcfg.batch_size, dcfg.seed, progress
+        )
     save_bank(out / BANK_FILE, bank, prompts, meta)
 
     p = bank.prompt_len
@@ -792,23 +907,43 @@ def run_diagnose(
     if not bool(valid.any()):
         raise UserError("the bank has no response tokens (every rollout ended at once)")
     teacher_cache: list[Tensor] = []
-    score_kw = dict(k=cfg.selection.k, batch_size=dcfg.batch_size,
-                    chunk_size=cfg.selection.chunk_size, teacher_cache=teacher_cache,
-                    progress=progress)
-    sig0 = score_bank(trainer.student, trainer.teacher, bank, trainer.vocab_size,
-                      desc="bank: scoring θ0", **score_kw)
+    score_kw = dict(
+        k=cfg.selection.k,
+        batch_size=dcfg.batch_size,
+        chunk_size=cfg.selection.chunk_size,
+        teacher_cache=teacher_cache,
+        progress=progress,
+    )
+    sig0 = score_bank(
+        trainer.student,
+        trainer.teacher,
+        bank,
+        trainer.vocab_size,
+        desc="bank: scoring θ0",
+        **score_kw,
+    )
     kl0 = sig0.forward_kl.double().numpy()
 
     info: dict[str, Any] = {}
     if dcfg.mode == "opd":
         info = _opd_update(trainer, progress)
-        sig_tau = score_bank(trainer.student, trainer.teacher, bank, trainer.vocab_size,
-                             desc="bank: scoring θτ", **score_kw)
+        sig_tau = score_bank(
+            trainer.student,
+            trainer.teacher,
+            bank,
+            trainer.vocab_size,
+            desc="bank: scoring θτ",
+            **score_kw,
+        )
         kl_tau = sig_tau.forward_kl.double().numpy()
         g_abs = kl0 - kl_tau
         g_rel = g_abs / np.maximum(kl0, REL_EPS)
-        gains = {"kl_tau": kl_tau, "gain": g_rel if dcfg.relative else g_abs,
-                 "gain_absolute": g_abs, "gain_relative": g_rel}
+        gains = {
+            "kl_tau": kl_tau,
+            "gain": g_rel if dcfg.relative else g_abs,
+            "gain_absolute": g_abs,
+            "gain_relative": g_rel,
+        }
         if dcfg.save_student:
             model = trainer.acc.unwrap_model(trainer.student)
             model.save_pretrained(out / "update" / "student", safe_serialization=True)
@@ -826,7 +961,10 @@ def run_diagnose(
     tok = trainer.tokenizer
     tokens = [tok.decode([int(t)]) for t in token_ids]
     columns: dict[str, Any] = {
-        "prompt_id": prompt_id, "position": pos, "token_id": token_ids, "token": tokens,
+        "prompt_id": prompt_id,
+        "position": pos,
+        "token_id": token_ids,
+        "token": tokens,
     }
     raw = {name: t.double().reshape(-1).numpy()[rows_idx] for name, t in sig0.items()}
     columns.update(raw)
@@ -840,15 +978,21 @@ def run_diagnose(
 
     # statistics over the positions with a gain
     keep = np.isfinite(columns["gain"])
-    table = analysis_table({**{n: v[keep] for n, v in raw.items()},
-                            "position": pos[keep].astype(float), "kl0": columns["kl0"][keep]})
+    table = analysis_table(
+        {
+            **{n: v[keep] for n, v in raw.items()},
+            "position": pos[keep].astype(float),
+            "kl0": columns["kl0"][keep],
+        }
+    )
     gain = columns["gain"][keep]
     clusters = prompt_id[keep]
     if keep.sum() < 3:
         raise UserError(f"only {int(keep.sum())} positions have a gain; nothing to analyse")
     bar = tqdm(total=3, desc="statistics (bootstrap)", disable=not progress)
-    topn = matched_topn(table, gain, clusters, dcfg.selectors, dcfg.ratios, dcfg.bootstrap,
-                        dcfg.seed)
+    topn = matched_topn(
+        table, gain, clusters, dcfg.selectors, dcfg.ratios, dcfg.bootstrap, dcfg.seed
+    )
     bar.update(1)
     reg, r2 = regressions(table, gain, clusters, n_boot=dcfg.bootstrap, seed=dcfg.seed)
     bar.update(1)
@@ -857,13 +1001,21 @@ def run_diagnose(
     bar.close()
 
     summary: dict[str, Any] = {
-        "mode": dcfg.mode, "relative": dcfg.relative, "student": cfg.student,
-        "teacher": str(trainer.teacher_path), "task": cfg.task.name or cfg.task.path,
-        "n_contexts": len(bank), "max_new_tokens": int(meta.get("max_new_tokens", max_new)),
-        "n_positions": int(vflat.sum()), "n_analysed": int(keep.sum()),
+        "mode": dcfg.mode,
+        "relative": dcfg.relative,
+        "student": cfg.student,
+        "teacher": str(trainer.teacher_path),
+        "task": cfg.task.name or cfg.task.path,
+        "n_contexts": len(bank),
+        "max_new_tokens": int(meta.get("max_new_tokens", max_new)),
+        "n_positions": int(vflat.sum()),
+        "n_analysed": int(keep.sum()),
         "kl0_mean": float(kl0.reshape(-1)[vflat].mean()),
-        "gain_mean": float(gain.mean()), "gain_positive_share": float((gain > 0).mean()),
-        "bootstrap": dcfg.bootstrap, **info, "r2": r2,
+        "gain_mean": float(gain.mean()),
+        "gain_positive_share": float((gain > 0).mean()),
+        "bootstrap": dcfg.bootstrap,
+        **info,
+        "r2": r2,
     }
     if dcfg.mode == "opd":
         summary["kl_tau_mean"] = float(columns["kl_tau"].mean())
