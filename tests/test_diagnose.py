@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,11 @@ def test_cli_writes_every_output(opd_run):
     assert {"spearman", "spearman_low", "spearman_high"} <= set(corr["teachability"])
     page = (out / "report.html").read_text()
     assert "Matched top-n" in page and "Regression" in page
+    # the token view: bank contexts at θ0, teachability's top 5% marked, colored by any signal
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(len(s["signals"]["gain"]) == len(s["tokens"]) for s in samples)
+    n_spans = len(re.findall(r'class="tok[ "]', page))
+    assert 'id="token-view"' in page and n_spans == sum(len(s["tokens"]) for s in samples)
     md = (out / "diagnose.md").read_text()
     assert "| teachability |" in md and "D_L" in md
     steps = [json.loads(x)["step"] for x in (out / "update/metrics.jsonl").read_text().splitlines()]

@@ -58,6 +58,8 @@ from .rollout import Rollout
 from .scores import TokenSignals, normalize, signals_from_hidden
 from .selection import select, strategy_scores
 
+N_TOKEN_VIEW = 8  # bank contexts shown in the report's token view
+
 __all__ = [
     "BANK_FILE",
     "REGRESSION_MODELS",
@@ -859,6 +861,29 @@ def _update_config(cfg: Config, out: Path) -> Config:
     return Config.model_validate(data)
 
 
+@torch.no_grad()
+def _bank_samples(
+    trainer: Any, bank: Rollout, sig0: TokenSignals, cfg: Config, dcfg: Any
+) -> list[dict[str, Any]]:
+    """Token-view records of the first bank contexts at θ0; marked: teachability's top 5%."""
+    from .train import token_samples
+
+    p = bank.prompt_len
+    valid = bank.response_mask[:, p:]
+    teach = strategy_scores("teachability", sig0, valid)
+    keep = select(teach, valid, 0.05)
+    n = min(N_TOKEN_VIEW, len(bank))
+    sub = _rows(bank, slice(0, n)).to(trainer.acc.device)
+    h_s = _response_hidden(trainer.student, sub)
+    h_t = _response_hidden(trainer.teacher, sub)
+    part = TokenSignals(**{name: t[:n] for name, t in sig0.items()})
+    return token_samples(
+        trainer.tokenizer, sub, part, keep[:n], h_s, h_t, lm_head(trainer.student),
+        lm_head(trainer.teacher), trainer.vocab_size, step=0, rows=n,
+        teach=teach[:n].clamp_min(0.0),
+    )
+
+
 def run_diagnose(
     cfg: Config,
     mode: str | None = None,
@@ -923,6 +948,7 @@ def run_diagnose(
         **score_kw,
     )
     kl0 = sig0.forward_kl.double().numpy()
+    samples = _bank_samples(trainer, bank, sig0, cfg, dcfg)
 
     info: dict[str, Any] = {}
     if dcfg.mode == "opd":
@@ -975,6 +1001,12 @@ def run_diagnose(
     for name in ("H", "D", "C", "teachability", "incompatible", "tip"):
         columns[name if len(name) > 1 else f"{name}_norm"] = full_norm[name]
     _write_positions(out / "positions.csv", columns)
+    gain_grid = np.asarray(gains["gain"], dtype=float).reshape(valid.shape)
+    with open(out / "samples.jsonl", "w") as f:
+        for b, rec in enumerate(samples):
+            g = gain_grid[b][valid[b].numpy()]
+            rec["signals"]["gain"] = [None if not np.isfinite(x) else float(x) for x in g]
+            f.write(json.dumps(rec) + "\n")
 
     # statistics over the positions with a gain
     keep = np.isfinite(columns["gain"])

@@ -48,7 +48,7 @@ from .rollout import Rollout, make_sampler
 from .scores import TokenSignals, normalize, signals_from_hidden
 from .selection import select_tokens
 
-__all__ = ["Trainer", "TrainingError", "train"]
+__all__ = ["Trainer", "TrainingError", "train", "token_samples"]
 
 SIGNAL_NAMES = ("teachability", "student_entropy", "disagreement", "compatibility", "reverse_kl")
 
@@ -73,6 +73,63 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_schedu
 
 def _mean(x: Tensor, m: Tensor) -> float:
     return float(x[m].mean()) if bool(m.any()) else float("nan")
+
+
+@torch.no_grad()
+def token_samples(
+    tokenizer: Any,
+    roll: Rollout,
+    sig: TokenSignals,
+    mask: Tensor,
+    h_s: Tensor,
+    h_t: Tensor,
+    w_s: Tensor,
+    w_t: Tensor,
+    vocab_size: int,
+    step: int,
+    rows: int = 2,
+    top: int = 5,
+    teach: Tensor | None = None,
+) -> list[dict[str, Any]]:
+    """Token-view records (report.py's samples.jsonl format) for the first `rows` rollouts.
+
+    Per response token: the signals, whether it was selected, and the student's and teacher's
+    top candidates (only these few rows are projected through the lm_heads). `teach` gives the
+    teachability normalized over a larger batch; by default it is normalized over `roll`.
+    """
+    p = roll.prompt_len
+    valid = roll.response_mask[:, p:]
+    if teach is None:
+        teach = normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
+    out = []
+    for b in range(min(rows, valid.shape[0])):
+        idx = valid[b].nonzero().squeeze(-1)
+        ids = roll.input_ids[b, p:][idx].tolist()
+        cands = {}
+        for side, h, w in (("student_top", h_s, w_s), ("teacher_top", h_t, w_t)):
+            logits = h[b, idx].float() @ w[:vocab_size].float().T
+            pr, ti = torch.softmax(logits, -1).topk(top, -1)
+            cands[side] = [
+                [[tokenizer.decode([int(t)]), round(float(q), 4)] for t, q in zip(tr, prr)]
+                for tr, prr in zip(ti, pr)
+            ]
+        signals = {"teachability": teach[b, idx].tolist()}
+        for name in ("student_entropy", "disagreement", "compatibility", "reverse_kl"):
+            signals[name] = getattr(sig, name)[b, idx].tolist()
+        prompt_ids = roll.input_ids[b, :p][roll.attention_mask[b, :p].bool()]
+        out.append(
+            {
+                "step": step,
+                "prompt": tokenizer.decode(prompt_ids.tolist()),
+                "answer": None,
+                "correct": None,
+                "tokens": [tokenizer.decode([t]) for t in ids],
+                "selected": mask[b, idx].tolist(),
+                "signals": signals,
+                **cands,
+            }
+        )
+    return out
 
 
 class Trainer:
@@ -449,45 +506,16 @@ class Trainer:
         out["overlap_all"] = _mean(sig.overlap, valid)
         return out
 
-    @torch.no_grad()
     def _write_samples(
         self, roll: Rollout, sig: TokenSignals, mask: Tensor, h_s: Tensor, h_t: Tensor, step: int
     ) -> None:
-        """Append two rollouts with per-token signals and top candidates to samples.jsonl."""
+        """Append two rollouts of this step to samples.jsonl (the report's token view)."""
         if not self.acc.is_main_process:
             return
-        p = roll.prompt_len
-        valid = roll.response_mask[:, p:]
-        teach = normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
-        w_s, w_t = lm_head(self.student), lm_head(self.teacher)
-        lines = []
-        for b in range(min(2, valid.shape[0])):
-            idx = valid[b].nonzero().squeeze(-1)
-            ids = roll.input_ids[b, p:][idx].tolist()
-            top = {}
-            for side, h, w in (("student_top", h_s, w_s), ("teacher_top", h_t, w_t)):
-                logits = h[b, idx].float() @ w[: self.vocab_size].float().T
-                pr, ti = torch.softmax(logits, -1).topk(5, -1)
-                top[side] = [
-                    [[self.tokenizer.decode([int(t)]), round(float(q), 4)] for t, q in zip(tr, prr)]
-                    for tr, prr in zip(ti, pr)
-                ]
-            signals = {"teachability": teach[b, idx].tolist()}
-            for name in ("student_entropy", "disagreement", "compatibility", "reverse_kl"):
-                signals[name] = getattr(sig, name)[b, idx].tolist()
-            prompt_ids = roll.input_ids[b, :p][roll.attention_mask[b, :p].bool()]
-            lines.append(
-                {
-                    "step": step,
-                    "prompt": self.tokenizer.decode(prompt_ids.tolist()),
-                    "answer": None,
-                    "correct": None,
-                    "tokens": [self.tokenizer.decode([t]) for t in ids],
-                    "selected": mask[b, idx].tolist(),
-                    "signals": signals,
-                    **top,
-                }
-            )
+        lines = token_samples(
+            self.tokenizer, roll, sig, mask, h_s, h_t, lm_head(self.student),
+            lm_head(self.teacher), self.vocab_size, step, rows=2,
+        )
         with open(self.out / "samples.jsonl", "a") as f:
             for line in lines:
                 f.write(json.dumps(line) + "\n")
