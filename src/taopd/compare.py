@@ -127,7 +127,7 @@ def run_compare(
             f"output_dir={folder}",
             f"train.eval_teacher={str(first_of_seed).lower()}",
             f"train.eval_before={str(first_of_seed).lower()}",
-            f"train.threads={threads}",
+            f"train.threads={cfg.train.threads or threads}",  # the user's choice wins
         ]
         arm_cfg = load_config(data, overrides)
         cfg_path = out / "arms" / f"{arm.name}.yaml"

@@ -53,8 +53,8 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import UserError
 from .loss import per_token_loss, selective_head_loss
-from .models import hidden_states, lm_head
-from .rollout import Rollout
+from .models import lm_head
+from .rollout import Rollout, response_hidden
 from .scores import TokenSignals, normalize, signals_from_hidden
 from .selection import select, strategy_scores
 
@@ -216,12 +216,6 @@ def _rows(roll: Rollout, rows: slice) -> Rollout:
     )
 
 
-def _response_hidden(model: torch.nn.Module, roll: Rollout) -> Tensor:
-    """Hidden states predicting the response columns: `hidden[:, p-1:-1]` ↦ `input_ids[:, p:]`."""
-    p = roll.prompt_len
-    return hidden_states(model, roll.input_ids, roll.attention_mask)[:, p - 1 : -1]
-
-
 @torch.no_grad()
 def score_bank(
     student: torch.nn.Module,
@@ -249,11 +243,11 @@ def score_bank(
     starts = list(range(0, len(bank), batch_size))
     for j, i in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
         sub = _rows(bank, slice(i, i + batch_size)).to(device)
-        h_s = _response_hidden(student, sub)
+        h_s = response_hidden(student, sub)
         if teacher_cache is not None and j < len(teacher_cache):
             h_t = teacher_cache[j].to(device)
         else:
-            h_t = _response_hidden(teacher, sub)
+            h_t = response_hidden(teacher, sub)
             if teacher_cache is not None:
                 teacher_cache.append(h_t)
         out.append(
@@ -339,7 +333,7 @@ def _fixed_kl_grad(
         valid = sub.response_mask[:, p:]
         if not bool(valid.any()):
             continue
-        h = _response_hidden(student, sub)
+        h = response_hidden(student, sub)
         loss = selective_head_loss(
             h,
             w_s,
@@ -408,7 +402,7 @@ def _single_step(
         h_t = teacher_cache[b // bs][b % bs, j].to(device)
 
         def step_loss(row: Rollout = row, j: int = j, h_t: Tensor = h_t) -> Tensor:
-            h = _response_hidden(student, row)[0, j]
+            h = response_hidden(student, row)[0, j]
             s_logits = (h @ w_s[: trainer.vocab_size].T).unsqueeze(0)
             t_logits = (h_t @ w_t[: trainer.vocab_size].T.to(h_t.dtype)).unsqueeze(0)
             return per_token_loss(s_logits, t_logits, "reverse_kl").sum()
@@ -874,8 +868,8 @@ def _bank_samples(
     keep = select(teach, valid, 0.05)
     n = min(N_TOKEN_VIEW, len(bank))
     sub = _rows(bank, slice(0, n)).to(trainer.acc.device)
-    h_s = _response_hidden(trainer.student, sub)
-    h_t = _response_hidden(trainer.teacher, sub)
+    h_s = response_hidden(trainer.student, sub)
+    h_t = response_hidden(trainer.teacher, sub)
     part = TokenSignals(**{name: t[:n] for name, t in sig0.items()})
     return token_samples(
         trainer.tokenizer, sub, part, keep[:n], h_s, h_t, lm_head(trainer.student),

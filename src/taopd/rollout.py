@@ -15,7 +15,15 @@ from torch import Tensor
 
 from taopd.errors import UserError
 
-__all__ = ["Rollout", "Sampler", "eos_token_ids", "generate", "make_sampler", "response_mask"]
+__all__ = [
+    "Rollout",
+    "Sampler",
+    "eos_token_ids",
+    "generate",
+    "make_sampler",
+    "response_hidden",
+    "response_mask",
+]
 
 
 @dataclass
@@ -266,3 +274,15 @@ def make_sampler(backend: str = "hf") -> Callable[..., Rollout]:
             raise UserError("vLLM backend needs `pip install taopd[vllm]` and a GPU") from None
         raise UserError("the vLLM backend is not implemented yet; use backend 'hf'")
     raise UserError(f"unknown sampling backend {backend!r}: use 'hf' or 'vllm'")
+
+
+def response_hidden(model: Any, roll: Rollout, rows: slice = slice(None)) -> Tensor:
+    """Hidden states that predict the response columns: `hidden[:, p-1:-1]` ↦ `input_ids[:, p:]`.
+
+    One body forward over `rows` of the rollout; no [B, T, V] logits are made.
+    """
+    from taopd.models import hidden_states
+
+    p = roll.prompt_len
+    h = hidden_states(model, roll.input_ids[rows], roll.attention_mask[rows])
+    return h[:, p - 1 : -1]

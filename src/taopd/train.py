@@ -37,14 +37,13 @@ from .evaluate import evaluate
 from .loss import selective_head_loss
 from .models import (
     check_tokenizers,
-    hidden_states,
     lm_head,
     load_model,
     load_tokenizer,
     resolve_model,
     shared_vocab_size,
 )
-from .rollout import Rollout, make_sampler
+from .rollout import Rollout, make_sampler, response_hidden
 from .scores import TokenSignals, normalize, signals_from_hidden
 from .selection import select_tokens
 
@@ -377,11 +376,6 @@ class Trainer:
             greedy=ro.greedy, seed=seed,
         )
 
-    def _response_hidden(self, model: torch.nn.Module, roll: Rollout, rows: slice) -> Tensor:
-        p = roll.prompt_len
-        h = hidden_states(model, roll.input_ids[rows], roll.attention_mask[rows])
-        return h[:, p - 1 : -1]
-
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; returns its metrics (None when the batch had nothing to train)."""
         cfg, step = self.cfg, self.step + 1
@@ -399,14 +393,14 @@ class Trainer:
         w_s, w_t = lm_head(self.student), lm_head(self.teacher)
         self.student.train()
         with torch.no_grad():
-            h_t = torch.cat([self._response_hidden(self.teacher, roll, c) for c in chunks])
+            h_t = torch.cat([response_hidden(self.teacher, roll, c) for c in chunks])
         if len(chunks) == 1:  # one student forward serves scoring (detached) and the loss
-            h_s_grad = self._response_hidden(self.student, roll, chunks[0])
+            h_s_grad = response_hidden(self.student, roll, chunks[0])
             h_s = h_s_grad.detach()
         else:  # scoring pass without grad, then a grad pass per micro-batch
             h_s_grad = None
             with torch.no_grad():
-                h_s = torch.cat([self._response_hidden(self.student, roll, c) for c in chunks])
+                h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
         sel, lcfg = cfg.selection, cfg.loss
         sig = signals_from_hidden(
             h_s, w_s, h_t, w_t, tokens=targets, k=sel.k, valid=valid,
@@ -422,7 +416,7 @@ class Trainer:
         )
         total = 0.0
         for c in chunks:
-            h = h_s_grad if h_s_grad is not None else self._response_hidden(self.student, roll, c)
+            h = h_s_grad if h_s_grad is not None else response_hidden(self.student, roll, c)
             loss = selective_head_loss(
                 h, w_s, mask[c], teacher_hidden=h_t[c], teacher_weight=w_t,
                 tokens=targets[c], **loss_kw,
@@ -565,8 +559,8 @@ class Trainer:
         sub = Rollout(roll.input_ids[rows], roll.attention_mask[rows], roll.response_mask[rows],
                       p, [roll.texts[i] for i in rows])
         model = self.acc.unwrap_model(self.student)
-        h_s = self._response_hidden(model, sub, slice(None))
-        h_t = self._response_hidden(self.teacher, sub, slice(None))
+        h_s = response_hidden(model, sub, slice(None))
+        h_t = response_hidden(self.teacher, sub, slice(None))
         valid = sub.response_mask[:, p:]
         sig = signals_from_hidden(
             h_s, lm_head(model), h_t, lm_head(self.teacher), k=1, valid=valid,
@@ -750,7 +744,8 @@ class Trainer:
             else:
                 after, kl_after = self.evaluate(), self.heldout_kl()
             summary = self._summary(after, kl_after, time.perf_counter() - start)
-            self.save()
+            if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+                self.save()  # the final weights (unless the last step was just saved)
         finally:
             for s, old in old_handlers.items():
                 signal.signal(s, old)
