@@ -586,8 +586,13 @@ class Trainer:
             "config": self.cfg.model_dump(mode="json"),
         }
 
+    def _wall_seconds(self) -> float:
+        start, before = getattr(self, "_clock", (time.perf_counter(), 0.0))
+        return before + time.perf_counter() - start
+
     def save(self) -> Path | None:
         """Write an atomic checkpoint (rank 0), keeping the newest `train.keep_last`."""
+        self.history["wall_seconds"] = self._wall_seconds()
         path = None
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.student)
@@ -693,7 +698,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train `train.steps` steps with evaluation and checkpoints; return the summary."""
         cfg = self.cfg
-        start = time.perf_counter()
+        # wall time survives resume: the time up to the last checkpoint is kept in its history
+        self._clock = (time.perf_counter(), self.history.get("wall_seconds", 0.0))
         old_handlers = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: no handlers
@@ -743,7 +749,7 @@ class Trainer:
                 _, _, after, kl_after = h["accuracy_curve"][-1]
             else:
                 after, kl_after = self.evaluate(), self.heldout_kl()
-            summary = self._summary(after, kl_after, time.perf_counter() - start)
+            summary = self._summary(after, kl_after, self._wall_seconds())
             if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()  # the final weights (unless the last step was just saved)
         finally:
