@@ -9,7 +9,8 @@ tokens/s counts generated positions, batch x new tokens / wall seconds. By defau
 suppressed (min_new_tokens = max_new_tokens) so every setting generates the same number of
 tokens; --stop-at-eos measures real rollouts instead (and counts only tokens up to eos).
 
-Correctness, checked once per setting outside the timing:
+Correctness, checked once per setting outside the timing, on real rollouts (rows stop at eos: a
+suppressed eos would make the sampler's logits differ from the model's on purpose):
   * greedy: the sampled tokens equal the argmax of the logits the trainer recomputes from the
     rollout (`hidden_states(model, ...) @ lm_head.T` at the response positions, left padding
     and all), i.e. the trainer scores exactly what the sampler saw;
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--caches", default="dynamic,none", help=f"from {', '.join(CACHES)}")
     p.add_argument("--modes", default="greedy,sampled")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--stop-at-eos", action="store_true",
                    help="let rows stop at eos (tokens/s then counts tokens up to eos)")
     p.add_argument("--repeats", type=int, default=3)
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown mode {m!r}; choose greedy, sampled")
     if args.threads:
         torch.set_num_threads(args.threads)
+    import transformers
 
+    transformers.logging.set_verbosity_error()  # generate() warns about config + kwargs per call
     model = load_model(args.model)
     if args.layers:
         model.model.layers = model.model.layers[: args.layers]
@@ -151,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[tuple, dict[str, Any]] = {}
     if not args.no_check:
         ref: dict[tuple, Any] = {}
+        real = argparse.Namespace(**{**vars(args), "stop_at_eos": True})
         for s in settings:
             b, c, m = s
-            roll, _, _ = run_one(model, tok, prompts[b], args, c, m == "greedy", seed=123)
+            roll, _, _ = run_one(model, tok, prompts[b], real, c, m == "greedy", seed=123)
             ref[s] = roll
             chk: dict[str, Any] = {}
             if m == "greedy":

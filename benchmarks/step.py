@@ -4,7 +4,9 @@
 Arms, on the same models, batch and sequence lengths, measured in one run, round-robin over the
 repeats (the arm order rotates each round), median of the repeats:
 
-  full   taopd full-token OPD: the selective-head path with mask = every valid position
+  full   taopd full-token OPD: the selective-head path with mask = every valid position (no
+         scoring pass; train.py's train_step currently scores even with strategy "full", for
+         its metrics, which costs that step the (b) scoring time on top)
   taopd  taopd TA-OPD: teacher body (no grad), student body (grad), signals_from_hidden on the
          detached student hidden states, select_tokens(teachability, ratio), selective_head_loss,
          backward
