@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmark scripts: they run on tiny models and write their tables and JSON.
+
+No timing asserts: the numbers only have to exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def test_step_benchmark_prints_table_and_writes_json(tmp_path):
+    out = tmp_path / "step.json"
+    proc = _run([
+        "benchmarks/step.py", "--shapes", "tiny", "--repeats", "1", "--warmup", "0",
+        "--threads", "1", "--profile", "taopd", "--profile-top", "3", "--json", str(out),
+    ])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout
+    assert "## tiny" in table
+    assert "| arm | step s (median)" in table
+    for title in ("(a) taopd full-token OPD", "(b) taopd TA-OPD", "(d) floor"):
+        assert title in table
+    assert "Breakdown of (b)" in table and "| scoring |" in table
+    assert "| target | measured | goal | met |" in table
+    data = json.loads(out.read_text())
+    shape = data["shapes"]["tiny"]
+    arms = shape["arms"]
+    assert {"full", "taopd", "floor", "taopd-bf16"} <= set(arms)
+    for arm in arms.values():
+        assert len(arm["seconds"]) == 1 and arm["median_seconds"] > 0
+        assert len(arm["peak_bytes"]) == 1
+    assert set(arms["taopd"]["phase_median_seconds"]) >= {"bodies", "scoring", "selection"}
+    assert shape["loss_phase"] and shape["targets"] and "taopd" in shape["profiles"]
+    if data["meta"]["trl"]:  # the bench extra is installed: arm (c) ran and agrees with (a)
+        assert "trl" in arms
+        assert abs(arms["trl"]["loss"] - arms["full"]["loss"]) < 1e-4
+
+
+def test_step_benchmark_rejects_unknown_shape():
+    proc = _run(["benchmarks/step.py", "--shapes", "nope"], timeout=60)
+    assert proc.returncode != 0 and "unknown shape" in proc.stderr
+
+
+def test_generation_benchmark_on_a_tiny_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "gen.json"
+    proc = _run([
+        "benchmarks/generation.py", "--model", str(tiny_model_dir), "--batches", "1,3",
+        "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
+        "--json", str(out),
+    ])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| batch | KV cache | mode | tok/s |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        assert row["tokens_per_second"] > 0
+        if row["mode"] == "greedy":
+            assert row["checks"]["greedy_matches_trainer_logits"] == 1.0
