@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: venv
 	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 demo: venv

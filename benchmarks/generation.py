@@ -73,14 +73,10 @@ def run_one(model, tok, prompts, args, cache: str, greedy: bool, seed: int = 0):
     if not args.stop_at_eos:
         kw["min_new_tokens"] = args.max_new_tokens
     t = time.perf_counter()
-    roll = generate(
-        model, tok, prompts, args.max_new_tokens, greedy=greedy, seed=seed, **kw
-    )
+    roll = generate(model, tok, prompts, args.max_new_tokens, greedy=greedy, seed=seed, **kw)
     dt = time.perf_counter() - t
     resp = roll.response_ids
-    n_tokens = (
-        int(roll.response_mask.sum()) if args.stop_at_eos else resp.shape[0] * resp.shape[1]
-    )
+    n_tokens = int(roll.response_mask.sum()) if args.stop_at_eos else resp.shape[0] * resp.shape[1]
     return roll, dt, n_tokens
 
 
@@ -97,16 +93,20 @@ def greedy_matches_trainer(model, roll) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="smollm2", help="taopd model name (default: smollm2)")
     p.add_argument("--layers", type=int, default=None, help="cut the model to its first N layers")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--caches", default="dynamic,none", help=f"from {', '.join(CACHES)}")
     p.add_argument("--modes", default="greedy,sampled")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--stop-at-eos", action="store_true",
-                   help="let rows stop at eos (tokens/s then counts tokens up to eos)")
+    p.add_argument(
+        "--stop-at-eos",
+        action="store_true",
+        help="let rows stop at eos (tokens/s then counts tokens up to eos)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed generate calls first")
     p.add_argument("--threads", type=int, default=None)
@@ -148,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             _, dt, n = run_one(model, tok, prompts[b], args, c, m == "greedy", seed=r)
             times[s].append(dt)
             counts[s] = n
-            print(f"  round {r + 1}/{args.repeats} batch {b:3d} cache {c:7s} {m:7s} "
-                  f"{n / dt:8.1f} tok/s", file=sys.stderr, flush=True)
+            print(
+                f"  round {r + 1}/{args.repeats} batch {b:3d} cache {c:7s} {m:7s} "
+                f"{n / dt:8.1f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     checks: dict[tuple, dict[str, Any]] = {}
     if not args.no_check:
@@ -174,43 +178,76 @@ def main(argv: list[str] | None = None) -> int:
     for s in settings:
         b, c, m = s
         med = statistics.median(times[s])
-        rows.append({
-            "batch": b, "cache": c, "mode": m, "seconds": times[s], "median_seconds": med,
-            "tokens": counts[s], "tokens_per_second": counts[s] / med, "checks": checks.get(s, {}),
-        })
+        rows.append(
+            {
+                "batch": b,
+                "cache": c,
+                "mode": m,
+                "seconds": times[s],
+                "median_seconds": med,
+                "tokens": counts[s],
+                "tokens_per_second": counts[s] / med,
+                "checks": checks.get(s, {}),
+            }
+        )
     n_params = sum(x.numel() for x in model.parameters())
-    title = (f"# Rollout sampling, {args.model}"
-             + (f" cut to {args.layers} layers" if args.layers else "")
-             + f" ({n_params / 1e6:.1f} M params), {args.max_new_tokens} new tokens"
-             + (" (stop at eos)" if args.stop_at_eos else " (eos suppressed)")
-             + f", torch {torch.__version__}, {torch.get_num_threads()} threads, "
-             f"median of {args.repeats}")
-    lines = [title, "", "| batch | KV cache | mode | tok/s | s per call | check |",
-             "|---:|---|---|---:|---:|---|"]
+    title = (
+        f"# Rollout sampling, {args.model}"
+        + (f" cut to {args.layers} layers" if args.layers else "")
+        + f" ({n_params / 1e6:.1f} M params), {args.max_new_tokens} new tokens"
+        + (" (stop at eos)" if args.stop_at_eos else " (eos suppressed)")
+        + f", torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats}"
+    )
+    lines = [
+        title,
+        "",
+        "| batch | KV cache | mode | tok/s | s per call | check |",
+        "|---:|---|---|---:|---:|---|",
+    ]
     for row in rows:
-        chk = ", ".join(
-            f"{k}={v:.1%}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in row["checks"].items()
-        ) or "-"
-        lines.append(f"| {row['batch']} | {row['cache']} | {row['mode']} "
-                     f"| {row['tokens_per_second']:.1f} | {row['median_seconds']:.2f} | {chk} |")
+        chk = (
+            ", ".join(
+                f"{k}={v:.1%}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in row["checks"].items()
+            )
+            or "-"
+        )
+        lines.append(
+            f"| {row['batch']} | {row['cache']} | {row['mode']} "
+            f"| {row['tokens_per_second']:.1f} | {row['median_seconds']:.2f} | {chk} |"
+        )
     best = {}
     for b in batches:
         for m in modes:
             cand = [r for r in rows if r["batch"] == b and r["mode"] == m]
             fastest = max(cand, key=lambda r: r["tokens_per_second"])
             best[f"{b}/{m}"] = fastest["cache"]
-    lines += ["", "Fastest KV-cache setting per batch/mode: "
-              + ", ".join(f"{k}: {v}" for k, v in best.items()), ""]
+    lines += [
+        "",
+        "Fastest KV-cache setting per batch/mode: "
+        + ", ".join(f"{k}: {v}" for k, v in best.items()),
+        "",
+    ]
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "model": args.model, "layers": args.layers, "params": n_params,
-            "max_new_tokens": args.max_new_tokens, "stop_at_eos": args.stop_at_eos,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "rows": rows, "fastest": best,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "layers": args.layers,
+                    "params": n_params,
+                    "max_new_tokens": args.max_new_tokens,
+                    "stop_at_eos": args.stop_at_eos,
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "rows": rows,
+                    "fastest": best,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

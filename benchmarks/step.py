@@ -94,9 +94,16 @@ def _random_llama(vocab: int, hidden: int, layers: int, heads: int, kv: int, see
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 4 // 2 * 2,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 4 // 2 * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=2,
     )
     return LlamaForCausalLM(cfg).eval()
@@ -131,16 +138,30 @@ def _tiny() -> tuple[torch.nn.Module, torch.nn.Module]:
 
 SHAPES = {
     "smollm2": Shape(
-        "smollm2", "student SmolLM2-135M cut to 6 layers, teacher SmolLM2-135M (30 layers), "
-        "vocab 49,152, fp32", 8, 128, 1, _smollm2,
+        "smollm2",
+        "student SmolLM2-135M cut to 6 layers, teacher SmolLM2-135M (30 layers), "
+        "vocab 49,152, fp32",
+        8,
+        128,
+        1,
+        _smollm2,
     ),
     "qwen-vocab": Shape(
-        "qwen-vocab", "random Llama bodies with a Qwen-size vocab 151,936: student hidden 256 "
-        "x 2 layers, teacher hidden 384 x 4 layers, fp32", 8, 128, 1, _qwen_vocab,
+        "qwen-vocab",
+        "random Llama bodies with a Qwen-size vocab 151,936: student hidden 256 "
+        "x 2 layers, teacher hidden 384 x 4 layers, fp32",
+        8,
+        128,
+        1,
+        _qwen_vocab,
     ),
     "tiny": Shape(
-        "tiny", "random Llama bodies, vocab 512, student 32 x 1, teacher 48 x 2 (smoke test)",
-        2, 16, 1, _tiny,
+        "tiny",
+        "random Llama bodies, vocab 512, student 32 x 1, teacher 48 x 2 (smoke test)",
+        2,
+        16,
+        1,
+        _tiny,
     ),
 }
 
@@ -221,7 +242,11 @@ class Batch:
 class Bench:
     def __init__(self, student, teacher, batch: Batch, args: argparse.Namespace, device):
         self.student, self.teacher, self.b, self.args, self.device = (
-            student, teacher, batch, args, device
+            student,
+            teacher,
+            batch,
+            args,
+            device,
         )
         self.w_s, self.w_t = lm_head(student), lm_head(teacher)
         self.trl_loss = _trl_loss_fn()
@@ -246,7 +271,13 @@ class Bench:
         if bf16:
             h_s, h_t, w_s, w_t = (x.to(torch.bfloat16) for x in (h_s, h_t, w_s, w_t))
         return signals_from_hidden(
-            h_s, w_s, h_t, w_t, tokens=self.b.targets, k=a.k, valid=self.b.valid,
+            h_s,
+            w_s,
+            h_t,
+            w_t,
+            tokens=self.b.targets,
+            k=a.k,
+            valid=self.b.valid,
             chunk_size=a.score_chunk,
         )
 
@@ -268,8 +299,14 @@ class Bench:
             loss = h_s.sum() * 0 + h_s.pow(2).mean()
         elif arm == "full":
             loss = selective_head_loss(
-                h_s, self.w_s, self.b.valid, teacher_hidden=h_t, teacher_weight=self.w_t,
-                tokens=self.b.targets, kind="reverse_kl", chunk_size=a.loss_chunk,
+                h_s,
+                self.w_s,
+                self.b.valid,
+                teacher_hidden=h_t,
+                teacher_weight=self.w_t,
+                tokens=self.b.targets,
+                kind="reverse_kl",
+                chunk_size=a.loss_chunk,
             )
         elif arm in ("taopd", "taopd-bf16"):
             sig = self.signals(h_s.detach(), h_t, bf16=arm == "taopd-bf16")
@@ -281,13 +318,25 @@ class Bench:
             t = time.perf_counter()
             ph["selection"] = t - t1
             loss = selective_head_loss(
-                h_s, self.w_s, mask, teacher_hidden=h_t, teacher_weight=self.w_t,
-                tokens=self.b.targets, kind="reverse_kl", chunk_size=a.loss_chunk,
+                h_s,
+                self.w_s,
+                mask,
+                teacher_hidden=h_t,
+                teacher_weight=self.w_t,
+                tokens=self.b.targets,
+                kind="reverse_kl",
+                chunk_size=a.loss_chunk,
             )
         elif arm == "trl":
             loss, _entropy, _n = self.trl_loss(
-                h_s, h_t, self.w_s, self.w_t, self.b.valid.long(), 1.0,
-                num_items_in_batch=None, temperature=1.0,
+                h_s,
+                h_t,
+                self.w_s,
+                self.w_t,
+                self.b.valid.long(),
+                1.0,
+                num_items_in_batch=None,
+                temperature=1.0,
             )
         else:
             raise ValueError(arm)
@@ -312,9 +361,16 @@ class Bench:
         def selective(m):
             def run(h):
                 return selective_head_loss(
-                    h, w_s, m, teacher_hidden=h_t, teacher_weight=w_t, tokens=b.targets,
-                    kind="reverse_kl", chunk_size=a.loss_chunk,
+                    h,
+                    w_s,
+                    m,
+                    teacher_hidden=h_t,
+                    teacher_weight=w_t,
+                    tokens=b.targets,
+                    kind="reverse_kl",
+                    chunk_size=a.loss_chunk,
                 )
+
             return run
 
         def dense(h):
@@ -347,7 +403,6 @@ class Bench:
             out[name] = {"seconds": dt, "peak_bytes": pm.bytes}
         return out
 
-
     @torch.no_grad()
     def bf16_agreement(self) -> float:
         """Share of the positions fp32 scoring selects that bf16 scoring also selects."""
@@ -374,8 +429,13 @@ def _make_batch(shape: Shape, vocab: int, device, seed: int = 0) -> Batch:
     ids = torch.randint(3, vocab, (shape.batch, shape.prompt + shape.tokens), generator=g)
     am = torch.ones_like(ids)
     valid = torch.ones(shape.batch, shape.tokens, dtype=torch.bool)
-    return Batch(ids.to(device), am.to(device), ids[:, shape.prompt :].to(device),
-                 valid.to(device), shape.prompt)
+    return Batch(
+        ids.to(device),
+        am.to(device),
+        ids[:, shape.prompt :].to(device),
+        valid.to(device),
+        shape.prompt,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,9 +501,12 @@ def run_shape(shape: Shape, args, device) -> dict[str, Any]:
                 res[arm]["peak_bytes"].append(pm.bytes)
                 res[arm]["phases"].append(ph)
                 res[arm]["loss"].append(loss)
-            print(f"  [{shape.name}] round {r + 1}/{n_rounds} {arm:6s} {ph['total']:8.3f} s"
-                  f"  peak {_fmt_mib(pm.bytes)} MiB"
-                  + ("  (warm-up)" if r < args.warmup else ""), file=sys.stderr, flush=True)
+            print(
+                f"  [{shape.name}] round {r + 1}/{n_rounds} {arm:6s} {ph['total']:8.3f} s"
+                f"  peak {_fmt_mib(pm.bytes)} MiB" + ("  (warm-up)" if r < args.warmup else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     out_arms = {}
     for arm, d in res.items():
         phase_names = d["phases"][0].keys() if d["phases"] else []
@@ -452,9 +515,7 @@ def run_shape(shape: Shape, args, device) -> dict[str, Any]:
             "median_seconds": _median(d["seconds"]),
             "peak_bytes": d["peak_bytes"],
             "median_peak_bytes": _median(d["peak_bytes"]),
-            "phase_median_seconds": {
-                n: _median([p[n] for p in d["phases"]]) for n in phase_names
-            },
+            "phase_median_seconds": {n: _median([p[n] for p in d["phases"]]) for n in phase_names},
             "loss": d["loss"][-1] if d["loss"] else None,
         }
     result: dict[str, Any] = {"config": info, "arms": out_arms}
@@ -499,8 +560,12 @@ def _targets(result: dict) -> list[dict[str, Any]]:
         sel, dense = lp[names[0]]["peak_bytes"], lp[names[2]]["peak_bytes"]
         if sel is not None and dense:
             v = sel / dense
-            add("peak memory of (b)'s loss phase vs a full-logit loss", f"{v:.3f}",
-                "<= 0.1", v <= 0.1)
+            add(
+                "peak memory of (b)'s loss phase vs a full-logit loss",
+                f"{v:.3f}",
+                "<= 0.1",
+                v <= 0.1,
+            )
     return out
 
 
@@ -553,28 +618,49 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             if arm not in arms:
                 continue
             ph, tot = arms[arm]["phase_median_seconds"], arms[arm]["median_seconds"]
-            lines += ["", f"Breakdown of {tag}, median seconds per phase:", "",
-                      "| phase | seconds | share of step |", "|---|---:|---:|"]
+            lines += [
+                "",
+                f"Breakdown of {tag}, median seconds per phase:",
+                "",
+                "| phase | seconds | share of step |",
+                "|---|---:|---:|",
+            ]
             for p in ("bodies", "scoring", "selection", "loss", "backward"):
                 if p in ph:
                     lines.append(f"| {p} | {ph[p]:.3f} | {ph[p] / tot:.1%} |")
         if "bf16_selection_agreement" in r:
-            lines += ["", f"(b') keeps {r['bf16_selection_agreement']:.1%} of the positions that "
-                      "(b) keeps (bf16 vs fp32 scoring projections, same batch)."]
+            lines += [
+                "",
+                f"(b') keeps {r['bf16_selection_agreement']:.1%} of the positions that "
+                "(b) keeps (bf16 vs fp32 scoring projections, same batch).",
+            ]
         if r.get("loss_phase"):
-            lines += ["", "Loss phase alone (hidden states -> loss -> grads of hidden states and "
-                      "lm_head), one run each:", "",
-                      "| loss | seconds | peak MiB |", "|---|---:|---:|"]
+            lines += [
+                "",
+                "Loss phase alone (hidden states -> loss -> grads of hidden states and "
+                "lm_head), one run each:",
+                "",
+                "| loss | seconds | peak MiB |",
+                "|---|---:|---:|",
+            ]
             for n, d in r["loss_phase"].items():
                 lines.append(f"| {n} | {d['seconds']:.3f} | {_fmt_mib(d['peak_bytes'])} |")
         if r.get("targets"):
             lines += ["", "| target | measured | goal | met |", "|---|---:|---:|:-:|"]
             for t in r["targets"]:
-                lines.append(f"| {t['target']} | {t['value']} | {t['goal']} "
-                             f"| {'yes' if t['met'] else 'NO'} |")
+                lines.append(
+                    f"| {t['target']} | {t['value']} | {t['goal']} "
+                    f"| {'yes' if t['met'] else 'NO'} |"
+                )
         for arm, table in r.get("profiles", {}).items():
-            lines += ["", f"torch.profiler, one step of {ARM_TITLES[arm]}, top ops:", "", "```",
-                      table.rstrip(), "```"]
+            lines += [
+                "",
+                f"torch.profiler, one step of {ARM_TITLES[arm]}, top ops:",
+                "",
+                "```",
+                table.rstrip(),
+                "```",
+            ]
         lines.append("")
     lines += [
         "Peak MiB: " + meta["memory_method"],
@@ -584,12 +670,17 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="smollm2,qwen-vocab",
-                   help=f"comma-separated, from {', '.join(SHAPES)} (default: smollm2,qwen-vocab)")
-    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of "
-                   + ", ".join(ARMS))
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shapes",
+        default="smollm2,qwen-vocab",
+        help=f"comma-separated, from {', '.join(SHAPES)} (default: smollm2,qwen-vocab)",
+    )
+    p.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS)
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -599,8 +690,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-chunk", type=int, default=512, help="signals_from_hidden chunk_size")
     p.add_argument("--loss-chunk", type=int, default=1024, help="selective_head_loss chunk_size")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    p.add_argument("--no-loss-phase", action="store_true",
-                   help="skip the loss-phase memory comparison (it builds full [N, V] logits)")
+    p.add_argument(
+        "--no-loss-phase",
+        action="store_true",
+        help="skip the loss-phase memory comparison (it builds full [N, V] logits)",
+    )
     p.add_argument("--profile", default="", help="arms to profile once with torch.profiler")
     p.add_argument("--profile-top", type=int, default=15)
     args = p.parse_args(argv)
@@ -620,9 +714,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     pm = PeakMemory(device)
     meta = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"CPU ({platform.processor() or platform.machine()}, "
-                        f"{os.cpu_count()} cores)"),
+        "device": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
@@ -634,10 +730,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "memory_method": (
             "torch.cuda.max_memory_allocated minus the allocation before the step"
-            if device.type == "cuda" else
-            "resident-set high-water mark of the step (VmHWM after the step minus VmRSS before "
-            "it, after gc + malloc_trim, high-water mark reset via /proc/self/clear_refs)"
-            if pm.available else "not available on this platform"
+            if device.type == "cuda"
+            else "resident-set high-water mark of the step (VmHWM after the step minus VmRSS "
+            "before it, after gc + malloc_trim, high-water mark reset via /proc/self/clear_refs)"
+            if pm.available
+            else "not available on this platform"
         ),
     }
     try:
@@ -653,8 +750,13 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results, meta))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "shapes": results}, indent=2,
-                                        default=lambda o: None if o != o else str(o)))
+        args.json.write_text(
+            json.dumps(
+                {"meta": meta, "shapes": results},
+                indent=2,
+                default=lambda o: None if o != o else str(o),
+            )
+        )
     return 0
 
 

@@ -17,17 +17,36 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
 
 def test_step_benchmark_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "step.json"
-    proc = _run([
-        "benchmarks/step.py", "--shapes", "tiny", "--repeats", "1", "--warmup", "0",
-        "--threads", "1", "--profile", "taopd", "--profile-top", "3", "--json", str(out),
-    ])
+    proc = _run(
+        [
+            "benchmarks/step.py",
+            "--shapes",
+            "tiny",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--profile",
+            "taopd",
+            "--profile-top",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
     assert "## tiny" in table
@@ -57,11 +76,25 @@ def test_step_benchmark_rejects_unknown_shape():
 
 def test_generation_benchmark_on_a_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "gen.json"
-    proc = _run([
-        "benchmarks/generation.py", "--model", str(tiny_model_dir), "--batches", "1,3",
-        "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0", "--threads", "1",
-        "--json", str(out),
-    ])
+    proc = _run(
+        [
+            "benchmarks/generation.py",
+            "--model",
+            str(tiny_model_dir),
+            "--batches",
+            "1,3",
+            "--max-new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| batch | KV cache | mode | tok/s |" in proc.stdout
     rows = json.loads(out.read_text())["rows"]

@@ -25,8 +25,14 @@ def _restore_threads():
 
 @pytest.fixture
 def task_file(tmp_path) -> Path:
-    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1),
-             "split": "test" if i % 4 == 0 else "train"} for i in range(16)]
+    rows = [
+        {
+            "question": f"What is {i} + 1?",
+            "answer": str(i + 1),
+            "split": "test" if i % 4 == 0 else "train",
+        }
+        for i in range(16)
+    ]
     path = tmp_path / "sums.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -153,14 +159,23 @@ def test_k_larger_than_the_vocabulary(capsys, cfg_file, no_models):
     [
         (None, [], "task file {path} does not exist"),
         ("", [], "task file {path} holds no records"),
-        ('{"question": "1 + 1?", "answer": "2"}\n{"question": "2 + 2?"}\n', [],
-         "task file {path}: 1 of 2 records lack the answer_field 'answer'; fields present: "
-         "answer, question"),
-        ('{"question": "1 + 1?", "answer": "2"}\n', ["task.prompt_field=problem"],
-         "task file {path}: 1 of 1 records lack the prompt_field 'problem'; fields present: "
-         "answer, question"),
-        ('{"question": "1 + 1?", "answer": "2"}\n{"question": \n', [],
-         "{path}, line 2: not valid JSON"),
+        (
+            '{"question": "1 + 1?", "answer": "2"}\n{"question": "2 + 2?"}\n',
+            [],
+            "task file {path}: 1 of 2 records lack the answer_field 'answer'; fields present: "
+            "answer, question",
+        ),
+        (
+            '{"question": "1 + 1?", "answer": "2"}\n',
+            ["task.prompt_field=problem"],
+            "task file {path}: 1 of 1 records lack the prompt_field 'problem'; fields present: "
+            "answer, question",
+        ),
+        (
+            '{"question": "1 + 1?", "answer": "2"}\n{"question": \n',
+            [],
+            "{path}, line 2: not valid JSON",
+        ),
     ],
     ids=["missing", "empty", "no-answer", "no-prompt", "bad-json"],
 )
@@ -181,9 +196,21 @@ def test_cli_subprocess_prints_one_line_and_exits_2(cfg_file, tmp_path):
     src = str(Path(tr.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "taopd", "train", str(cfg_file), "--no-progress",
-         "--set", f"task.path={tmp_path / 'missing.jsonl'}"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "taopd",
+            "train",
+            str(cfg_file),
+            "--no-progress",
+            "--set",
+            f"task.path={tmp_path / 'missing.jsonl'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 2
     missing = tmp_path / "missing.jsonl"
@@ -194,8 +221,9 @@ def test_cli_subprocess_prints_one_line_and_exits_2(cfg_file, tmp_path):
 # ------------------------------------------------------------------------------- output folder
 
 
-def test_an_existing_run_is_refused_without_resume_or_overwrite(capsys, cfg_file, tmp_path,
-                                                                 no_models):
+def test_an_existing_run_is_refused_without_resume_or_overwrite(
+    capsys, cfg_file, tmp_path, no_models
+):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
     msg = user_error(capsys, "train", str(cfg_file))
@@ -209,8 +237,7 @@ def test_overwrite_keeps_the_old_run_when_the_input_is_bad(capsys, cfg_file, tmp
     out = tmp_path / "run"
     (out / "checkpoints" / "step-000001").mkdir(parents=True)
     (out / "config.yaml").write_text("old run\n")
-    msg = user_error(capsys, "train", str(cfg_file), "--overwrite",
-                     "--set", "selection.k=1000")
+    msg = user_error(capsys, "train", str(cfg_file), "--overwrite", "--set", "selection.k=1000")
     assert "exceeds the vocabulary size" in msg
     assert (out / "config.yaml").read_text() == "old run\n"
     assert (out / "checkpoints" / "step-000001").is_dir()

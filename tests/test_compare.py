@@ -16,8 +16,9 @@ from taopd.errors import UserError
 def test_plan_runs_full_once_and_k_only_where_it_matters():
     arms = plan_arms(["full", "random", "teachability"], [0.05, 0.2], 2, [5, 16], [16])
     names = {a.name for a in arms}
-    assert "full-r1-k5-b16-s0" in names and not any(a.strategy == "full" and a.ratio != 1
-                                                    for a in arms)
+    assert "full-r1-k5-b16-s0" in names and not any(
+        a.strategy == "full" and a.ratio != 1 for a in arms
+    )
     assert sum(a.strategy == "random" for a in arms) == 2 * 2  # ratios × seeds, one K
     assert sum(a.strategy == "teachability" for a in arms) == 2 * 2 * 2  # × K values
     with pytest.raises(UserError, match="unknown strategy"):
@@ -25,9 +26,20 @@ def test_plan_runs_full_once_and_k_only_where_it_matters():
 
 
 def test_aggregate_interval_over_seeds():
-    rows = [dict(strategy="teachability", ratio=0.2, k=16, batch_size=8, seed=s, accuracy=a,
-                 tokens_trained=10, wall_seconds=1.0, heldout_kl=0.5)
-            for s, a in enumerate([0.4, 0.5, 0.6])]
+    rows = [
+        dict(
+            strategy="teachability",
+            ratio=0.2,
+            k=16,
+            batch_size=8,
+            seed=s,
+            accuracy=a,
+            tokens_trained=10,
+            wall_seconds=1.0,
+            heldout_kl=0.5,
+        )
+        for s, a in enumerate([0.4, 0.5, 0.6])
+    ]
     (agg,) = aggregate(rows)
     assert agg["accuracy"] == pytest.approx(0.5)
     assert agg["accuracy_ci95"] == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-3)
@@ -37,7 +49,8 @@ def test_two_arm_comparison_end_to_end_and_resumable(
     tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, capsys
 ):
     cfg = {
-        "student": str(tiny_model_dir), "teacher": str(tiny_model_dir_same_tokenizer),
+        "student": str(tiny_model_dir),
+        "teacher": str(tiny_model_dir_same_tokenizer),
         "task": {"n_train": 32, "n_test": 6},
         "rollout": {"max_new_tokens": 4},
         "train": {"steps": 2, "batch_size": 4, "eval_every": 1, "tensorboard": False},
@@ -46,8 +59,19 @@ def test_two_arm_comparison_end_to_end_and_resumable(
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "sweep"
-    argv = ["compare", str(path), "--strategies", "full,teachability", "--ratios", "0.25",
-            "--seeds", "1", "--output-dir", str(out), "--no-progress"]
+    argv = [
+        "compare",
+        str(path),
+        "--strategies",
+        "full,teachability",
+        "--ratios",
+        "0.25",
+        "--seeds",
+        "1",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -12,8 +12,16 @@ def test_every_shipped_recipe_validates():
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():
-    cfg = load_config("demo", ["selection.ratio=0.1", "train.steps=3", "task.params.max_terms=3",
-                               "optim.betas=[0.9, 0.95]", "lora={r: 8}"])
+    cfg = load_config(
+        "demo",
+        [
+            "selection.ratio=0.1",
+            "train.steps=3",
+            "task.params.max_terms=3",
+            "optim.betas=[0.9, 0.95]",
+            "lora={r: 8}",
+        ],
+    )
     assert cfg.selection.ratio == 0.1 and cfg.train.steps == 3
     assert cfg.task.params["max_terms"] == 3 and cfg.optim.betas == (0.9, 0.95)
     assert cfg.lora is not None and cfg.lora.r == 8
@@ -21,8 +29,15 @@ def test_overrides_are_parsed_as_yaml_and_nested():
 
 def test_unknown_keys_and_bad_values_in_one_message():
     with pytest.raises(UserError) as err:
-        load_config(None, ["selection.ratoi=0.1", "selection.ratio=1.5", "train.steps=many",
-                           "selection.strategy=magic"])
+        load_config(
+            None,
+            [
+                "selection.ratoi=0.1",
+                "selection.ratio=1.5",
+                "train.steps=many",
+                "selection.strategy=magic",
+            ],
+        )
     msg = str(err.value)
     assert "selection.ratoi: unknown key" in msg
     assert "selection.ratio: ratio must be in (0, 1]" in msg

@@ -31,18 +31,24 @@ def run(cmd: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["full", "teachability"])
-def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_tokenizer,
-                                 tmp_path):
+def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate launcher not installed")
     cfg = {
-        "student": str(tiny_model_dir), "teacher": str(tiny_model_dir_same_tokenizer),
+        "student": str(tiny_model_dir),
+        "teacher": str(tiny_model_dir_same_tokenizer),
         "task": {"n_train": 32, "n_test": 4},
         "rollout": {"max_new_tokens": 5, "greedy": True},
         "selection": {"strategy": strategy, "ratio": 0.3},
         "optim": {"lr": 3e-3},
-        "train": {"steps": 3, "batch_size": 8, "save_every": 3, "tensorboard": False,
-                  "eval_teacher": False, "eval_before": False},
+        "train": {
+            "steps": 3,
+            "batch_size": 8,
+            "save_every": 3,
+            "tensorboard": False,
+            "eval_teacher": False,
+            "eval_before": False,
+        },
         "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 0},
     }
     finals = {}
@@ -54,9 +60,24 @@ def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_t
         # accelerate's --cpu launcher needs MPI for several processes; its multi-GPU launcher
         # (torchrun) runs CPU processes with gloo, and taopd uses the CPU when no GPU is present
         layout = ["--multi_gpu"] if procs > 1 else ["--cpu"]
-        cmd = [launcher, "launch", *layout, "--num_processes", str(procs), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "taopd", "train", str(path), "--no-progress"]
+        cmd = [
+            launcher,
+            "launch",
+            *layout,
+            "--num_processes",
+            str(procs),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "taopd",
+            "train",
+            str(path),
+            "--no-progress",
+        ]
         run(cmd, ROOT)
         finals[procs] = weights(out / "checkpoints" / "step-000003" / "model")
         summary = json.loads((out / "summary.json").read_text())

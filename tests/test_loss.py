@@ -27,8 +27,10 @@ def reference_loss(s, t, tokens, mask, kind, beta=0.5, reduction="token"):
     if reduction == "token":
         return sum(terms.values()) / len(terms)
     seqs = sorted({b for b, _ in terms})
-    per_seq = [sum(v for (b, _), v in terms.items() if b == sb) /
-               sum(1 for (b, _) in terms if b == sb) for sb in seqs]
+    per_seq = [
+        sum(v for (b, _), v in terms.items() if b == sb) / sum(1 for (b, _) in terms if b == sb)
+        for sb in seqs
+    ]
     return sum(per_seq) / len(per_seq)
 
 
@@ -91,9 +93,15 @@ def test_gradient_accumulation_sums_to_whole_batch(kind, reduction):
     norm = float(mask.sum()) if reduction == "token" else float((mask.sum(-1) > 0).sum())
     total = 0
     for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):
-        total = total + taopd.opd_loss(s[rows], t[rows], mask[rows], kind=kind,
-                                       tokens=tokens[rows], normalizer=norm,
-                                       reduction=reduction)
+        total = total + taopd.opd_loss(
+            s[rows],
+            t[rows],
+            mask[rows],
+            kind=kind,
+            tokens=tokens[rows],
+            normalizer=norm,
+            reduction=reduction,
+        )
     (g_acc,) = torch.autograd.grad(total, s)
     assert float(total) == pytest.approx(float(whole), rel=1e-12)
     assert torch.allclose(g_acc, g_whole, atol=1e-12)
@@ -128,8 +136,9 @@ def test_selective_head_equals_dense_path(kind, chunk):
             extra = {"teacher_logits": ht @ wt.T}
         else:
             extra = {"teacher_logits": (ht @ wt.T)[mask]}
-        sel = taopd.selective_head_loss(h, w, mask, kind=kind, tokens=tokens, vocab_size=300,
-                                        chunk_size=chunk, **extra)
+        sel = taopd.selective_head_loss(
+            h, w, mask, kind=kind, tokens=tokens, vocab_size=300, chunk_size=chunk, **extra
+        )
         g_sel = torch.autograd.grad(sel, (h, w))
         assert float(sel) == pytest.approx(float(dense), rel=1e-5)
         for a, b in zip(g_sel, g_dense):

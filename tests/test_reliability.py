@@ -72,8 +72,9 @@ def write_task(path: Path, n_train: int = 24, long_every: int = 4) -> Path:
         q = (LONG if long_every and i % long_every == long_every - 1 else SHORT).format(a=i, b=7)
         rows.append({"question": q, "answer": str(i + 7), "split": "train"})
     for i in range(8):
-        rows.append({"question": SHORT.format(a=50 + i, b=3), "answer": str(53 + i),
-                     "split": "test"})
+        rows.append(
+            {"question": SHORT.format(a=50 + i, b=3), "answer": str(53 + i), "split": "test"}
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -120,8 +121,14 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4, abs=1e-7)
         assert ra["n_selected"] == rb["n_selected"] and ra["lr"] == rb["lr"]
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
-    for key in ("steps", "tokens_trained", "student_accuracy_after", "skipped_prompts",
-                "truncated_prompts", "nonfinite_steps"):
+    for key in (
+        "steps",
+        "tokens_trained",
+        "student_accuracy_after",
+        "skipped_prompts",
+        "truncated_prompts",
+        "nonfinite_steps",
+    ):
         assert sa[key] == sb[key], key
     assert sa["selected_fraction"] == pytest.approx(sb["selected_fraction"])
 
@@ -137,8 +144,9 @@ def reference_run(tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_
     out = tmp_path_factory.mktemp("ref") / "run"
     n = torch.get_num_threads()
     try:
-        train(base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file),
-              progress=False)
+        train(
+            base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file), progress=False
+        )
     finally:
         torch.set_num_threads(n)
     assert json.loads((out / "summary.json").read_text())["skipped_prompts"] > 0
@@ -159,8 +167,11 @@ def launch(tmp: Path, cfg_path: Path, *args: str, pause_at: int) -> subprocess.P
     env.update(TAOPD_TEST_PAUSE_AT=str(pause_at), TAOPD_TEST_MARKER=str(tmp / "paused"))
     return subprocess.Popen(
         [sys.executable, str(script), "train", str(cfg_path), "--no-progress", *args],
-        stdout=open(tmp / "stdout.txt", "w"), stderr=open(tmp / "stderr.txt", "w"),
-        env=env, cwd=tmp, start_new_session=True,
+        stdout=open(tmp / "stdout.txt", "w"),
+        stderr=open(tmp / "stderr.txt", "w"),
+        env=env,
+        cwd=tmp,
+        start_new_session=True,
     )
 
 
@@ -205,14 +216,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     assert main(["train", str(cfg_path), "--no-progress"]) == 2
     done = subprocess.run(
         [sys.executable, "-m", "taopd", "train", str(cfg_path), "--resume", "--no-progress"],
-        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(out, reference_run)
     names = ckpt_names(out)
     assert not [n for n in names if n.startswith(".tmp-")]  # stale temp folders are removed
     assert [n for n in names if (ckpts / n / "COMPLETE").exists()] == [
-        "step-000004", "step-000006"]  # keep_last=2
+        "step-000004",
+        "step-000006",
+    ]  # keep_last=2
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(
@@ -288,8 +305,15 @@ def test_keep_last_bounds_the_checkpoints_on_disk(tmp_path):
 
 def test_keep_last_in_a_run(tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_path):
     out = tmp_path / "run"
-    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file,
-                   "train.steps=3", "train.save_every=1", "train.keep_last=1")
+    cfg = base_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        task_file,
+        "train.steps=3",
+        "train.save_every=1",
+        "train.keep_last=1",
+    )
     train(cfg, progress=False)
     assert ckpt_names(out) == ["step-000003"]
 
@@ -318,8 +342,15 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(
     where, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file,
-                   "train.steps=3", "train.save_every=1", "rollout.prompt_overflow=truncate")
+    cfg = base_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        task_file,
+        "train.steps=3",
+        "train.save_every=1",
+        "rollout.prompt_overflow=truncate",
+    )
     _poison(monkeypatch, {2}, where)
     summary = train(cfg, progress=False)
     assert summary["steps"] == 3 and summary["nonfinite_steps"] == 1
@@ -338,8 +369,12 @@ def test_nonfinite_in_a_row_stops_keeps_checkpoint_and_resume_takes_a_lower_lr(
     tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    common = ("train.steps=4", "train.save_every=1", "train.max_nonfinite_steps=2",
-              "rollout.prompt_overflow=truncate")
+    common = (
+        "train.steps=4",
+        "train.save_every=1",
+        "train.max_nonfinite_steps=2",
+        "rollout.prompt_overflow=truncate",
+    )
     cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file, *common)
     _poison(monkeypatch, {2, 3, 4})
     with pytest.raises(TrainingError) as err:
@@ -356,8 +391,9 @@ def test_nonfinite_in_a_row_stops_keeps_checkpoint_and_resume_takes_a_lower_lr(
         assert torch.equal(w1[k], w2[k]), k  # a skipped step changes no weight
 
     monkeypatch.undo()  # the cause is fixed; resume with a lower learning rate
-    lower = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file, *common,
-                     "optim.lr=1e-4")
+    lower = base_cfg(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file, *common, "optim.lr=1e-4"
+    )
     summary = train(lower, resume=True, progress=False)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
@@ -384,8 +420,15 @@ def test_long_prompts_are_truncated_to_the_limit_and_counted(
         return sample
 
     monkeypatch.setattr(tr, "make_sampler", recording)
-    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run", task_file,
-                   "train.steps=2", "train.save_every=0", "rollout.prompt_overflow=truncate")
+    cfg = base_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        tmp_path / "run",
+        task_file,
+        "train.steps=2",
+        "train.save_every=0",
+        "rollout.prompt_overflow=truncate",
+    )
     trainer = Trainer(cfg, progress=False)
     summary = trainer.run()
     assert len(seen) == 8
@@ -400,8 +443,14 @@ def test_a_batch_of_only_overlong_prompts_is_skipped_without_crashing(
 ):
     task = write_task(tmp_path / "long.jsonl", long_every=1)  # every train prompt is long
     out = tmp_path / "run"
-    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task,
-                   "train.steps=3", "train.save_every=2")
+    cfg = base_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        task,
+        "train.steps=3",
+        "train.save_every=2",
+    )
     summary = train(cfg, progress=False)
     assert summary["steps"] == 3 and summary["tokens_trained"] == 0
     assert summary["skipped_prompts"] == 12 and summary["truncated_prompts"] == 0

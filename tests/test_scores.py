@@ -9,8 +9,14 @@ import taopd
 from tests import reference as ref
 
 FIELDS = [
-    "student_entropy", "teacher_entropy", "reverse_kl", "forward_kl", "disagreement",
-    "compatibility", "compatibility_lb", "overlap",
+    "student_entropy",
+    "teacher_entropy",
+    "reverse_kl",
+    "forward_kl",
+    "disagreement",
+    "compatibility",
+    "compatibility_lb",
+    "overlap",
 ]
 
 
@@ -98,11 +104,13 @@ def test_chunked_hidden_path_equals_direct_path():
     ws, wt = torch.randn(500, 24, generator=g) * 0.3, torch.randn(512, 40, generator=g) * 0.3
     valid = torch.rand(3, 17, generator=g) > 0.3
     tokens = torch.randint(0, 500, (3, 17), generator=g)
-    direct = taopd.token_signals(hs @ ws.T, (ht @ wt.T)[..., :500], tokens=tokens, k=16,
-                                 valid=valid)
+    direct = taopd.token_signals(
+        hs @ ws.T, (ht @ wt.T)[..., :500], tokens=tokens, k=16, valid=valid
+    )
     for chunk in (1, 5, 64):
-        chunked = taopd.signals_from_hidden(hs, ws, ht, wt, tokens=tokens, k=16, valid=valid,
-                                            vocab_size=500, chunk_size=chunk)
+        chunked = taopd.signals_from_hidden(
+            hs, ws, ht, wt, tokens=tokens, k=16, valid=valid, vocab_size=500, chunk_size=chunk
+        )
         for name, value in direct.items():
             assert torch.allclose(getattr(chunked, name), value, atol=1e-5, rtol=1e-5), name
 

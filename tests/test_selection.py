@@ -72,8 +72,9 @@ def test_every_strategy_gives_a_valid_mask(name):
     sig = random_signals()
     valid = torch.ones(4, 25, dtype=torch.bool)
     valid[:, 20:] = False
-    mask = taopd.select_tokens(sig, valid, strategy=name, ratio=0.1,
-                               generator=torch.Generator().manual_seed(0))
+    mask = taopd.select_tokens(
+        sig, valid, strategy=name, ratio=0.1, generator=torch.Generator().manual_seed(0)
+    )
     assert not (mask & ~valid).any()
     expected = 80 if name == "full" else 8
     if name == "q3":
@@ -91,7 +92,10 @@ def test_strategy_formulas_against_reference():
     kl = ref.normalize(sig.reverse_kl.flatten().tolist())
     teach = [a * b for a, b in zip(d, c)]
     want = {
-        "entropy": h, "divergence": d, "compatibility": c, "reverse_kl": kl,
+        "entropy": h,
+        "divergence": d,
+        "compatibility": c,
+        "reverse_kl": kl,
         "teachability": teach,
         "incompatible": [a * (1 - b) for a, b in zip(d, c)],
         "tip": [a + b - a * b for a, b in zip(h, d)],
@@ -117,8 +121,11 @@ def test_random_strategy_is_seeded():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    b=st.integers(1, 5), t=st.integers(1, 30), ratio=st.floats(1e-4, 1.0),
-    scope=st.sampled_from(["batch", "sequence"]), seed=st.integers(0, 10_000),
+    b=st.integers(1, 5),
+    t=st.integers(1, 30),
+    ratio=st.floats(1e-4, 1.0),
+    scope=st.sampled_from(["batch", "sequence"]),
+    seed=st.integers(0, 10_000),
     min_per=st.integers(0, 2),
 )
 def test_selection_counts_follow_the_rule(b, t, ratio, scope, seed, min_per):

@@ -17,10 +17,18 @@ from taopd.train import Trainer, TrainingError, train
 
 def tiny_cfg(student: Path, teacher: Path, out: Path, *overrides: str):
     base = [
-        f"student={student}", f"teacher={teacher}", f"output_dir={out}",
-        "task.n_train=64", "task.n_test=8", "train.steps=4", "train.batch_size=8",
-        "rollout.max_new_tokens=5", "eval.max_new_tokens=4", "eval.heldout_kl_prompts=8",
-        "train.tensorboard=false", "train.eval_teacher=false",
+        f"student={student}",
+        f"teacher={teacher}",
+        f"output_dir={out}",
+        "task.n_train=64",
+        "task.n_test=8",
+        "train.steps=4",
+        "train.batch_size=8",
+        "rollout.max_new_tokens=5",
+        "eval.max_new_tokens=4",
+        "eval.heldout_kl_prompts=8",
+        "train.tensorboard=false",
+        "train.eval_teacher=false",
     ]
     return load_config(None, base + list(overrides))
 
@@ -37,9 +45,14 @@ def test_every_strategy_trains_and_lowers_heldout_kl(
     strategy, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
 ):
     cfg = tiny_cfg(
-        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
-        f"selection.strategy={strategy}", "selection.ratio=0.3", "optim.lr=3e-3",
-        "train.steps=6", "train.eval_before=false",
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        tmp_path / "run",
+        f"selection.strategy={strategy}",
+        "selection.ratio=0.3",
+        "optim.lr=3e-3",
+        "train.steps=6",
+        "train.eval_before=false",
     )
     summary = train(cfg, progress=False)
     assert summary["steps"] == 6
@@ -59,8 +72,13 @@ def test_every_strategy_trains_and_lowers_heldout_kl(
 def test_teachability_selects_higher_teachability_than_all(
     tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
 ):
-    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
-                   "train.steps=2", "train.eval_before=false")
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        tmp_path / "run",
+        "train.steps=2",
+        "train.eval_before=false",
+    )
     train(cfg, progress=False)
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -69,12 +87,25 @@ def test_teachability_selects_higher_teachability_than_all(
 
 def test_summary_and_checkpoint_reload(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
     out = tmp_path / "run"
-    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.save_every=2",
-                   "train.eval_every=2", "train.samples_every=2", "optim.lr=1e-3")
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        "train.save_every=2",
+        "train.eval_every=2",
+        "train.samples_every=2",
+        "optim.lr=1e-3",
+    )
     summary = train(cfg, progress=False)
     saved = json.loads((out / "summary.json").read_text())
-    for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after",
-                "n_test", "selected_fraction", "wall_seconds"):
+    for key in (
+        "teacher_accuracy",
+        "student_accuracy_before",
+        "student_accuracy_after",
+        "n_test",
+        "selected_fraction",
+        "wall_seconds",
+    ):
         assert key in saved
     assert saved["n_test"] == 8 and 0 <= saved["student_accuracy_after"] <= 1
     assert summary["selected_fraction"] == pytest.approx(saved["selected_fraction"])
@@ -96,8 +127,12 @@ def test_summary_and_checkpoint_reload(tiny_model_dir, tiny_model_dir_same_token
 def test_resume_continues_to_the_same_weights(
     tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
 ):
-    common = ("train.save_every=2", "optim.lr=2e-3", "selection.ratio=0.5",
-              "train.eval_before=false")
+    common = (
+        "train.save_every=2",
+        "optim.lr=2e-3",
+        "selection.ratio=0.5",
+        "train.eval_before=false",
+    )
     ref = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "a", *common)
     train(ref, progress=False)
 
@@ -134,9 +169,16 @@ def test_micro_batches_give_the_same_step(tiny_model_dir, tiny_model_dir_same_to
     runs = {}
     for mb in (8, 3):
         out = tmp_path / f"mb{mb}"
-        cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.steps=2",
-                       f"train.micro_batch_size={mb}", "train.save_every=2", "optim.lr=1e-3",
-                       "train.eval_before=false")
+        cfg = tiny_cfg(
+            tiny_model_dir,
+            tiny_model_dir_same_tokenizer,
+            out,
+            "train.steps=2",
+            f"train.micro_batch_size={mb}",
+            "train.save_every=2",
+            "optim.lr=1e-3",
+            "train.eval_before=false",
+        )
         train(cfg, progress=False)
         runs[mb] = weights(out / "checkpoints" / "step-000002" / "model")
     for k in runs[8]:
@@ -155,8 +197,9 @@ def test_mismatched_tokenizers_fail_before_training(
 
 
 def test_k_larger_than_vocab_is_refused(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
-    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
-                   "selection.k=100000")
+    cfg = tiny_cfg(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run", "selection.k=100000"
+    )
     with pytest.raises(UserError, match="selection.k=100000 exceeds the vocabulary"):
         train(cfg, progress=False)
 
@@ -165,8 +208,15 @@ def test_nonfinite_losses_stop_the_run_and_keep_checkpoint(
     tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
 ):
     out = tmp_path / "run"
-    cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.save_every=1",
-                   "train.steps=6", "train.max_nonfinite_steps=2", "train.eval_before=false")
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        "train.save_every=1",
+        "train.steps=6",
+        "train.max_nonfinite_steps=2",
+        "train.eval_before=false",
+    )
     import taopd.train as tr
 
     real = tr.selective_head_loss

@@ -17,11 +17,17 @@ __all__ = ["main"]
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument(
-        "config", nargs=None if required else "?", default=None,
+        "config",
+        nargs=None if required else "?",
+        default=None,
         help="YAML config file, or the name of a shipped recipe (e.g. demo)",
     )
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set selection.ratio=0.1 (repeatable)",
     )
     p.add_argument("--output-dir", help="run folder (overrides output_dir)")
@@ -51,12 +57,16 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     rows = [
         ("teacher accuracy", _pct(s.get("teacher_accuracy"))),
         ("student accuracy before", _pct(s.get("student_accuracy_before"))),
-        (f"student accuracy after ({s['strategy']} {s['ratio']:g})",
-         _pct(s.get("student_accuracy_after"))),
+        (
+            f"student accuracy after ({s['strategy']} {s['ratio']:g})",
+            _pct(s.get("student_accuracy_after")),
+        ),
         ("held-out problems", str(s["n_test"])),
         ("steps", str(s["steps"])),
-        ("tokens trained on", f"{s['tokens_trained']} ({_pct(s['selected_fraction'])} of "
-         "response tokens)"),
+        (
+            "tokens trained on",
+            f"{s['tokens_trained']} ({_pct(s['selected_fraction'])} of response tokens)",
+        ),
         ("wall time", f"{s['wall_seconds'] / 60:.1f} min"),
     ]
     print(f"\n{title}\n{_table(rows)}\n\nrun folder: {s['output_dir']}")
@@ -66,8 +76,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a config mistake is reported at once
     from .train import train
 
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+    summary = train(
+        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
     print_summary(summary, "taopd train")
     return 0
 
@@ -107,12 +118,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tok = load_tokenizer(name)
     model = load_model(name, dtype=cfg.train.dtype)
     res = evaluate(
-        model, tok, task, examples, batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens, system_prompt=cfg.task.system_prompt,
-        progress=not args.no_progress, chat_template=cfg.task.chat_template,
+        model,
+        tok,
+        task,
+        examples,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        system_prompt=cfg.task.system_prompt,
+        progress=not args.no_progress,
+        chat_template=cfg.task.chat_template,
     )
-    print(f"{name}: accuracy {_pct(res['accuracy'])} on {res['n']} held-out "
-          f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s)")
+    print(
+        f"{name}: accuracy {_pct(res['accuracy'])} on {res['n']} held-out "
+        f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
@@ -123,12 +142,18 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     s = run_diagnose(
-        cfg, mode=args.mode, bank_path=args.bank, relative=True if args.relative else None,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        cfg,
+        mode=args.mode,
+        bank_path=args.bank,
+        relative=True if args.relative else None,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
-    print(f"\ntaopd diagnose ({s['mode']}): {s['n_positions']} positions of {s['n_contexts']} "
-          f"contexts, mean KL0 {s['kl0_mean']:.4g}, mean gain {s['gain_mean']:.4g} "
-          f"({s['wall_seconds'] / 60:.1f} min)")
+    print(
+        f"\ntaopd diagnose ({s['mode']}): {s['n_positions']} positions of {s['n_contexts']} "
+        f"contexts, mean KL0 {s['kl0_mean']:.4g}, mean gain {s['gain_mean']:.4g} "
+        f"({s['wall_seconds'] / 60:.1f} min)"
+    )
     print(Path(s["output_dir"], "diagnose.md").read_text().split("## Standardized")[0].rstrip())
     print(f"\nrun folder: {s['output_dir']} (diagnose.md, report.html)")
     return 0
@@ -149,6 +174,7 @@ def _csv(kind: type) -> Any:
         except ValueError:
             msg = f"expected comma-separated values, got {text!r}"
             raise argparse.ArgumentTypeError(msg) from None
+
     return parse
 
 
@@ -157,8 +183,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     out = Path(args.output_dir or cfg.output_dir)
-    arms = plan_arms(args.strategies, args.ratios, args.seeds, args.k or [cfg.selection.k],
-                     args.batch_sizes or [cfg.train.batch_size])
+    arms = plan_arms(
+        args.strategies,
+        args.ratios,
+        args.seeds,
+        args.k or [cfg.selection.k],
+        args.batch_sizes or [cfg.train.batch_size],
+    )
     print(f"taopd compare: {len(arms)} runs in {out} ({args.parallel} at a time)", flush=True)
     run_compare(cfg, out, arms, parallel=args.parallel, progress=not args.no_progress)
     print((out / "results.md").read_text())
@@ -173,39 +204,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the embedded CPU demo: SmolLM2 teacher -> student, offline",
-                       description="Fine-tune a SmolLM2 teacher on chain_sum (cached), then "
-                       "distill it into the untuned SmolLM2 with TA-OPD and print the result.")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of the demo recipe")
+    p = sub.add_parser(
+        "demo",
+        help="the embedded CPU demo: SmolLM2 teacher -> student, offline",
+        description="Fine-tune a SmolLM2 teacher on chain_sum (cached), then "
+        "distill it into the untuned SmolLM2 with TA-OPD and print the result.",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the demo recipe",
+    )
     p.add_argument("--output-dir", help="run folder (default runs/demo-<time>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train a student with selective OPD from a YAML config",
-                       description="Run selective on-policy distillation as the config says.")
+    p = sub.add_parser(
+        "train",
+        help="train a student with selective OPD from a YAML config",
+        description="Run selective on-policy distillation as the config says.",
+    )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="greedy accuracy of a model on the task's test split",
-                       description="Evaluate a model (the config's student, a model folder or a "
-                       "checkpoint folder) on the config's task.")
+    p = sub.add_parser(
+        "eval",
+        help="greedy accuracy of a model on the task's test split",
+        description="Evaluate a model (the config's student, a model folder or a "
+        "checkpoint folder) on the config's task.",
+    )
     _add_config_args(p, required=False)
     p.add_argument("--model", help="model folder, checkpoint folder, hub id or 'smollm2'")
     p.add_argument("--n", type=int, help="number of test problems (default task.n_test)")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="selection strategies side by side over seeds",
-                       description="Train one run per strategy × ratio × K × batch size × seed "
-                       "with the same budget; resumable (finished arms are not rerun). Writes "
-                       "results.csv, results.md, learning curves and report.html.")
+    p = sub.add_parser(
+        "compare",
+        help="selection strategies side by side over seeds",
+        description="Train one run per strategy × ratio × K × batch size × seed "
+        "with the same budget; resumable (finished arms are not rerun). Writes "
+        "results.csv, results.md, learning curves and report.html.",
+    )
     _add_config_args(p)
-    p.add_argument("--strategies", type=_csv(str),
-                   default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
-                   help="comma-separated strategy names")
+    p.add_argument(
+        "--strategies",
+        type=_csv(str),
+        default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
+        help="comma-separated strategy names",
+    )
     p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--k", type=_csv(int), default=None, help="teachability K values, e.g. 1,5,16")
@@ -213,21 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=1, help="arms running at once")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("diagnose", help="fixed-context diagnostic: which tokens' losses help",
-                       description="Freeze a bank of student rollouts on held-out prompts, update "
-                       "the student (short OPD run or single steps), and relate each position's "
-                       "gain KL(p_T||p_θ0) - KL(p_T||p_θτ) to its signals (matched top-N, "
-                       "regressions, correlations, plots, report.html).")
+    p = sub.add_parser(
+        "diagnose",
+        help="fixed-context diagnostic: which tokens' losses help",
+        description="Freeze a bank of student rollouts on held-out prompts, update "
+        "the student (short OPD run or single steps), and relate each position's "
+        "gain KL(p_T||p_θ0) - KL(p_T||p_θτ) to its signals (matched top-N, "
+        "regressions, correlations, plots, report.html).",
+    )
     _add_config_args(p)
-    p.add_argument("--mode", choices=["opd", "single-step"],
-                   help="update: a short OPD run (default) or one SGD step per position")
+    p.add_argument(
+        "--mode",
+        choices=["opd", "single-step"],
+        help="update: a short OPD run (default) or one SGD step per position",
+    )
     p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
     p.add_argument("--relative", action="store_true", help="gain (KL0 - KLτ) / KL0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("report", help="HTML report of a run folder",
-                       description="Write RUN_DIR/report.html: curves, tables, token view.")
+    p = sub.add_parser(
+        "report",
+        help="HTML report of a run folder",
+        description="Write RUN_DIR/report.html: curves, tables, token view.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--signal", default="teachability", help="signal that colors the token view")
     p.set_defaults(func=cmd_report)

@@ -26,15 +26,55 @@ from .errors import UserError
 __all__ = ["Arm", "plan_arms", "run_compare", "aggregate", "CSV_FIELDS"]
 
 CSV_FIELDS = [
-    "strategy", "ratio", "k", "batch_size", "seed", "accuracy", "accuracy_before",
-    "teacher_accuracy", "tokens_trained", "steps", "wall_seconds", "heldout_kl",
-    "heldout_kl_before", "selected_fraction",
+    "strategy",
+    "ratio",
+    "k",
+    "batch_size",
+    "seed",
+    "accuracy",
+    "accuracy_before",
+    "teacher_accuracy",
+    "tokens_trained",
+    "steps",
+    "wall_seconds",
+    "heldout_kl",
+    "heldout_kl_before",
+    "selected_fraction",
 ]
 
 # two-sided 95% Student-t quantiles by degrees of freedom (1..30); normal beyond
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T95 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 @dataclass(frozen=True)
@@ -135,8 +175,9 @@ def run_compare(
         pending.append((arm, folder, cfg_path))
     running: list[tuple[Arm, subprocess.Popen]] = []
     failed: list[str] = []
-    bar = tqdm(total=len(arms), initial=len(arms) - len(pending), desc="compare arms",
-               disable=not progress)
+    bar = tqdm(
+        total=len(arms), initial=len(arms) - len(pending), desc="compare arms", disable=not progress
+    )
     while pending or running:
         while pending and len(running) < parallel:
             arm, folder, cfg_path = pending.pop(0)
@@ -175,18 +216,25 @@ def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
                 shared[(arm.seed, arm.batch_size)] = s
     for arm, s in summaries.items():
         base = shared.get((arm.seed, arm.batch_size), {})
-        rows.append({
-            "strategy": arm.strategy, "ratio": arm.ratio, "k": arm.k,
-            "batch_size": arm.batch_size, "seed": arm.seed,
-            "accuracy": s["student_accuracy_after"],
-            "accuracy_before": s.get("student_accuracy_before")
-            or base.get("student_accuracy_before"),
-            "teacher_accuracy": s.get("teacher_accuracy") or base.get("teacher_accuracy"),
-            "tokens_trained": s["tokens_trained"], "steps": s["steps"],
-            "wall_seconds": round(s["wall_seconds"], 1), "heldout_kl": s.get("heldout_kl"),
-            "heldout_kl_before": s.get("heldout_kl_before"),
-            "selected_fraction": s.get("selected_fraction"),
-        })
+        rows.append(
+            {
+                "strategy": arm.strategy,
+                "ratio": arm.ratio,
+                "k": arm.k,
+                "batch_size": arm.batch_size,
+                "seed": arm.seed,
+                "accuracy": s["student_accuracy_after"],
+                "accuracy_before": s.get("student_accuracy_before")
+                or base.get("student_accuracy_before"),
+                "teacher_accuracy": s.get("teacher_accuracy") or base.get("teacher_accuracy"),
+                "tokens_trained": s["tokens_trained"],
+                "steps": s["steps"],
+                "wall_seconds": round(s["wall_seconds"], 1),
+                "heldout_kl": s.get("heldout_kl"),
+                "heldout_kl_before": s.get("heldout_kl_before"),
+                "selected_fraction": s.get("selected_fraction"),
+            }
+        )
     return rows
 
 
@@ -206,13 +254,20 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (strategy, ratio, k, bs), rs in groups.items():
         acc = [r["accuracy"] for r in rs]
         kls = [r["heldout_kl"] for r in rs if r["heldout_kl"] is not None]
-        table.append({
-            "strategy": strategy, "ratio": ratio, "k": k, "batch_size": bs, "seeds": len(rs),
-            "accuracy": statistics.mean(acc), "accuracy_ci95": _ci95(acc),
-            "tokens_trained": statistics.mean(r["tokens_trained"] for r in rs),
-            "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
-            "heldout_kl": statistics.mean(kls) if kls else float("nan"),
-        })
+        table.append(
+            {
+                "strategy": strategy,
+                "ratio": ratio,
+                "k": k,
+                "batch_size": bs,
+                "seeds": len(rs),
+                "accuracy": statistics.mean(acc),
+                "accuracy_ci95": _ci95(acc),
+                "tokens_trained": statistics.mean(r["tokens_trained"] for r in rs),
+                "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
+                "heldout_kl": statistics.mean(kls) if kls else float("nan"),
+            }
+        )
     table.sort(key=lambda r: (r["batch_size"], -r["ratio"], r["strategy"], r["k"]))
     return table
 
@@ -223,11 +278,15 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     teacher = [r["teacher_accuracy"] for r in rows if r.get("teacher_accuracy") is not None]
     lines = ["# Selection strategies compared", ""]
     if before:
-        lines.append(f"Student before training: {100 * statistics.mean(before):.1f}%; "
-                     f"teacher: {100 * statistics.mean(teacher):.1f}% (mean over seeds).")
+        lines.append(
+            f"Student before training: {100 * statistics.mean(before):.1f}%; "
+            f"teacher: {100 * statistics.mean(teacher):.1f}% (mean over seeds)."
+        )
         lines.append("")
-    lines.append("| strategy | ratio | K | batch | seeds | accuracy (mean ± 95% CI) "
-                 "| tokens trained | wall time (s) | held-out KL |")
+    lines.append(
+        "| strategy | ratio | K | batch | seeds | accuracy (mean ± 95% CI) "
+        "| tokens trained | wall time (s) | held-out KL |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in table:
         ci = "" if math.isnan(r["accuracy_ci95"]) else f" ± {100 * r['accuracy_ci95']:.1f}"
@@ -255,7 +314,7 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
             curve = [[0, 0, r["accuracy_before"], r.get("heldout_kl_before")], *curve]
         if curve:
             label = f"{arm.strategy} {arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
-            label += f" b{arm.batch_size}" if len({x['batch_size'] for x in rows}) > 1 else ""
+            label += f" b{arm.batch_size}" if len({x["batch_size"] for x in rows}) > 1 else ""
             groups.setdefault(label, []).append(curve)
     if not groups:
         return
@@ -263,8 +322,13 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for label, curves in sorted(groups.items()):
         n = min(len(c) for c in curves)
-        mean = [[statistics.mean(c[i][j] if c[i][j] is not None else math.nan for c in curves)
-                 for j in range(len(curves[0][0]))] for i in range(n)]
+        mean = [
+            [
+                statistics.mean(c[i][j] if c[i][j] is not None else math.nan for c in curves)
+                for j in range(len(curves[0][0]))
+            ]
+            for i in range(n)
+        ]
         steps = [m[0] for m in mean]
         tokens = [m[1] for m in mean]
         axes[0][0].plot(steps, [m[2] for m in mean], marker="o", label=label)
@@ -273,8 +337,13 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
             axes[1][0].plot(steps, [m[3] for m in mean], marker="o", label=label)
             axes[1][1].plot(tokens, [m[3] for m in mean], marker="o", label=label)
     for ax, (x, y) in zip(
-        axes.flat, [("step", "accuracy"), ("tokens trained", "accuracy"),
-                    ("step", "held-out KL"), ("tokens trained", "held-out KL")]
+        axes.flat,
+        [
+            ("step", "accuracy"),
+            ("tokens trained", "accuracy"),
+            ("step", "held-out KL"),
+            ("tokens trained", "held-out KL"),
+        ],
     ):
         ax.set_xlabel(x)
         ax.set_ylabel(y)

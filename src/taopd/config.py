@@ -149,8 +149,14 @@ class EvalCfg(_Strict):
 
 
 DIAGNOSE_SELECTORS = (
-    "teachability", "divergence", "reverse_kl", "incompatible", "tip", "entropy",
-    "compatibility", "random",
+    "teachability",
+    "divergence",
+    "reverse_kl",
+    "incompatible",
+    "tip",
+    "entropy",
+    "compatibility",
+    "random",
 )
 
 

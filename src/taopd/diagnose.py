@@ -872,8 +872,17 @@ def _bank_samples(
     h_t = response_hidden(trainer.teacher, sub)
     part = TokenSignals(**{name: t[:n] for name, t in sig0.items()})
     return token_samples(
-        trainer.tokenizer, sub, part, keep[:n], h_s, h_t, lm_head(trainer.student),
-        lm_head(trainer.teacher), trainer.vocab_size, step=0, rows=n,
+        trainer.tokenizer,
+        sub,
+        part,
+        keep[:n],
+        h_s,
+        h_t,
+        lm_head(trainer.student),
+        lm_head(trainer.teacher),
+        trainer.vocab_size,
+        step=0,
+        rows=n,
         teach=teach[:n].clamp_min(0.0),
     )
 

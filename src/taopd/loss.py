@@ -116,7 +116,7 @@ def _rows(x: Tensor | None, mask: Tensor, rows: Tensor) -> Tensor | None:
     if x is None:
         return None
     if tuple(x.shape[: mask.dim()]) == tuple(mask.shape):
-        return x.reshape(mask.numel(), *x.shape[mask.dim():])[rows]
+        return x.reshape(mask.numel(), *x.shape[mask.dim() :])[rows]
     if x.shape[0] == rows.numel():
         return x
     raise ValueError(

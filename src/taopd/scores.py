@@ -343,7 +343,11 @@ def teachability(
     D̃, C̃ are quantile-normalized over the valid positions of the call; invalid positions score 0.
     """
     sig = token_signals(
-        student_logits, teacher_logits, k=k, valid=valid, temperature=temperature,
+        student_logits,
+        teacher_logits,
+        k=k,
+        valid=valid,
+        temperature=temperature,
         vocab_size=vocab_size,
     )
     valid = _valid_mask(sig.disagreement.shape, valid, sig.disagreement.device)

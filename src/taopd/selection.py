@@ -156,9 +156,13 @@ def select(
         mask = _top_n(s2.reshape(-1), e2.reshape(-1), count_for(ratio, int(v2.sum())))
         mask = mask.reshape(s2.shape)
     else:
-        mask = torch.stack(
-            [_top_n(s2[i], e2[i], count_for(ratio, int(v2[i].sum()))) for i in range(len(s2))]
-        ) if len(s2) else torch.zeros_like(e2)
+        mask = (
+            torch.stack(
+                [_top_n(s2[i], e2[i], count_for(ratio, int(v2[i].sum()))) for i in range(len(s2))]
+            )
+            if len(s2)
+            else torch.zeros_like(e2)
+        )
     if min_per_sequence:
         for i in range(len(s2)):
             missing = min_per_sequence - int(mask[i].sum())

@@ -287,8 +287,11 @@ class Trainer:
         return get_peft_model(
             model,
             LoraConfig(
-                r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                target_modules=lc.target_modules, task_type="CAUSAL_LM",
+                r=lc.r,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=lc.target_modules,
+                task_type="CAUSAL_LM",
             ),
         )
 
@@ -371,9 +374,14 @@ class Trainer:
         ro = self.cfg.rollout
         seed = self.cfg.train.seed * 1_000_003 + step * 101 + self.rank
         return self.sampler(
-            self.acc.unwrap_model(self.student), self.tokenizer, prompts,
-            max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
-            greedy=ro.greedy, seed=seed,
+            self.acc.unwrap_model(self.student),
+            self.tokenizer,
+            prompts,
+            max_new_tokens=ro.max_new_tokens,
+            temperature=ro.temperature,
+            top_p=ro.top_p,
+            greedy=ro.greedy,
+            seed=seed,
         )
 
     def train_step(self) -> dict[str, Any] | None:
@@ -403,23 +411,41 @@ class Trainer:
                 h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
         sel, lcfg = cfg.selection, cfg.loss
         sig = signals_from_hidden(
-            h_s, w_s, h_t, w_t, tokens=targets, k=sel.k, valid=valid,
-            temperature=lcfg.temperature, vocab_size=self.vocab_size, chunk_size=sel.chunk_size,
+            h_s,
+            w_s,
+            h_t,
+            w_t,
+            tokens=targets,
+            k=sel.k,
+            valid=valid,
+            temperature=lcfg.temperature,
+            vocab_size=self.vocab_size,
+            chunk_size=sel.chunk_size,
         )
         mask, norm = self._select(sig, valid, step)
         t_score = time.perf_counter() - t0 - t_roll
         if norm == 0:
             raise TrainingError("selection kept no positions in the whole batch")
         loss_kw = dict(
-            kind=lcfg.kind, normalizer=norm, reduction=lcfg.reduction, beta=lcfg.beta,
-            temperature=lcfg.temperature, vocab_size=self.vocab_size, chunk_size=lcfg.chunk_size,
+            kind=lcfg.kind,
+            normalizer=norm,
+            reduction=lcfg.reduction,
+            beta=lcfg.beta,
+            temperature=lcfg.temperature,
+            vocab_size=self.vocab_size,
+            chunk_size=lcfg.chunk_size,
         )
         total = 0.0
         for c in chunks:
             h = h_s_grad if h_s_grad is not None else response_hidden(self.student, roll, c)
             loss = selective_head_loss(
-                h, w_s, mask[c], teacher_hidden=h_t[c], teacher_weight=w_t,
-                tokens=targets[c], **loss_kw,
+                h,
+                w_s,
+                mask[c],
+                teacher_hidden=h_t[c],
+                teacher_weight=w_t,
+                tokens=targets[c],
+                **loss_kw,
             )
             loss.backward()
             total += float(loss.detach())
@@ -507,8 +533,17 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         lines = token_samples(
-            self.tokenizer, roll, sig, mask, h_s, h_t, lm_head(self.student),
-            lm_head(self.teacher), self.vocab_size, step, rows=2,
+            self.tokenizer,
+            roll,
+            sig,
+            mask,
+            h_s,
+            h_t,
+            lm_head(self.student),
+            lm_head(self.teacher),
+            self.vocab_size,
+            step,
+            rows=2,
         )
         with open(self.out / "samples.jsonl", "a") as f:
             for line in lines:
@@ -520,8 +555,13 @@ class Trainer:
         model = model if model is not None else self.acc.unwrap_model(self.student)
         ex = self.test_examples[self.rank :: self.world]
         res = evaluate(
-            model, self.tokenizer, self.task, ex, batch_size=self.cfg.eval.batch_size,
-            max_new_tokens=self.cfg.eval.max_new_tokens, system_prompt=self.cfg.task.system_prompt,
+            model,
+            self.tokenizer,
+            self.task,
+            ex,
+            batch_size=self.cfg.eval.batch_size,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            system_prompt=self.cfg.task.system_prompt,
             progress=self.progress and self.acc.is_main_process,
             chat_template=self.cfg.task.chat_template,
         )
@@ -546,9 +586,13 @@ class Trainer:
                 prompts = [self.render(ex.question) for ex in self.test_examples[:n]]
                 ro = self.cfg.rollout
                 roll = self.sampler(
-                    self.acc.unwrap_model(self.student), self.tokenizer, prompts,
-                    max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                    top_p=ro.top_p, seed=self.cfg.train.seed + 12345,
+                    self.acc.unwrap_model(self.student),
+                    self.tokenizer,
+                    prompts,
+                    max_new_tokens=ro.max_new_tokens,
+                    temperature=ro.temperature,
+                    top_p=ro.top_p,
+                    seed=self.cfg.train.seed + 12345,
                 ).to("cpu")
                 self._bank = roll
                 if self.acc.is_main_process:
@@ -556,15 +600,26 @@ class Trainer:
         roll = self._bank.to(self.acc.device)
         rows = list(range(len(roll)))[self.rank :: self.world]
         p = roll.prompt_len
-        sub = Rollout(roll.input_ids[rows], roll.attention_mask[rows], roll.response_mask[rows],
-                      p, [roll.texts[i] for i in rows])
+        sub = Rollout(
+            roll.input_ids[rows],
+            roll.attention_mask[rows],
+            roll.response_mask[rows],
+            p,
+            [roll.texts[i] for i in rows],
+        )
         model = self.acc.unwrap_model(self.student)
         h_s = response_hidden(model, sub, slice(None))
         h_t = response_hidden(self.teacher, sub, slice(None))
         valid = sub.response_mask[:, p:]
         sig = signals_from_hidden(
-            h_s, lm_head(model), h_t, lm_head(self.teacher), k=1, valid=valid,
-            temperature=self.cfg.loss.temperature, vocab_size=self.vocab_size,
+            h_s,
+            lm_head(model),
+            h_t,
+            lm_head(self.teacher),
+            k=1,
+            valid=valid,
+            temperature=self.cfg.loss.temperature,
+            vocab_size=self.vocab_size,
             chunk_size=self.cfg.selection.chunk_size,
         )
         total = self._sum(float(sig.reverse_kl[valid].sum()))
@@ -602,7 +657,10 @@ class Trainer:
                 self.tokenizer.save_pretrained(d)
 
             path = save_checkpoint(
-                self.out / "checkpoints", self.step, save_model, self._trainer_state(),
+                self.out / "checkpoints",
+                self.step,
+                save_model,
+                self._trainer_state(),
                 keep_last=self.cfg.train.keep_last,
             )
         self.acc.wait_for_everyone()
@@ -692,7 +750,8 @@ class Trainer:
             print(
                 f"\ntaopd: {signal.Signals(signum).name}: stopping after this step and saving a "
                 "checkpoint (send it again to quit without saving)",
-                file=sys.stderr, flush=True,
+                file=sys.stderr,
+                flush=True,
             )
 
     def run(self) -> dict[str, Any]:
@@ -715,8 +774,11 @@ class Trainer:
             h.setdefault("selected_fractions", [])
             h.setdefault("accuracy_curve", [])
             bar = tqdm(
-                total=cfg.train.steps, initial=self.step, desc="TA-OPD" if
-                cfg.selection.strategy == "teachability" else f"OPD ({cfg.selection.strategy})",
+                total=cfg.train.steps,
+                initial=self.step,
+                desc="TA-OPD"
+                if cfg.selection.strategy == "teachability"
+                else f"OPD ({cfg.selection.strategy})",
                 disable=not (self.progress and self.acc.is_main_process),
             )
             while self.step < cfg.train.steps and not self.stop_requested:
@@ -731,8 +793,9 @@ class Trainer:
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last):
                     metrics["accuracy"] = self.evaluate()
                     metrics["heldout_kl"] = self.heldout_kl()
-                    h["accuracy_curve"].append([self.step, self.tokens_trained,
-                                                metrics["accuracy"], metrics["heldout_kl"]])
+                    h["accuracy_curve"].append(
+                        [self.step, self.tokens_trained, metrics["accuracy"], metrics["heldout_kl"]]
+                    )
                 self._log(metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=metrics["n_selected"])
