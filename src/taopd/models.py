@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -148,6 +149,9 @@ def bundled_smollm2() -> Path:
     prefix = f".{_BUNDLED_DIR}.tmp-"
     _remove_stale_tmp(root, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    print(
+        f"taopd: converting the bundled SmolLM2 GGUF into {target} (once, ~30 s)", file=sys.stderr
+    )
     try:
         convert_gguf(gguf, tmp)
         if target.exists() and not _is_model_dir(target):
