@@ -238,3 +238,35 @@ def test_nonfinite_losses_stop_the_run_and_keep_checkpoint(
     after_skip = weights(out / "checkpoints" / "step-000003" / "model")
     for k in good:
         assert torch.equal(good[k], after_skip[k]), k  # a skipped step changes nothing
+
+
+def test_lora_trains_only_the_adapter_and_resumes(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        "lora={r: 4, alpha: 8}",
+        "optim.lr=1e-2",
+        "train.steps=3",
+        "train.save_every=2",
+        "train.eval_before=false",
+    )
+    summary = train(cfg, progress=False)
+    assert summary["heldout_kl"] < summary["heldout_kl_before"]
+    saved = weights(out / "checkpoints" / "step-000003" / "model")
+    assert saved and all("lora_" in k for k in saved)  # the adapter only, not the base weights
+    cfg2 = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        out,
+        "lora={r: 4, alpha: 8}",
+        "optim.lr=1e-2",
+        "train.steps=4",
+        "train.save_every=2",
+        "train.eval_before=false",
+    )
+    assert train(cfg2, resume=True, progress=False)["steps"] == 4
