@@ -15,13 +15,19 @@ from .errors import UserError
 __all__ = ["main"]
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument(
-        "config",
-        nargs=None if required else "?",
-        default=None,
-        help="YAML config file, or the name of a shipped recipe (e.g. demo)",
-    )
+def _add_config_args(
+    p: argparse.ArgumentParser,
+    config: str | None = "required",
+    output_help: str = "run folder (overrides output_dir)",
+) -> None:
+    """CONFIG (required, optional or none), --set, --output-dir and --no-progress."""
+    if config is not None:
+        p.add_argument(
+            "config",
+            nargs=None if config == "required" else "?",
+            default=None,
+            help="YAML config file, or the name of a shipped recipe (e.g. demo)",
+        )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -30,7 +36,7 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set selection.ratio=0.1 (repeatable)",
     )
-    p.add_argument("--output-dir", help="run folder (overrides output_dir)")
+    p.add_argument("--output-dir", help=output_help)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -210,16 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a SmolLM2 teacher on chain_sum (cached), then "
         "distill it into the untuned SmolLM2 with TA-OPD and print the result.",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the demo recipe",
-    )
-    p.add_argument("--output-dir", help="run folder (default runs/demo-<time>)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_config_args(p, config=None, output_help="run folder (default runs/demo-<time>)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -238,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a model (the config's student, a model folder or a "
         "checkpoint folder) on the config's task.",
     )
-    _add_config_args(p, required=False)
+    _add_config_args(p, config="optional")
     p.add_argument("--model", help="model folder, checkpoint folder, hub id or 'smollm2'")
     p.add_argument("--n", type=int, help="number of test problems (default task.n_test)")
     p.add_argument("--json", help="also write the result to this JSON file")

@@ -371,8 +371,11 @@ class Trainer:
         prompts = self._fit_prompts([self.render(ex.question) for ex in self._next_examples()])
         if not prompts:
             return None
+        return self._sample(prompts, self.cfg.train.seed * 1_000_003 + step * 101 + self.rank)
+
+    def _sample(self, prompts: list[str], seed: int) -> Rollout:
+        """Student rollouts with the configured sampling settings (rollout.*)."""
         ro = self.cfg.rollout
-        seed = self.cfg.train.seed * 1_000_003 + step * 101 + self.rank
         return self.sampler(
             self.acc.unwrap_model(self.student),
             self.tokenizer,
@@ -584,16 +587,7 @@ class Trainer:
                 self._bank = torch.load(path, weights_only=False)
             else:
                 prompts = [self.render(ex.question) for ex in self.test_examples[:n]]
-                ro = self.cfg.rollout
-                roll = self.sampler(
-                    self.acc.unwrap_model(self.student),
-                    self.tokenizer,
-                    prompts,
-                    max_new_tokens=ro.max_new_tokens,
-                    temperature=ro.temperature,
-                    top_p=ro.top_p,
-                    seed=self.cfg.train.seed + 12345,
-                ).to("cpu")
+                roll = self._sample(prompts, seed=self.cfg.train.seed + 12345).to("cpu")
                 self._bank = roll
                 if self.acc.is_main_process:
                     torch.save(roll, path)
