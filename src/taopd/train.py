@@ -247,10 +247,6 @@ class Trainer:
             student = self._apply_lora(student)
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
-        if cfg.selection.k > self.vocab_size:
-            raise UserError(
-                f"selection.k={cfg.selection.k} exceeds the vocabulary size {self.vocab_size}"
-            )
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
@@ -297,8 +293,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- data
     def _epoch_order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
-        return torch.randperm(len(self.train_examples), generator=gen).tolist()
+        """The seeded shuffle of the train split for `epoch` (recomputed only when it changes)."""
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_examples), generator=gen).tolist())
+        return self._order[1]
 
     def _next_examples(self) -> list[Example]:
         """This rank's share of the next global batch; the data position survives resume."""
