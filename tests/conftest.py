@@ -39,3 +39,15 @@ def tiny_model_dir_other_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> 
         vocab_words=OTHER_VOCAB_WORDS,
         vocab_size=300,
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests where CUDA is absent (they run on a GPU machine unchanged)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
