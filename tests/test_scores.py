@@ -181,3 +181,19 @@ def test_signal_ranges_hold_for_any_logits(vocab, rows, k, scale, n_neg_inf, see
     assert not torch.isnan(sig.log_ratio).any() and torch.all(sig.log_ratio > -math.inf)
     score = taopd.teachability(s, t, k=k)
     assert torch.all((score >= 0) & (score <= 1))
+
+
+def test_bf16_projections_approximate_the_float32_signals():
+    g = torch.Generator().manual_seed(21)
+    hs, ht = torch.randn(4, 50, 32, generator=g), torch.randn(4, 50, 48, generator=g)
+    ws, wt = torch.randn(3000, 32, generator=g) * 0.2, torch.randn(3000, 48, generator=g) * 0.2
+    full = taopd.signals_from_hidden(hs, ws, ht, wt, k=8)
+    half = taopd.signals_from_hidden(hs, ws, ht, wt, k=8, projection_dtype=torch.bfloat16)
+    assert half.student_entropy.dtype == torch.float32  # the sums stay in float32
+    for name in ("student_entropy", "teacher_entropy", "reverse_kl", "forward_kl"):
+        a, b = getattr(full, name), getattr(half, name)
+        assert torch.allclose(a, b, rtol=0.05, atol=0.05), name
+        assert not torch.equal(a, b), name  # the option really changes the projection
+    keep_full = taopd.select_tokens(full, ratio=0.1)
+    keep_half = taopd.select_tokens(half, ratio=0.1)
+    assert (keep_full & keep_half).sum() >= 0.7 * keep_full.sum()

@@ -81,6 +81,9 @@ class SelectionCfg(_Strict):
     scope: Literal["batch", "sequence"] = "batch"
     min_per_sequence: int = Field(0, ge=0)
     chunk_size: int = Field(512, ge=1)
+    # precision of the scoring pass's vocabulary projections: "auto" = the models' dtype;
+    # "bfloat16" is faster on CPUs with bf16 units (selection may differ slightly)
+    projection_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("ratio")
     @classmethod

@@ -247,6 +247,8 @@ class Trainer:
             student = self._apply_lora(student)
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
+        pd = cfg.selection.projection_dtype
+        self.projection_dtype = None if pd == "auto" else getattr(torch, pd)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
@@ -424,6 +426,7 @@ class Trainer:
             temperature=lcfg.temperature,
             vocab_size=self.vocab_size,
             chunk_size=sel.chunk_size,
+            projection_dtype=self.projection_dtype,
         )
         mask, norm = self._select(sig, valid, step)
         t_score = time.perf_counter() - t0 - t_roll
