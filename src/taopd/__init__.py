@@ -11,6 +11,7 @@ from .scores import (
     quantile,
     signals_from_hidden,
     teachability,
+    teachability_of,
     token_signals,
     trim_vocab,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "signals_from_hidden",
     "strategy_scores",
     "teachability",
+    "teachability_of",
     "token_signals",
     "trim_vocab",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "normalize",
     "quantile",
     "teachability",
+    "teachability_of",
     "trim_vocab",
 ]
 
@@ -361,5 +362,10 @@ def teachability(
         temperature=temperature,
         vocab_size=vocab_size,
     )
+    return teachability_of(sig, valid)
+
+
+def teachability_of(sig: TokenSignals, valid: Tensor | None = None) -> Tensor:
+    """s = D̃ · C̃ (Eq. 12) from computed signals, normalized over the valid positions (Eq. 11)."""
     valid = _valid_mask(sig.disagreement.shape, valid, sig.disagreement.device)
     return normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)

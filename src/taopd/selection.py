@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .scores import TokenSignals, normalize, quantile
+from .scores import TokenSignals, normalize, quantile, teachability_of
 
 __all__ = ["STRATEGIES", "strategy_scores", "select", "select_tokens", "count_for"]
 
@@ -42,7 +42,7 @@ def _random(sig: TokenSignals, valid: Tensor, gen: torch.Generator | None) -> Te
 
 
 def _teach(sig: TokenSignals, valid: Tensor) -> Tensor:
-    return _n(sig, valid, "disagreement") * _n(sig, valid, "compatibility")
+    return teachability_of(sig, valid)
 
 
 def _q3(sig: TokenSignals, valid: Tensor, gen: torch.Generator | None) -> Tensor:

@@ -44,7 +44,7 @@ from .models import (
     shared_vocab_size,
 )
 from .rollout import Rollout, make_sampler, response_hidden
-from .scores import TokenSignals, normalize, signals_from_hidden
+from .scores import TokenSignals, signals_from_hidden, teachability_of
 from .selection import select_tokens
 
 __all__ = ["Trainer", "TrainingError", "train", "token_samples"]
@@ -99,7 +99,7 @@ def token_samples(
     p = roll.prompt_len
     valid = roll.response_mask[:, p:]
     if teach is None:
-        teach = normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
+        teach = teachability_of(sig, valid)
     out = []
     for b in range(min(rows, valid.shape[0])):
         idx = valid[b].nonzero().squeeze(-1)
@@ -522,7 +522,7 @@ class Trainer:
 
     def _signal_metrics(self, sig: TokenSignals, valid: Tensor, mask: Tensor) -> dict[str, float]:
         out: dict[str, float] = {}
-        teach = normalize(sig.disagreement, valid) * normalize(sig.compatibility, valid)
+        teach = teachability_of(sig, valid)
         values = {"teachability": teach, "kl": sig.reverse_kl, "forward_kl": sig.forward_kl}
         for name in ("student_entropy", "teacher_entropy", "disagreement", "compatibility"):
             values[name.replace("student_", "")] = getattr(sig, name)
