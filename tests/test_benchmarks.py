@@ -103,3 +103,17 @@ def test_generation_benchmark_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert row["tokens_per_second"] > 0
         if row["mode"] == "greedy":
             assert row["checks"]["greedy_matches_trainer_logits"] == 1.0
+
+
+def test_sharding_benchmark_halves_state_on_two_processes():
+    """Two processes: each rank keeps half the weights, gradients and AdamW state between steps."""
+    proc = _run(["benchmarks/sharding.py", "--shape", "tiny", "--port", "29541"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[4].strip()
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| state")
+    }
+    assert set(rows) == {"weights", "gradients", "optimizer", "total"}
+    for key, ratio in rows.items():
+        assert float(ratio) == 0.5, (key, ratio)

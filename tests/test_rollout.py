@@ -173,7 +173,7 @@ def test_make_sampler() -> None:
     try:
         import vllm  # noqa: F401
     except ImportError:
-        with pytest.raises(UserError, match=r"pip install taopd\[vllm\]"):
+        with pytest.raises(UserError, match=r"pip install 'taopd\[vllm\]'"):
             make_sampler("vllm")
     with pytest.raises(UserError, match="unknown sampling backend"):
         make_sampler("sglang")

@@ -85,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
     )
-    print_summary(summary, "taopd train")
+    if os.environ.get("RANK", "0") == "0":  # one summary per launch, not one per process
+        print_summary(summary, "taopd train")
     return 0
 
 

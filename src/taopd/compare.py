@@ -173,6 +173,11 @@ def run_compare(
         cfg_path = out / "arms" / f"{arm.name}.yaml"
         atomic_write_text(cfg_path, arm_cfg.to_yaml())
         pending.append((arm, folder, cfg_path))
+    if pending and cfg.teacher_sft is not None:
+        # fine-tune (and cache) the shared teacher once here, not once per parallel arm
+        from .sft import prepare_teacher
+
+        prepare_teacher(cfg, progress=progress)
     running: list[tuple[Arm, subprocess.Popen]] = []
     failed: list[str] = []
     bar = tqdm(

@@ -64,6 +64,21 @@ class TaskCfg(_Strict):
         return {"name": self.name, "params": dict(self.params)}
 
 
+class VLLMCfg(_Strict):
+    """Engine knobs of `rollout.backend: vllm` (one engine colocated on the trainer's GPU)."""
+
+    # share of the GPU's total memory the engine may take (weights + KV cache); the rest stays
+    # with the trainer's student, teacher and optimizer
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    # engine weights and activations; "auto" = the student's dtype (train.dtype), so rollouts
+    # follow the distribution HF generate would sample
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # True: no CUDA graphs (faster start, less memory, slower decoding)
+    enforce_eager: bool = False
+    # longest prompt + response the engine accepts; None = the model's context length
+    max_model_len: int | None = Field(None, ge=1)
+
+
 class RolloutCfg(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = Field(6, ge=1)
@@ -72,6 +87,17 @@ class RolloutCfg(_Strict):
     greedy: bool = False  # argmax rollouts (deterministic; for checks, not for training)
     max_prompt_tokens: int = Field(512, ge=1)
     prompt_overflow: Literal["truncate", "skip"] = "truncate"
+    vllm: VLLMCfg = Field(default_factory=VLLMCfg)  # used when backend is "vllm"
+
+    @model_validator(mode="after")
+    def _vllm_fits(self) -> RolloutCfg:
+        cap = self.vllm.max_model_len
+        need = self.max_prompt_tokens + self.max_new_tokens
+        if self.backend == "vllm" and cap is not None and cap < need:
+            raise ValueError(
+                f"vllm.max_model_len ({cap}) must be >= max_prompt_tokens + max_new_tokens ({need})"
+            )
+        return self
 
 
 class SelectionCfg(_Strict):
@@ -143,6 +169,9 @@ class TrainCfg(_Strict):
     eval_teacher: bool = True
     tensorboard: bool = True
     threads: int | None = Field(None, ge=1)
+    # shard the student's weights, gradients and optimizer state across processes (FSDP2); also
+    # switched on by an accelerate FSDP config. The teacher stays whole on every process.
+    fsdp: bool = False
 
 
 class EvalCfg(_Strict):

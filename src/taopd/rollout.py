@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from taopd.errors import UserError
+
+if TYPE_CHECKING:
+    from taopd.config import Config, VLLMCfg
 
 __all__ = [
     "Rollout",
@@ -173,6 +176,54 @@ def _generation_config(
     return GenerationConfig(**kw)
 
 
+def tokenize_left(tokenizer: Any, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    """Left-padded prompt ids and mask [n, width]; special tokens only if the template has none."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=_add_special_tokens(tokenizer, prompts),
+        )
+    finally:
+        tokenizer.padding_side = old_side
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def assemble_rollout(
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    responses: list[list[int]],
+    eos_ids: list[int],
+    pad_id: int,
+    tokenizer: Any,
+    device: torch.device,
+) -> Rollout:
+    """A `Rollout` from left-padded prompts and per-row response tokens (cut after first eos)."""
+    n, width = prompt_ids.shape
+    resp_width = max(1, max(len(r) for r in responses))
+    resp = torch.full((n, resp_width), pad_id, dtype=torch.long)
+    lengths = torch.zeros(n, dtype=torch.long)
+    for i, r in enumerate(responses):
+        resp[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        lengths[i] = len(r)
+    rmask = response_mask(resp, eos_ids, lengths)
+    used = int(rmask.sum(dim=1).max()) if rmask.numel() else 0
+    resp, rmask = resp[:, :used], rmask[:, :used]
+    resp = resp.masked_fill(~rmask, pad_id)
+    input_ids = torch.cat([prompt_ids, resp], dim=1)
+    attention_mask = torch.cat([prompt_mask.long(), rmask.long()], dim=1)
+    full_rmask = torch.cat([torch.zeros(n, width, dtype=torch.bool), rmask], dim=1)
+    texts = [
+        tokenizer.decode(resp[i][rmask[i]].tolist(), skip_special_tokens=True) for i in range(n)
+    ]
+    return Rollout(
+        input_ids.to(device), attention_mask.to(device), full_rmask.to(device), width, texts
+    )
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -205,18 +256,7 @@ def generate(
     cfg = _generation_config(model, max_new_tokens, temperature, top_p, greedy, eos_ids, pad_id)
     device = next(model.parameters()).device
 
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=_add_special_tokens(tokenizer, prompts),
-        )
-    finally:
-        tokenizer.padding_side = old_side
-    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    prompt_ids, prompt_mask = tokenize_left(tokenizer, prompts)
     n, width = prompt_ids.shape
     step = batch_size or n
 
@@ -238,32 +278,23 @@ def generate(
     finally:
         model.train(was_training)
 
-    resp_width = max(r.shape[1] for r in responses)
-    resp = torch.full((n, resp_width), pad_id, dtype=torch.long)
-    lengths = torch.zeros(n, dtype=torch.long)
-    row = 0
-    for r in responses:
-        resp[row : row + r.shape[0], : r.shape[1]] = r
-        lengths[row : row + r.shape[0]] = r.shape[1]
-        row += r.shape[0]
-    rmask = response_mask(resp, eos_ids, lengths)
-    used = int(rmask.sum(dim=1).max()) if rmask.numel() else 0
-    resp, rmask = resp[:, :used], rmask[:, :used]
-    resp = resp.masked_fill(~rmask, pad_id)
-
-    input_ids = torch.cat([prompt_ids, resp], dim=1)
-    attention_mask = torch.cat([prompt_mask.long(), rmask.long()], dim=1)
-    full_rmask = torch.cat([torch.zeros(n, width, dtype=torch.bool), rmask], dim=1)
-    texts = [
-        tokenizer.decode(resp[i][rmask[i]].tolist(), skip_special_tokens=True) for i in range(n)
-    ]
-    return Rollout(
-        input_ids.to(device), attention_mask.to(device), full_rmask.to(device), width, texts
-    )
+    rows = [row.tolist() for r in responses for row in r]  # each cut after its first eos below
+    return assemble_rollout(prompt_ids, prompt_mask, rows, eos_ids, pad_id, tokenizer, device)
 
 
-def make_sampler(backend: str = "hf") -> Callable[..., Rollout]:
-    """The sampling function of a backend: 'hf' (transformers generate) or 'vllm' (planned)."""
+def make_sampler(
+    backend: str | Config = "hf", model_name: str | None = None, vllm_cfg: VLLMCfg | None = None
+) -> Callable[..., Rollout]:
+    """The sampling function of a backend: 'hf' (transformers generate) or 'vllm'.
+
+    `backend` may also be a run `Config`: its rollout.backend, student and rollout.vllm are
+    used. 'vllm' imports vLLM only here and needs a CUDA GPU; `model_name` is the student the
+    engine is built from (see `taopd.vllm_sampler.VLLMSampler`), `vllm_cfg` its `VLLMCfg`.
+    """
+    if not isinstance(backend, str):  # a Config
+        model_name = model_name or backend.student
+        vllm_cfg = vllm_cfg or backend.rollout.vllm
+        backend = backend.rollout.backend
     name = backend.strip().lower()
     if name in ("hf", "transformers"):
         return generate
@@ -271,8 +302,17 @@ def make_sampler(backend: str = "hf") -> Callable[..., Rollout]:
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise UserError("vLLM backend needs `pip install taopd[vllm]` and a GPU") from None
-        raise UserError("the vLLM backend is not implemented yet; use backend 'hf'")
+            raise UserError(
+                "rollout.backend 'vllm' needs the vllm extra (GPU only): pip install 'taopd[vllm]'"
+            ) from None
+        if not torch.cuda.is_available():
+            raise UserError(
+                "rollout.backend 'vllm' needs a CUDA GPU and none is visible; "
+                "use rollout.backend 'hf'"
+            )
+        from taopd.vllm_sampler import VLLMSampler
+
+        return VLLMSampler(model_name, vllm_cfg)
     raise UserError(f"unknown sampling backend {backend!r}: use 'hf' or 'vllm'")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -46,6 +47,14 @@ from .models import (
 from .rollout import Rollout, make_sampler, response_hidden
 from .scores import TokenSignals, signals_from_hidden, teachability_of
 from .selection import select_tokens
+from .sharding import (
+    full_model_state,
+    full_optimizer_state,
+    gather,
+    release,
+    set_full_optimizer_state,
+    shard_student,
+)
 
 __all__ = ["Trainer", "TrainingError", "train", "token_samples"]
 
@@ -146,8 +155,23 @@ class Trainer:
 
         self.cfg = cfg
         self.progress = progress
+        env = os.environ  # accelerate launch's config (CPU runs report it as MULTI_CPU)
+        kind = str(getattr(accelerator, "distributed_type", "")).upper()
+        if "DEEPSPEED" in kind or env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+            raise UserError(
+                "DeepSpeed is not supported: taopd calls the student's body and lm_head weight "
+                "directly (the selective head), which ZeRO partitions outside any forward. Shard "
+                "with FSDP instead: configs/accelerate/fsdp.yaml or train.fsdp=true"
+            )
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        kind = str(getattr(self.acc, "distributed_type", "")).upper()
+        self.fsdp = cfg.train.fsdp or "FSDP" in kind or env.get("ACCELERATE_USE_FSDP") == "true"
+        if self.fsdp and self.world == 1:
+            raise UserError("train.fsdp shards across processes: launch 2 or more with accelerate")
+        if self.fsdp and cfg.lora is not None:
+            raise UserError("lora with fsdp is not supported: use one or the other")
+        self.units: list[Any] = []
         if cfg.train.batch_size % self.world:
             raise UserError(
                 f"train.batch_size={cfg.train.batch_size} must be divisible by the "
@@ -246,6 +270,10 @@ class Trainer:
         if cfg.lora is not None:
             student = self._apply_lora(student)
         self.student = student
+        if self.fsdp:  # whole weights go in before sharding; the optimizer sees the shards
+            if self.resume_from is not None:
+                self._load_weights(self.resume_from)
+            self.units = shard_student(student, device)
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
         pd = cfg.selection.projection_dtype
         self.projection_dtype = None if pd == "auto" else getattr(torch, pd)
@@ -254,7 +282,7 @@ class Trainer:
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
         )
         self.sched = _scheduler(self.opt, cfg)
-        self.sampler = make_sampler(cfg.rollout.backend)
+        self.sampler = make_sampler(cfg)  # rollout.backend; vllm: student + rollout.vllm
         self.step = 0
         self.data_pos = 0
         self.nonfinite_in_row = 0
@@ -389,13 +417,28 @@ class Trainer:
             seed=seed,
         )
 
+    @contextlib.contextmanager
+    def _whole_student(self) -> Any:
+        """Full student weights on every process for the block (FSDP); a no-op otherwise."""
+        if not self.fsdp:
+            yield
+            return
+        gather(self.units)
+        try:
+            yield
+        finally:
+            release(self.units)
+
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; returns its metrics (None when the batch had nothing to train)."""
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
+        if self.fsdp:  # whole until the backward pass reshards them
+            gather(self.units)
         roll = self._rollout(step)
         t_roll = time.perf_counter() - t0
         if roll is None:
+            release(self.units)
             self.step = step
             return None
         p = roll.prompt_len
@@ -442,7 +485,10 @@ class Trainer:
             chunk_size=lcfg.chunk_size,
         )
         total = 0.0
-        for c in chunks:
+        for i, c in enumerate(chunks):
+            if self.fsdp and i > 0:  # the previous backward resharded the weights
+                gather(self.units)
+                w_s = lm_head(self.student)
             h = h_s_grad if h_s_grad is not None else response_hidden(self.student, roll, c)
             loss = selective_head_loss(
                 h,
@@ -465,6 +511,7 @@ class Trainer:
             self.nonfinite_total += 1
             metrics["skipped_nonfinite"] = True
         self.opt.zero_grad(set_to_none=True)
+        release(self.units)
         self.sched.step()
         self.step = step
         n_sel_local = int(mask.sum())
@@ -488,7 +535,8 @@ class Trainer:
         )
         metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-            self._write_samples(roll, sig, mask, h_s, h_t, step)
+            with self._whole_student():
+                self._write_samples(roll, sig, mask, h_s, h_t, step)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
             self._log(metrics)  # the run stops here: still record the skipped step
             ckpt = latest_checkpoint(self.out / "checkpoints")
@@ -509,7 +557,7 @@ class Trainer:
     def _reduce_and_clip(self, loss_value: float) -> tuple[float, bool]:
         """Sum gradients over ranks (the loss is already globally normalized), check, clip."""
         params = [p for p in self.student.parameters() if p.requires_grad]
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:  # FSDP reduce-scatters (sums) in the backward
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -517,6 +565,8 @@ class Trainer:
         grads = [p.grad for p in params if p.grad is not None]
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over all shards
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(norm)) and math.isfinite(self._sum(loss_value)) and bool(grads)
         return float(norm), finite
 
@@ -558,9 +608,16 @@ class Trainer:
     # ----------------------------------------------------------------------------- eval
     def evaluate(self, model: torch.nn.Module | None = None) -> float:
         """Greedy accuracy on the test split (every rank evaluates its share; reduced)."""
+        whole = self._whole_student() if model is None else contextlib.nullcontext()
         model = model if model is not None else self.acc.unwrap_model(self.student)
         ex = self.test_examples[self.rank :: self.world]
-        res = evaluate(
+        with whole:
+            res = self._evaluate_share(model, ex)
+        correct = self._sum(res["n_correct"])
+        return correct / self._sum(res["n"])
+
+    def _evaluate_share(self, model: torch.nn.Module, ex: list[Example]) -> dict[str, Any]:
+        return evaluate(
             model,
             self.tokenizer,
             self.task,
@@ -571,11 +628,14 @@ class Trainer:
             progress=self.progress and self.acc.is_main_process,
             chat_template=self.cfg.task.chat_template,
         )
-        correct = self._sum(res["n_correct"])
-        return correct / self._sum(res["n"])
+
+    def heldout_kl(self) -> float | None:
+        """Mean KL(p_S‖p_T) over the held-out bank (see `_heldout_kl`)."""
+        with self._whole_student():
+            return self._heldout_kl()
 
     @torch.no_grad()
-    def heldout_kl(self) -> float | None:
+    def _heldout_kl(self) -> float | None:
         """Mean KL(p_S‖p_T) over a fixed bank of student rollouts on test prompts.
 
         The bank is sampled once from the initial student and saved in the run folder, so every
@@ -627,7 +687,7 @@ class Trainer:
         return {
             "step": self.step,
             "data_pos": self.data_pos,
-            "optimizer": self.opt.state_dict(),
+            "optimizer": self.opt.state_dict() if not self.fsdp else None,
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
             "tokens_trained": self.tokens_trained,
@@ -646,27 +706,33 @@ class Trainer:
         """Write an atomic checkpoint (rank 0), keeping the newest `train.keep_last`."""
         self.history["wall_seconds"] = self._wall_seconds()
         path = None
+        weights: dict[str, Tensor] | None = None
+        state = self._trainer_state() if self.acc.is_main_process else {}
+        if self.fsdp:  # collectives: every rank takes part, rank 0 receives the whole state
+            weights = full_model_state(self.student)
+            state["optimizer"] = full_optimizer_state(self.student, self.opt)
+            state["optimizer_format"] = "fsdp-full"
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.student)
 
             def save_model(d: Path) -> None:
-                model.save_pretrained(d, safe_serialization=True)
+                model.save_pretrained(d, safe_serialization=True, state_dict=weights)
                 self.tokenizer.save_pretrained(d)
 
             path = save_checkpoint(
                 self.out / "checkpoints",
                 self.step,
                 save_model,
-                self._trainer_state(),
+                state,
                 keep_last=self.cfg.train.keep_last,
             )
         self.acc.wait_for_everyone()
         return path
 
-    def _load(self, ckpt: Path) -> None:
+    def _load_weights(self, ckpt: Path) -> None:
+        """The student weights of a checkpoint, into the (not yet sharded) student."""
         from safetensors.torch import load_file
 
-        state = load_trainer_state(ckpt)
         model = self.student
         weights = {}
         for f in sorted((ckpt / "model").glob("*.safetensors")):
@@ -682,7 +748,22 @@ class Trainer:
                 raise UserError(f"checkpoint {ckpt} does not match the student: {missing[:3]}")
             if hasattr(model, "tie_weights"):
                 model.tie_weights()
-        self.opt.load_state_dict(state["optimizer"])
+
+    def _load(self, ckpt: Path) -> None:
+        """Weights (unless already loaded before sharding), optimizer, schedule, RNG, counters."""
+        state = load_trainer_state(ckpt)
+        written_sharded = state.get("optimizer_format") == "fsdp-full"
+        if written_sharded != self.fsdp:
+            how = "with" if written_sharded else "without"
+            raise UserError(
+                f"checkpoint {ckpt} was written {how} FSDP; resume it the same way "
+                f"(train.fsdp={str(written_sharded).lower()})"
+            )
+        if self.fsdp:
+            set_full_optimizer_state(self.student, self.opt, state["optimizer"])
+        else:
+            self._load_weights(ckpt)
+            self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.data_pos = state["step"], state["data_pos"]
@@ -839,6 +920,7 @@ class Trainer:
             "k": cfg.selection.k,
             "batch_size": cfg.train.batch_size,
             "world_size": self.world,
+            "fsdp": self.fsdp,
             "seed": cfg.train.seed,
             "wall_seconds": seconds,
             "accuracy_curve": h.get("accuracy_curve", []),
