@@ -88,3 +88,10 @@ def test_two_arm_comparison_end_to_end_and_resumable(
     assert main(argv) == 0
     assert arm.stat().st_mtime_ns == stamp
     assert json.loads(arm.read_text())["steps"] == 2
+    # --no-run with a wider plan trains nothing new and tables only the finished arms
+    wider = [a if a != "full,teachability" else "full,teachability,random" for a in argv]
+    assert main([*wider, "--no-run"]) == 0
+    assert not (out / "arms" / Arm("random", 0.25, 16, 4, 0).name).exists()
+    with open(out / "results.csv") as f:
+        assert {r["strategy"] for r in csv.DictReader(f)} == {"full", "teachability"}
+    assert "2 of 3 runs finished" in capsys.readouterr().out

@@ -198,7 +198,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.batch_sizes or [cfg.train.batch_size],
     )
     print(f"taopd compare: {len(arms)} runs in {out} ({args.parallel} at a time)", flush=True)
-    run_compare(cfg, out, arms, parallel=args.parallel, progress=not args.no_progress)
+    rows = run_compare(
+        cfg, out, arms, parallel=args.parallel, progress=not args.no_progress, run=not args.no_run
+    )
+    if args.no_run:
+        print(f"{len(rows)} of {len(arms)} runs finished; tables from those in {out}")
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.html'}")
     return 0
@@ -261,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_csv(int), default=None, help="teachability K values, e.g. 1,5,16")
     p.add_argument("--batch-sizes", type=_csv(int), default=None, help="prompts per step")
     p.add_argument("--parallel", type=int, default=1, help="arms running at once")
+    p.add_argument(
+        "--no-run",
+        action="store_true",
+        help="train nothing: write the tables and plots of the arms already finished",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

@@ -146,8 +146,12 @@ def run_compare(
     arms: list[Arm],
     parallel: int = 1,
     progress: bool = True,
+    run: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every arm under out/arms/, then write results.{csv,md} and plots."""
+    """Run (or resume) every arm under out/arms/, then write results.{csv,md} and plots.
+
+    `run=False` trains nothing: the tables and plots cover the arms already finished.
+    """
     from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +177,8 @@ def run_compare(
         cfg_path = out / "arms" / f"{arm.name}.yaml"
         atomic_write_text(cfg_path, arm_cfg.to_yaml())
         pending.append((arm, folder, cfg_path))
+    if not run:
+        pending = []
     if pending and cfg.teacher_sft is not None:
         # fine-tune (and cache) the shared teacher once here, not once per parallel arm
         from .sft import prepare_teacher
