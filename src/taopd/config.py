@@ -145,6 +145,27 @@ class OptimCfg(_Strict):
     warmup_steps: int = Field(0, ge=0)
 
 
+class TeacherServerCfg(_Strict):
+    """A teacher behind vLLM's OpenAI server: its top-k prompt log-probs replace the local teacher.
+
+    `teacher` then names only the teacher's tokenizer (vocabulary checks); its weights are not
+    loaded. Ask the server for `top_k` <= its --max-logprobs (vLLM's default is 20).
+    """
+
+    url: str  # OpenAI-compatible base URL, e.g. http://host:8000/v1
+    model: str | None = None  # served model name; None = the server's only model
+    top_k: int = Field(20, ge=1)  # prompt_logprobs requested per position
+    timeout_s: float = Field(120.0, gt=0)
+    batch_size: int = Field(16, ge=1)  # sequences per HTTP request
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+
 class LoraCfg(_Strict):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
@@ -242,6 +263,7 @@ class Config(_Strict):
     student: str = "smollm2"
     teacher: str = "smollm2"
     teacher_sft: TeacherSFT | None = None
+    teacher_server: TeacherServerCfg | None = None
     task: TaskCfg = Field(default_factory=TaskCfg)
     rollout: RolloutCfg = Field(default_factory=RolloutCfg)
     selection: SelectionCfg = Field(default_factory=SelectionCfg)
@@ -252,6 +274,40 @@ class Config(_Strict):
     eval: EvalCfg = Field(default_factory=EvalCfg)
     diagnose: DiagnoseCfg = Field(default_factory=DiagnoseCfg)
     output_dir: str = "runs/run"
+
+    @model_validator(mode="after")
+    def _server_fits(self) -> Config:
+        """A served teacher gives log p_T only on its top-k and the sampled token: refuse what
+        needs more (non-pg losses, full-distribution strategies, a local teacher_sft)."""
+        if self.teacher_server is None:
+            return self
+        from .scores import TOPK_UNAVAILABLE
+        from .selection import strategies_without
+
+        if self.loss.kind != "pg":
+            raise ValueError(
+                "teacher_server needs loss.kind 'pg': the sampled-token policy gradient is the "
+                "only loss that uses nothing but log p_T of the sampled token; "
+                f"{self.loss.kind!r} needs the full teacher distribution"
+            )
+        if self.loss.temperature != 1.0:
+            raise ValueError("teacher_server needs loss.temperature 1 (the server's log-probs are)")
+        if self.selection.strategy not in strategies_without(TOPK_UNAVAILABLE):
+            ok = ", ".join(sorted(strategies_without(TOPK_UNAVAILABLE)))
+            raise ValueError(
+                f"selection.strategy {self.selection.strategy!r} needs the full teacher "
+                f"distribution, which teacher_server does not give; use one of {ok}"
+            )
+        if self.teacher_server.top_k < self.selection.k:
+            raise ValueError(
+                f"teacher_server.top_k ({self.teacher_server.top_k}) must be >= selection.k "
+                f"({self.selection.k}): S^T is the teacher's top-K"
+            )
+        if self.teacher_sft is not None:
+            raise ValueError(
+                "teacher_sft fine-tunes local teacher weights: not with teacher_server"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -903,6 +903,11 @@ def run_diagnose(
     from .report import render_report
     from .train import Trainer
 
+    if cfg.teacher_server is not None:
+        raise UserError(
+            "diagnose measures full-vocabulary KL gains and needs the teacher's weights; "
+            "teacher_server is not supported there: drop it and point `teacher` at the model"
+        )
     start = time.perf_counter()
     dcfg = cfg.diagnose.model_copy(
         update={k: v for k, v in (("mode", mode), ("relative", relative)) if v is not None}

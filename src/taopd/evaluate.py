@@ -8,9 +8,14 @@ from typing import Any
 from taopd.data import Example, Task, render_prompt
 from taopd.rollout import generate
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "is_correct"]
 
 N_SAMPLES = 20
+
+
+def is_correct(score: float) -> bool:
+    """A task score counts as a correct answer at 1 (verifiers may return partial credit)."""
+    return score >= 1.0 - 1e-9
 
 
 def evaluate(
@@ -62,13 +67,13 @@ def evaluate(
                             "question": ex.question,
                             "completion": text,
                             "answer": ex.answer,
-                            "correct": score >= 1.0 - 1e-9,
+                            "correct": is_correct(score),
                         }
                     )
             bar.update(len(batch))
     finally:
         bar.close()
-    n_correct = sum(s >= 1.0 - 1e-9 for s in scores)
+    n_correct = sum(is_correct(s) for s in scores)
     return {
         "accuracy": n_correct / len(scores),
         "mean_score": sum(scores) / len(scores),

@@ -17,6 +17,7 @@ from .scores import trim_vocab
 __all__ = ["LOSS_KINDS", "per_token_loss", "opd_loss", "selective_head_loss", "row_weights"]
 
 LOSS_KINDS = ("reverse_kl", "forward_kl", "jsd", "pg")
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # kind 'pg': PPO-style ratio clipping (the authors' values)
 
 
 def _masked_kl(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
@@ -35,8 +36,8 @@ def per_token_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     old_logprobs: Tensor | None = None,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
+    clip_low: float = CLIP_LOW,
+    clip_high: float = CLIP_HIGH,
 ) -> Tensor:
     """Per-row loss [N] from logits [N, V]; the teacher is always detached.
 
@@ -64,13 +65,27 @@ def per_token_loss(
         if tokens is None:
             raise ValueError("kind='pg' needs the sampled token ids (tokens=...)")
         idx = tokens.long().unsqueeze(-1)
-        logp = ls.gather(-1, idx).squeeze(-1)
-        advantage = -(logp - lt.gather(-1, idx).squeeze(-1)).detach()
-        old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
-        ratio = torch.exp(logp - old)
-        clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-        return -torch.minimum(ratio * advantage, clipped * advantage)
+        return _pg_loss(
+            ls, lt.gather(-1, idx).squeeze(-1), tokens, old_logprobs, clip_low, clip_high
+        )
     raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}; got {kind!r}")
+
+
+def _pg_loss(
+    ls: Tensor,
+    teacher_token_logprob: Tensor,
+    tokens: Tensor,
+    old_logprobs: Tensor | None,
+    clip_low: float,
+    clip_high: float,
+) -> Tensor:
+    """The 'pg' loss per row from student log-probs ls [N, V] and log p_T(y) [N] (see above)."""
+    logp = ls.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    advantage = -(logp - teacher_token_logprob.detach().to(ls.dtype)).detach()
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(ls.dtype)
+    ratio = torch.exp(logp - old)
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return -torch.minimum(ratio * advantage, clipped * advantage)
 
 
 def row_weights(
@@ -247,6 +262,7 @@ def selective_head_loss(
     teacher_hidden: Tensor | None = None,
     teacher_weight: Tensor | None = None,
     teacher_logits: Tensor | None = None,
+    teacher_token_logprobs: Tensor | None = None,
     kind: str = "reverse_kl",
     tokens: Tensor | None = None,
     normalizer: float | None = None,
@@ -262,9 +278,21 @@ def selective_head_loss(
     Only rows where `mask` is True are projected through the vocabulary (with gradient, in chunks
     of `chunk_size`). The teacher comes as hidden states + lm_head (projected at kept rows only, no
     grad) or as logits, full [..., V] or already the kept rows [n, V]. Equal to the dense path.
+    For kind 'pg' the teacher may instead come as `teacher_token_logprobs`, log p_T(y) of the
+    sampled tokens [...] (a teacher served over HTTP), taken as given (no temperature applied).
     """
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
-        raise ValueError("pass either teacher_logits or both teacher_hidden and teacher_weight")
+    given = [
+        teacher_logits is not None,
+        teacher_hidden is not None and teacher_weight is not None,
+        teacher_token_logprobs is not None,
+    ]
+    if sum(given) != 1:
+        raise ValueError(
+            "pass exactly one teacher: teacher_logits, both teacher_hidden and teacher_weight, "
+            "or teacher_token_logprobs (kind 'pg')"
+        )
+    if teacher_token_logprobs is not None and kind != "pg":
+        raise ValueError(f"teacher_token_logprobs serves kind 'pg' only, not {kind!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if kind not in LOSS_KINDS:
@@ -277,6 +305,19 @@ def selective_head_loss(
         return student_hidden.reshape(-1)[:1].sum() * 0.0 + w_s.reshape(-1)[:1].sum() * 0.0
     tok_rows = _rows(tokens, mask, rows)
     old_rows = _rows(old_logprobs, mask, rows)
+    if teacher_token_logprobs is not None:
+        if tok_rows is None:
+            raise ValueError("kind='pg' needs the sampled token ids (tokens=...)")
+        lt_rows = _rows(teacher_token_logprobs.detach(), mask, rows)
+
+        def token_chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
+            dtype = torch.promote_types(student_chunk_logits.dtype, torch.float32)
+            ls = torch.log_softmax(student_chunk_logits.to(dtype) / temperature, dim=-1)
+            old = old_rows[sl] if old_rows is not None else None
+            per = _pg_loss(ls, lt_rows[sl], tok_rows[sl], old, CLIP_LOW, CLIP_HIGH)
+            return (per * weights[sl].to(per.dtype)).sum()
+
+        return _FusedHeadLoss.apply(h_rows, w_s, token_chunk_loss, chunk_size, None)
     if teacher_logits is not None:
         t_rows = _rows(trim_vocab(teacher_logits, vocab_size).detach(), mask, rows)
         if t_rows.shape[-1] != w_s.shape[0]:

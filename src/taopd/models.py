@@ -331,10 +331,17 @@ def lm_head(model: nn.Module) -> nn.Parameter:
     return weight
 
 
-def shared_vocab_size(tokenizer: Any, student_model: nn.Module, teacher_model: nn.Module) -> int:
-    """Number of vocabulary rows both models score: len(tokenizer); padded lm_heads are trimmed."""
+def shared_vocab_size(
+    tokenizer: Any, student_model: nn.Module, teacher_model: nn.Module | None
+) -> int:
+    """Number of vocabulary rows both models score: len(tokenizer); padded lm_heads are trimmed.
+
+    teacher_model None (a teacher served over HTTP) checks the student only.
+    """
     n = len(tokenizer)
     for role, model in (("student", student_model), ("teacher", teacher_model)):
+        if model is None:
+            continue
         rows = lm_head(model).shape[0]
         if rows < n:
             config = getattr(model, "config", None)

@@ -7,7 +7,7 @@ Imports torch only. Every function works on tensors of shape [..., V] (logits) o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -17,6 +17,8 @@ __all__ = [
     "TokenSignals",
     "token_signals",
     "signals_from_hidden",
+    "signals_from_teacher_topk",
+    "TOPK_UNAVAILABLE",
     "normalize",
     "quantile",
     "teachability",
@@ -25,6 +27,8 @@ __all__ = [
 ]
 
 EPS = 1e-8
+TOPK_UNAVAILABLE = ("teacher_entropy", "reverse_kl", "forward_kl")
+"""Signals a teacher that returns only its top-k cannot give: NaN in `signals_from_teacher_topk`."""
 
 
 @dataclass
@@ -123,25 +127,43 @@ def _stacked_signals(x: Tensor, work: Tensor, k: int, tokens: Tensor | None) -> 
         out["forward_kl"][idx] = b_neg_h_t - _xlogy_sum(b_pt, b_ls)
     top = logp.topk(k, dim=-1).indices
     ids_s, ids_t = top[:, 0], top[:, 1]  # S^S, S^T
-    s_in_t = (ids_s.unsqueeze(-1) == ids_t.unsqueeze(-2)).any(-1)  # v ∈ S^S ∩ S^T
-    t_in_s = (ids_t.unsqueeze(-1) == ids_s.unsqueeze(-2)).any(-1)
-    # U = S^S ∪ S^T as the 2K ids [S^S, S^T] with the duplicates of S^T switched off.
-    union_ids = torch.cat([ids_s, ids_t], dim=-1)
-    in_union = torch.cat([torch.ones_like(s_in_t), ~t_in_s], dim=-1)
-    ls_u = ls.gather(-1, union_ids).masked_fill(~in_union, -math.inf)
-    lt_u = lt.gather(-1, union_ids).masked_fill(~in_union, -math.inf)
-    ls_u = ls_u - torch.logsumexp(ls_u, dim=-1, keepdim=True)  # log p̄_S on U
-    lt_u = lt_u - torch.logsumexp(lt_u, dim=-1, keepdim=True)  # log p̄_T on U
-    pt_u = lt_u.exp()
-    out["disagreement"] = _xlogy_sum(pt_u, lt_u) - _xlogy_sum(pt_u, ls_u)
+    out["disagreement"], s_in_t = _union_disagreement(
+        ids_s, ids_t, lambda i: ls.gather(-1, i), lambda i: lt.gather(-1, i)
+    )
     pt_at_s = pt.gather(-1, ids_s)
     out["compatibility"] = pt_at_s.sum(-1)
-    out["compatibility_lb"] = (pt_at_s * s_in_t).sum(-1)
+    out["compatibility_lb"] = _mass_on(pt_at_s, s_in_t)
     out["overlap"] = s_in_t.to(x.dtype).sum(-1) / k
     if tokens is not None:
         idx = tokens.long().unsqueeze(-1)
         out["log_ratio"] = (ls.gather(-1, idx) - lt.gather(-1, idx)).squeeze(-1)
     return out
+
+
+def _union_disagreement(
+    ids_s: Tensor, ids_t: Tensor, log_s_at: Callable, log_t_at: Callable
+) -> tuple[Tensor, Tensor]:
+    """D_t (Eq. 9) on U = S^S ∪ S^T, and which S^S ids are in S^T ([N, K] bool).
+
+    `log_s_at(ids)` / `log_t_at(ids)` give each model's log-probabilities at ids [N, m]; both
+    are renormalized on U before the forward KL (0·log 0 = 0).
+    """
+    s_in_t = (ids_s.unsqueeze(-1) == ids_t.unsqueeze(-2)).any(-1)  # v ∈ S^S ∩ S^T
+    t_in_s = (ids_t.unsqueeze(-1) == ids_s.unsqueeze(-2)).any(-1)
+    # U = S^S ∪ S^T as the 2K ids [S^S, S^T] with the duplicates of S^T switched off.
+    union_ids = torch.cat([ids_s, ids_t], dim=-1)
+    in_union = torch.cat([torch.ones_like(s_in_t), ~t_in_s], dim=-1)
+    ls_u = log_s_at(union_ids).masked_fill(~in_union, -math.inf)
+    lt_u = log_t_at(union_ids).masked_fill(~in_union, -math.inf)
+    ls_u = ls_u - torch.logsumexp(ls_u, dim=-1, keepdim=True)  # log p̄_S on U
+    lt_u = lt_u - torch.logsumexp(lt_u, dim=-1, keepdim=True)  # log p̄_T on U
+    pt_u = lt_u.exp()
+    return _xlogy_sum(pt_u, lt_u) - _xlogy_sum(pt_u, ls_u), s_in_t
+
+
+def _mass_on(pt_at_s: Tensor, member: Tensor) -> Tensor:
+    """Σ_{v∈S^S, member} p_T(v): Ĉ of Eq. 17 (member = v ∈ S^T, or v among the ids known)."""
+    return (pt_at_s * member).sum(-1)
 
 
 _PLOGQ_BLOCK_BYTES = 8 << 20  # product block on CPU: stays in cache between the mul and the sum
@@ -302,6 +324,113 @@ def signals_from_hidden(
     sig = _assemble(lead, valid, rows, device, dtype)
     if tokens is not None and sig.log_ratio is None:
         sig.log_ratio = torch.zeros(lead, dtype=dtype, device=device)
+    return sig
+
+
+def _topk_rows(
+    ls: Tensor, known_ids: Tensor, known_lp: Tensor, k: int, vocab: int
+) -> dict[str, Tensor]:
+    """Signals of rows from student log-probs ls [N, V] and the teacher's known log-probs.
+
+    known_ids / known_lp [N, R]: ids with exact teacher log-probs (-1 / -inf pad). The teacher's
+    missing mass 1 - Σ_known p_T is spread uniformly over the V - R ids it did not return.
+    """
+    n_known = (known_ids >= 0).sum(-1)
+    if bool((n_known < k).any()):
+        raise ValueError(f"the teacher returned fewer than k={k} in-vocabulary ids at a position")
+    rest = (1.0 - known_lp.exp().sum(-1)).clamp(min=0.0)
+    n_rest = (vocab - n_known).to(ls.dtype)
+    log_rest = torch.where(
+        n_rest > 0, rest.log() - n_rest.clamp(min=1).log(), torch.full_like(rest, -math.inf)
+    )
+
+    def log_t_at(ids: Tensor) -> Tensor:
+        match = ids.unsqueeze(-1) == known_ids.unsqueeze(-2)  # [N, m, R]
+        found = known_lp.unsqueeze(-2).expand_as(match).masked_fill(~match, 0.0).sum(-1)
+        return torch.where(match.any(-1), found, log_rest.unsqueeze(-1))
+
+    ids_s = ls.topk(k, dim=-1).indices  # S^S
+    ids_t = known_ids.gather(-1, known_lp.topk(k, dim=-1).indices)  # S^T: top-K of the known
+    disagreement, s_in_t = _union_disagreement(ids_s, ids_t, lambda i: ls.gather(-1, i), log_t_at)
+    s_known = (ids_s.unsqueeze(-1) == known_ids.unsqueeze(-2)).any(-1)
+    c_hat = _mass_on(log_t_at(ids_s).exp(), s_known)
+    nan = torch.full_like(c_hat, math.nan)
+    return {
+        "student_entropy": -_xlogy_sum(ls.exp(), ls),
+        "teacher_entropy": nan,
+        "reverse_kl": nan,
+        "forward_kl": nan,
+        "disagreement": disagreement,
+        "compatibility": c_hat,
+        "compatibility_lb": c_hat,
+        "overlap": s_in_t.to(ls.dtype).sum(-1) / k,
+    }
+
+
+@torch.no_grad()
+def signals_from_teacher_topk(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    token_teacher_logprob: Tensor,
+    tokens: Tensor,
+    k: int = 16,
+    valid: Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 512,
+    projection_dtype: torch.dtype | None = None,
+) -> TokenSignals:
+    """Signals when the teacher gives log-probs only on some ids (a top-k server, Eq. 17).
+
+    teacher_ids / teacher_logprobs [..., R]: the ids the teacher returned (its top-k, R >= k;
+    -1 / -inf pad) with exact log-probs; token_teacher_logprob [...]: log p_T(y_t) of `tokens`.
+    Exact: student_entropy, overlap (S^T = top-K of the returned ids), log_ratio.
+    compatibility = compatibility_lb = Ĉ = Σ p_T over S^S ids the teacher returned (Eq. 17's
+    lower bound of C; C itself when R = V). disagreement: D on U = S^S ∪ S^T with p_T of ids
+    outside the returned set taken as the missing mass spread uniformly over them (exact when
+    R = V). teacher_entropy, reverse_kl, forward_kl: NaN (TOPK_UNAVAILABLE). Temperature 1.
+    """
+    w_s = trim_vocab(student_weight, vocab_size, dim=0).detach()
+    vocab = w_s.shape[0]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, vocabulary size {vocab}], got k={k}")
+    lead = student_hidden.shape[:-1]
+    if teacher_ids.shape[:-1] != lead or teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"teacher ids {tuple(teacher_ids.shape)} and log-probs "
+            f"{tuple(teacher_logprobs.shape)} must be [{', '.join(map(str, lead))}, R]"
+        )
+    if projection_dtype is not None:
+        w_s = w_s.to(projection_dtype)
+    device = student_hidden.device
+    valid = _valid_mask(lead, valid, device)
+    flat_valid = valid.reshape(-1)
+    dtype = torch.promote_types(student_hidden.dtype, torch.float32)
+    h_s = student_hidden.detach().reshape(-1, student_hidden.shape[-1])[flat_valid]
+    r = teacher_ids.shape[-1]
+    t_ids = teacher_ids.to(device).reshape(-1, r)[flat_valid].long()
+    t_lp = teacher_logprobs.to(device=device, dtype=dtype).reshape(-1, r)[flat_valid]
+    t_lp = t_lp.masked_fill(t_ids < 0, -math.inf)
+    tok = tokens.to(device).reshape(-1)[flat_valid].long()
+    t_tok = token_teacher_logprob.to(device=device, dtype=dtype).reshape(-1)[flat_valid]
+    rows = []
+    n_rows = h_s.shape[0]
+    if n_rows:
+        logits = torch.empty(min(chunk_size, n_rows), vocab, dtype=dtype, device=device)
+    for start in range(0, n_rows, chunk_size):
+        sl = slice(start, min(start + chunk_size, n_rows))
+        x = logits[: sl.stop - start]
+        _project(h_s[sl], w_s, x, projection_dtype)
+        ls = torch.log_softmax(x, dim=-1)
+        row = _topk_rows(ls, t_ids[sl], t_lp[sl], k, vocab)
+        row["log_ratio"] = ls.gather(-1, tok[sl].unsqueeze(-1)).squeeze(-1) - t_tok[sl]
+        rows.append(row)
+    sig = _assemble(lead, valid, rows, device, dtype)
+    if not rows:
+        sig.log_ratio = torch.zeros(lead, dtype=dtype, device=device)
+    for name in TOPK_UNAVAILABLE:  # not available anywhere, valid or not
+        setattr(sig, name, torch.full(lead, math.nan, dtype=dtype, device=device))
     return sig
 
 

@@ -14,7 +14,15 @@ from torch import Tensor
 
 from .scores import TokenSignals, normalize, quantile, teachability_of
 
-__all__ = ["STRATEGIES", "strategy_scores", "select", "select_tokens", "count_for"]
+__all__ = [
+    "STRATEGIES",
+    "STRATEGY_SIGNALS",
+    "strategies_without",
+    "strategy_scores",
+    "select",
+    "select_tokens",
+    "count_for",
+]
 
 ScoreFn = Callable[[TokenSignals, Tensor, torch.Generator | None], Tensor]
 
@@ -75,6 +83,28 @@ teachability D̃·C̃ (Eq. 12, D^L); incompatible D̃(1-C̃) (D^I); tip H̃+D̃-
 H̃+s-H̃s; q3 D̃ restricted to low-entropy/high-divergence positions; full keeps everything."""
 
 
+_H, _D, _C = "student_entropy", "disagreement", "compatibility"
+STRATEGY_SIGNALS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "random": (),
+    "entropy": (_H,),
+    "divergence": (_D,),
+    "reverse_kl": ("reverse_kl",),
+    "compatibility": (_C,),
+    "teachability": (_D, _C),
+    "incompatible": (_D, _C),
+    "tip": (_H, _D),
+    "teachability_entropy": (_H, _D, _C),
+    "q3": (_H, _D),
+}
+"""The `TokenSignals` fields each strategy reads (checked before scoring)."""
+
+
+def strategies_without(missing: tuple[str, ...] | set[str]) -> list[str]:
+    """The strategies that read none of the signals named in `missing`."""
+    return [s for s, need in STRATEGY_SIGNALS.items() if not set(need) & set(missing)]
+
+
 def _valid_like(scores: Tensor, valid: Tensor | None) -> Tensor:
     if valid is None:
         return torch.ones_like(scores, dtype=torch.bool)
@@ -95,6 +125,13 @@ def strategy_scores(
             f"strategy must be one of {', '.join(sorted(STRATEGIES))}; got {strategy!r}"
         )
     valid = _valid_like(signals.student_entropy, valid)
+    for name in STRATEGY_SIGNALS[strategy]:  # NaN = not available (e.g. a teacher served top-k)
+        x = getattr(signals, name)
+        if bool(valid.any()) and bool(torch.isnan(x[valid]).all()):
+            raise ValueError(
+                f"strategy {strategy!r} needs the signal {name!r}, which these signals do not "
+                f"carry (NaN); strategies that work: {', '.join(strategies_without((name,)))}"
+            )
     scores = STRATEGIES[strategy](signals, valid, generator)
     return scores.masked_fill(~valid, -math.inf)
 

@@ -34,7 +34,7 @@ from .checkpoint import (
 from .config import Config
 from .data import Example, make_task, render_prompt
 from .errors import UserError
-from .evaluate import evaluate
+from .evaluate import evaluate, is_correct
 from .loss import selective_head_loss
 from .models import (
     check_tokenizers,
@@ -44,8 +44,13 @@ from .models import (
     resolve_model,
     shared_vocab_size,
 )
-from .rollout import Rollout, make_sampler, response_hidden
-from .scores import TokenSignals, signals_from_hidden, teachability_of
+from .rollout import Rollout, make_sampler, response_hidden, tokenize_left
+from .scores import (
+    TokenSignals,
+    signals_from_hidden,
+    signals_from_teacher_topk,
+    teachability_of,
+)
 from .selection import select_tokens
 from .sharding import (
     full_model_state,
@@ -55,6 +60,7 @@ from .sharding import (
     set_full_optimizer_state,
     shard_student,
 )
+from .teacher_server import TeacherServer
 
 __all__ = ["Trainer", "TrainingError", "train", "token_samples"]
 
@@ -83,6 +89,14 @@ def _mean(x: Tensor, m: Tensor) -> float:
     return float(x[m].mean()) if bool(m.any()) else float("nan")
 
 
+def _candidates(tokenizer: Any, ids: Tensor, probs: Tensor) -> list[list[list[Any]]]:
+    """Per position, [[decoded token, probability], ...] of the given top ids."""
+    return [
+        [[tokenizer.decode([int(t)]), round(float(q), 4)] for t, q in zip(tr, prr)]
+        for tr, prr in zip(ids, probs)
+    ]
+
+
 @torch.no_grad()
 def token_samples(
     tokenizer: Any,
@@ -90,20 +104,22 @@ def token_samples(
     sig: TokenSignals,
     mask: Tensor,
     h_s: Tensor,
-    h_t: Tensor,
+    h_t: Tensor | None,
     w_s: Tensor,
-    w_t: Tensor,
+    w_t: Tensor | None,
     vocab_size: int,
     step: int,
     rows: int = 2,
     top: int = 5,
     teach: Tensor | None = None,
+    teacher_top: tuple[Tensor, Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Token-view records (report.py's samples.jsonl format) for the first `rows` rollouts.
 
     Per response token: the signals, whether it was selected, and the student's and teacher's
     top candidates (only these few rows are projected through the lm_heads). `teach` gives the
     teachability normalized over a larger batch; by default it is normalized over `roll`.
+    `teacher_top` (ids, log-probs [B, T, R]) replaces h_t / w_t for a teacher served over HTTP.
     """
     p = roll.prompt_len
     valid = roll.response_mask[:, p:]
@@ -114,16 +130,23 @@ def token_samples(
         idx = valid[b].nonzero().squeeze(-1)
         ids = roll.input_ids[b, p:][idx].tolist()
         cands = {}
-        for side, h, w in (("student_top", h_s, w_s), ("teacher_top", h_t, w_t)):
+        sides = [("student_top", h_s, w_s)] + (
+            [("teacher_top", h_t, w_t)] if h_t is not None else []
+        )
+        for side, h, w in sides:
             logits = h[b, idx].float() @ w[:vocab_size].float().T
             pr, ti = torch.softmax(logits, -1).topk(top, -1)
-            cands[side] = [
-                [[tokenizer.decode([int(t)]), round(float(q), 4)] for t, q in zip(tr, prr)]
-                for tr, prr in zip(ti, pr)
-            ]
+            cands[side] = _candidates(tokenizer, ti, pr)
+        if teacher_top is not None:
+            lp, order = teacher_top[1][b, idx].float().topk(top, -1)
+            cands["teacher_top"] = _candidates(
+                tokenizer, teacher_top[0][b, idx].gather(-1, order), lp.exp()
+            )
         signals = {"teachability": teach[b, idx].tolist()}
         for name in ("student_entropy", "disagreement", "compatibility", "reverse_kl"):
-            signals[name] = getattr(sig, name)[b, idx].tolist()
+            values = getattr(sig, name)[b, idx]
+            if not bool(torch.isnan(values).all()):  # NaN: not available (served teacher)
+                signals[name] = values.tolist()
         prompt_ids = roll.input_ids[b, :p][roll.attention_mask[b, :p].bool()]
         out.append(
             {
@@ -179,6 +202,10 @@ class Trainer:
             )
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        self.server: TeacherServer | None = None
+        if cfg.teacher_server is not None:  # fail fast, before the output folder is touched
+            self.server = TeacherServer.from_config(cfg.teacher_server)
+            self.server.connect()
         self.out = Path(cfg.output_dir)
         self.resume_from = self._prepare_output(resume, overwrite)
         self.stop_requested = False
@@ -236,7 +263,10 @@ class Trainer:
         if not self.train_examples:
             raise UserError("the task gave no training examples")
         teacher_name = cfg.teacher
-        for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
+        roles = [("student", cfg.student)]
+        if self.server is None:  # a served teacher: `teacher` names only its tokenizer
+            roles.append(("teacher", cfg.teacher))
+        for role, name in roles:
             folder = Path(resolve_model(name))
             if folder.is_dir() and not (folder / "config.json").is_file():
                 raise UserError(
@@ -261,11 +291,13 @@ class Trainer:
 
             with acc.main_process_first():
                 teacher_name = str(prepare_teacher(cfg, progress=self.progress))
-        self.teacher_path = teacher_name
+        self.teacher_path = teacher_name if self.server is None else repr(self.server)
         device = acc.device
-        t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
-        self.teacher = load_model(teacher_name, dtype=t_dtype, device=device).eval()
-        self.teacher.requires_grad_(False)
+        self.teacher: torch.nn.Module | None = None  # None: the teacher is self.server
+        if self.server is None:
+            t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
+            self.teacher = load_model(teacher_name, dtype=t_dtype, device=device).eval()
+            self.teacher.requires_grad_(False)
         student = load_model(cfg.student, dtype=cfg.train.dtype, device=device)
         if cfg.lora is not None:
             student = self._apply_lora(student)
@@ -446,10 +478,13 @@ class Trainer:
         n_rows = targets.shape[0]
         mb = cfg.train.micro_batch_size or n_rows
         chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
-        w_s, w_t = lm_head(self.student), lm_head(self.teacher)
+        w_s = lm_head(self.student)
         self.student.train()
-        with torch.no_grad():
-            h_t = torch.cat([response_hidden(self.teacher, roll, c) for c in chunks])
+        w_t = h_t = t_ids = t_lps = t_token_lp = None
+        if self.server is None:
+            w_t = lm_head(self.teacher)
+            with torch.no_grad():
+                h_t = torch.cat([response_hidden(self.teacher, roll, c) for c in chunks])
         if len(chunks) == 1:  # one student forward serves scoring (detached) and the loss
             h_s_grad = response_hidden(self.student, roll, chunks[0])
             h_s = h_s_grad.detach()
@@ -458,19 +493,37 @@ class Trainer:
             with torch.no_grad():
                 h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
         sel, lcfg = cfg.selection, cfg.loss
-        sig = signals_from_hidden(
-            h_s,
-            w_s,
-            h_t,
-            w_t,
-            tokens=targets,
-            k=sel.k,
-            valid=valid,
-            temperature=lcfg.temperature,
-            vocab_size=self.vocab_size,
-            chunk_size=sel.chunk_size,
-            projection_dtype=self.projection_dtype,
-        )
+        if self.server is None:
+            sig = signals_from_hidden(
+                h_s,
+                w_s,
+                h_t,
+                w_t,
+                tokens=targets,
+                k=sel.k,
+                valid=valid,
+                temperature=lcfg.temperature,
+                vocab_size=self.vocab_size,
+                chunk_size=sel.chunk_size,
+                projection_dtype=self.projection_dtype,
+            )
+        else:  # this rank's rows go to the server; loss.temperature is 1 (config check)
+            t_ids, t_lps, t_token_lp = self.server.score(
+                roll.input_ids, roll.attention_mask, roll.response_mask, p, self.vocab_size
+            )
+            sig = signals_from_teacher_topk(
+                h_s,
+                w_s,
+                t_ids,
+                t_lps,
+                t_token_lp,
+                targets,
+                k=sel.k,
+                valid=valid,
+                vocab_size=self.vocab_size,
+                chunk_size=sel.chunk_size,
+                projection_dtype=self.projection_dtype,
+            )
         mask, norm = self._select(sig, valid, step)
         t_score = time.perf_counter() - t0 - t_roll
         if norm == 0:
@@ -490,15 +543,11 @@ class Trainer:
                 gather(self.units)
                 w_s = lm_head(self.student)
             h = h_s_grad if h_s_grad is not None else response_hidden(self.student, roll, c)
-            loss = selective_head_loss(
-                h,
-                w_s,
-                mask[c],
-                teacher_hidden=h_t[c],
-                teacher_weight=w_t,
-                tokens=targets[c],
-                **loss_kw,
-            )
+            if t_token_lp is not None:
+                teacher_kw = {"teacher_token_logprobs": t_token_lp[c]}
+            else:
+                teacher_kw = {"teacher_hidden": h_t[c], "teacher_weight": w_t}
+            loss = selective_head_loss(h, w_s, mask[c], tokens=targets[c], **teacher_kw, **loss_kw)
             loss.backward()
             total += float(loss.detach())
         grad_norm, finite = self._reduce_and_clip(total)
@@ -535,8 +584,9 @@ class Trainer:
         )
         metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
+            teacher_top = (t_ids, t_lps) if t_ids is not None else None
             with self._whole_student():
-                self._write_samples(roll, sig, mask, h_s, h_t, step)
+                self._write_samples(roll, sig, mask, h_s, h_t, step, teacher_top)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
             self._log(metrics)  # the run stops here: still record the skipped step
             ckpt = latest_checkpoint(self.out / "checkpoints")
@@ -576,6 +626,9 @@ class Trainer:
         values = {"teachability": teach, "kl": sig.reverse_kl, "forward_kl": sig.forward_kl}
         for name in ("student_entropy", "teacher_entropy", "disagreement", "compatibility"):
             values[name.replace("student_", "")] = getattr(sig, name)
+        if self.server is not None:  # no full teacher: the sampled-token estimate of KL(S‖T)
+            values = {n: x for n, x in values.items() if not bool(torch.isnan(x).all())}
+            values["kl_sampled"] = sig.log_ratio
         for name, x in values.items():
             out[f"{name}_all"] = _mean(x, valid)
             out[f"{name}_selected"] = _mean(x, mask)
@@ -583,7 +636,14 @@ class Trainer:
         return out
 
     def _write_samples(
-        self, roll: Rollout, sig: TokenSignals, mask: Tensor, h_s: Tensor, h_t: Tensor, step: int
+        self,
+        roll: Rollout,
+        sig: TokenSignals,
+        mask: Tensor,
+        h_s: Tensor,
+        h_t: Tensor | None,
+        step: int,
+        teacher_top: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Append two rollouts of this step to samples.jsonl (the report's token view)."""
         if not self.acc.is_main_process:
@@ -596,10 +656,11 @@ class Trainer:
             h_s,
             h_t,
             lm_head(self.student),
-            lm_head(self.teacher),
+            lm_head(self.teacher) if self.teacher is not None else None,
             self.vocab_size,
             step,
             rows=2,
+            teacher_top=teacher_top,
         )
         with open(self.out / "samples.jsonl", "a") as f:
             for line in lines:
@@ -615,6 +676,27 @@ class Trainer:
             res = self._evaluate_share(model, ex)
         correct = self._sum(res["n_correct"])
         return correct / self._sum(res["n"])
+
+    def _evaluate_served(self) -> float:
+        """Greedy accuracy of the served teacher (temperature 0 completions), reduced over ranks."""
+        assert self.server is not None
+        ex = self.test_examples[self.rank :: self.world]
+        prompts = [self.render(e.question) for e in ex]
+        ids = []
+        if prompts:  # the token ids the in-process evaluation feeds `generate`, unpadded
+            grid, mask = tokenize_left(self.tokenizer, prompts)
+            ids = [row[m.bool()].tolist() for row, m in zip(grid, mask)]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        outs = self.server.generate(ids, self.cfg.eval.max_new_tokens, eos) if ids else []
+        correct = 0
+        for e, out in zip(ex, outs, strict=True):
+            text = (
+                out
+                if isinstance(out, str)
+                else self.tokenizer.decode(out, skip_special_tokens=True)
+            )
+            correct += is_correct(self.task.score(text, e))
+        return self._sum(correct) / self._sum(len(ex))
 
     def _evaluate_share(self, model: torch.nn.Module, ex: list[Example]) -> dict[str, Any]:
         return evaluate(
@@ -642,7 +724,7 @@ class Trainer:
         evaluation (and every arm of a comparison with the same seed) scores the same contexts.
         """
         n = min(self.cfg.eval.heldout_kl_prompts, len(self.test_examples))
-        if n == 0:
+        if n == 0 or self.server is not None:  # a served teacher gives no full-vocabulary KL
             return None
         path = self.out / "heldout_bank.pt"
         if self._bank is None:
@@ -844,7 +926,9 @@ class Trainer:
         h = self.history
         try:
             if "teacher_accuracy" not in h and cfg.train.eval_teacher:
-                h["teacher_accuracy"] = self.evaluate(self.teacher)
+                h["teacher_accuracy"] = (
+                    self.evaluate(self.teacher) if self.server is None else self._evaluate_served()
+                )
             if "student_accuracy_before" not in h and cfg.train.eval_before:
                 h["student_accuracy_before"] = self.evaluate()
             if "heldout_kl_before" not in h:
