@@ -480,7 +480,7 @@ class Trainer:
         chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
         w_s = lm_head(self.student)
         self.student.train()
-        w_t = h_t = t_ids = t_lps = t_token_lp = None
+        w_t = h_t = None
         if self.server is None:
             w_t = lm_head(self.teacher)
             with torch.no_grad():
@@ -492,38 +492,9 @@ class Trainer:
             h_s_grad = None
             with torch.no_grad():
                 h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
-        sel, lcfg = cfg.selection, cfg.loss
-        if self.server is None:
-            sig = signals_from_hidden(
-                h_s,
-                w_s,
-                h_t,
-                w_t,
-                tokens=targets,
-                k=sel.k,
-                valid=valid,
-                temperature=lcfg.temperature,
-                vocab_size=self.vocab_size,
-                chunk_size=sel.chunk_size,
-                projection_dtype=self.projection_dtype,
-            )
-        else:  # this rank's rows go to the server; loss.temperature is 1 (config check)
-            t_ids, t_lps, t_token_lp = self.server.score(
-                roll.input_ids, roll.attention_mask, roll.response_mask, p, self.vocab_size
-            )
-            sig = signals_from_teacher_topk(
-                h_s,
-                w_s,
-                t_ids,
-                t_lps,
-                t_token_lp,
-                targets,
-                k=sel.k,
-                valid=valid,
-                vocab_size=self.vocab_size,
-                chunk_size=sel.chunk_size,
-                projection_dtype=self.projection_dtype,
-            )
+        lcfg = cfg.loss
+        sig, served = self._score(roll, h_s, w_s, h_t, w_t)
+        t_ids, t_lps, t_token_lp = served if served is not None else (None, None, None)
         mask, norm = self._select(sig, valid, step)
         t_score = time.perf_counter() - t0 - t_roll
         if norm == 0:
@@ -597,6 +568,33 @@ class Trainer:
                 "optim.lr, check the teacher and the data, then --resume"
             )
         return metrics
+
+    def _score(
+        self, roll: Rollout, h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None
+    ) -> tuple[TokenSignals, tuple[Tensor, Tensor, Tensor] | None]:
+        """Per-position signals of this rank's rollouts, from the in-process or served teacher.
+
+        With a served teacher, also returns its (top ids, their log-probs, log p_T(y_t)).
+        """
+        sel, p = self.cfg.selection, roll.prompt_len
+        targets, valid = roll.input_ids[:, p:], roll.response_mask[:, p:]
+        common = dict(
+            k=sel.k,
+            valid=valid,
+            vocab_size=self.vocab_size,
+            chunk_size=sel.chunk_size,
+            projection_dtype=self.projection_dtype,
+        )
+        if self.server is None:
+            sig = signals_from_hidden(
+                h_s, w_s, h_t, w_t, tokens=targets, temperature=self.cfg.loss.temperature, **common
+            )
+            return sig, None
+        # this rank's rows go to the server; loss.temperature is 1 (config check)
+        served = self.server.score(
+            roll.input_ids, roll.attention_mask, roll.response_mask, p, self.vocab_size
+        )
+        return signals_from_teacher_topk(h_s, w_s, *served, targets, **common), served
 
     def _sum(self, value: float) -> float:
         if self.world == 1:
