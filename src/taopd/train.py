@@ -3,7 +3,9 @@
 One step (../shared/design.md): the student samples responses; teacher and student bodies give
 hidden states; signals are scored from detached hidden states in chunks; the strategy keeps a
 share of the batch's response positions; only those rows go through the student's lm_head with
-gradient. Multi-process runs select over the global batch and normalize by the global count.
+gradient. Multi-process runs select over the global batch and normalize by the global count,
+with the student replicated or sharded (FSDP2, sharding.py). The teacher runs in process or
+behind a server that returns its top-k log-probs (teacher_server.py).
 """
 
 from __future__ import annotations
