@@ -22,6 +22,7 @@ import taopd.train as tr
 from taopd.checkpoint import latest_checkpoint, save_checkpoint
 from taopd.cli import main
 from taopd.config import Config, load_config
+from taopd.errors import UserError
 from taopd.train import Trainer, TrainingError, train
 
 SHORT = "What is {a} + {b}?"  # ~22 tokens with the chat template
@@ -476,3 +477,22 @@ def test_prompt_counts_survive_resume(
     resumed = train(cfg, resume=True, progress=False)
     full = train(cfg.model_copy(update={"output_dir": str(tmp_path / "full")}), progress=False)
     assert resumed["skipped_prompts"] == full["skipped_prompts"] > 0
+
+
+def test_a_second_trainer_on_a_busy_folder_is_refused(
+    tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file
+):
+    """While one trainer holds a run folder, another (say, a relaunched arm) gets a message."""
+    out = tmp_path / "run"
+
+    def cfg() -> Config:
+        return base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file)
+
+    first = Trainer(cfg(), progress=False)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match=rf"in use by another taopd process \(pid {os.getpid()}\)"):
+        Trainer(cfg(), resume=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing touched
+    summary = first.run()  # the holder is unaffected, and lets go when its run ends
+    assert summary["steps"] == 6
+    assert Trainer(cfg(), resume=True, progress=False).step == 6

@@ -110,3 +110,49 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+LOCK_NAME = ".taopd.lock"
+
+
+def lock_run_folder(folder: Path) -> Any:
+    """Hold an exclusive lock on a run folder for this process's lifetime; return its file.
+
+    A second trainer on the same folder (a relaunched arm while the old one still saves, a
+    double start) would interleave logs and checkpoints; it gets None here instead. Where the
+    platform has no fcntl (Windows) the lock is skipped and the open file is returned.
+    """
+    f = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 - held open for the process lifetime
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def lock_holder(folder: Path) -> str:
+    """The pid written by the process that holds the folder's lock ('?' if unknown)."""
+    try:
+        return (folder / LOCK_NAME).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def clear_folder(folder: Path) -> None:
+    """Delete everything in `folder` except its lock file (which this process holds)."""
+    for child in folder.iterdir():
+        if child.name == LOCK_NAME:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

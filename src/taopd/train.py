@@ -14,7 +14,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -27,8 +26,11 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     atomic_write_text,
+    clear_folder,
     latest_checkpoint,
     load_trainer_state,
+    lock_holder,
+    lock_run_folder,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -220,7 +222,6 @@ class Trainer:
         has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
         if out.exists() and not out.is_dir():
             raise UserError(f"output_dir {out} exists and is not a folder")
-        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
         if has_run and not (resume or overwrite):
             raise UserError(
                 f"output_dir {out} already holds a run; pass --resume to continue it or "
@@ -235,7 +236,14 @@ class Trainer:
                 probe.unlink()
             except OSError as e:
                 raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
+            self._lock = lock_run_folder(out)  # held until this process ends
+            if self._lock is None:
+                raise UserError(
+                    f"output_dir {out} is in use by another taopd process (pid "
+                    f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
+                )
         self.acc.wait_for_everyone()
+        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
         # Deleting an old run (--overwrite) and writing config.yaml wait for _commit_output,
         # after the cheap input checks: a run that fails them leaves the folder as it was.
         self._replace_run = overwrite and has_run and not resume
@@ -248,8 +256,7 @@ class Trainer:
         out = self.out
         if self.acc.is_main_process:
             if self._replace_run:
-                shutil.rmtree(out)
-                out.mkdir(parents=True)
+                clear_folder(out)  # keeps the lock this process holds
             if self._fresh_start:
                 (out / "config.yaml").write_text(self.cfg.to_yaml())
             if self._resume_from_scratch:  # logs of a run killed before its first checkpoint
@@ -977,14 +984,22 @@ class Trainer:
             summary = self._summary(after, kl_after, self._wall_seconds())
             if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
                 self.save()  # the final weights (unless the last step was just saved)
+            if self.acc.is_main_process:
+                atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         finally:
             for s, old in old_handlers.items():
                 signal.signal(s, old)
             if self.tb is not None:
                 self.tb.flush()
-        if self.acc.is_main_process:
-            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            self.close()
         return summary
+
+    def close(self) -> None:
+        """Let go of the run folder (its lock), e.g. for another trainer in this process."""
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
     def _summary(self, after: float, kl_after: float | None, seconds: float) -> dict[str, Any]:
         h, cfg = self.history, self.cfg
