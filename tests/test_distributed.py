@@ -1,4 +1,7 @@
-"""Two CPU processes (accelerate launch, gloo) must train exactly like one with the same batch."""
+"""Two CPU processes (accelerate launch, gloo) must train exactly like one with the same batch.
+
+Layouts: replicated (gradient all-reduce), FSDP2 and DeepSpeed ZeRO-3 (when deepspeed is
+installed, as `make` does)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,13 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = ROOT / "src" / "taopd" / "configs" / "accelerate"
+
+
+def has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -64,7 +74,7 @@ def launch(
 
 @pytest.mark.parametrize("strategy", ["full", "teachability"])
 def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
-    """Replicated (gradient all-reduce) and sharded (FSDP2) 2-process runs equal 1 process."""
+    """Replicated, FSDP2 and ZeRO-3 2-process runs equal 1 process (micro-batches of 2)."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate launcher not installed")
     cfg = {
@@ -86,19 +96,23 @@ def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_t
         "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 4},
     }
     finals, summaries = {}, {}
-    for name, procs, fsdp in (("one", 1, False), ("ddp", 2, False), ("fsdp", 2, True)):
+    layouts = [("one", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {"fsdp": True})]
+    if has_deepspeed():
+        layouts.append(("zero3", 2, {"deepspeed": True}))
+    for name, procs, sharding in layouts:
         out = tmp_path / name
         path = tmp_path / f"{name}.yaml"
-        train = {**cfg["train"], "fsdp": fsdp}
+        train = {**cfg["train"], **sharding}
         path.write_text(yaml.safe_dump({**cfg, "train": train, "output_dir": str(out)}))
         launch(path, procs)
         finals[name] = weights(out / "checkpoints" / "step-000003" / "model")
         summaries[name] = json.loads((out / "summary.json").read_text())
         assert summaries[name]["world_size"] == procs
-        assert summaries[name]["fsdp"] == fsdp
+        assert summaries[name]["fsdp"] == (name == "fsdp")
+        assert summaries[name]["deepspeed"] == (name == "zero3")
     start = weights(tiny_model_dir)
     moved = False
-    for name in ("ddp", "fsdp"):
+    for name, _, _ in layouts[1:]:
         for k in start:
             assert torch.allclose(finals["one"][k], finals[name][k], atol=2e-5), (name, k)
             moved |= not torch.allclose(finals["one"][k], start[k])
@@ -107,12 +121,19 @@ def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_t
     assert moved  # training changed the weights, identically in all three layouts
 
 
-def test_fsdp_resume_equals_uninterrupted(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
+@pytest.mark.parametrize("layout", ["fsdp", "deepspeed"])
+def test_sharded_resume_equals_uninterrupted(
+    layout, tiny_model_dir_tied, tiny_model_dir_same_tokenizer, tmp_path
+):
     """A sharded run resumed from its step-2 checkpoint ends where the uninterrupted one did.
 
-    Sharding comes from the shipped accelerate FSDP config (not train.fsdp)."""
+    Sharding comes from the shipped accelerate config (fsdp.yaml, deepspeed.yaml: ZeRO-3), on a
+    student with tied embeddings (like SmolLM2). Resuming with the other layout is refused."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate launcher not installed")
+    if layout == "deepspeed" and not has_deepspeed():
+        pytest.skip("deepspeed not installed")
+    tiny_model_dir = tiny_model_dir_tied
     out = tmp_path / "run"
     cfg = {
         "student": str(tiny_model_dir),
@@ -135,36 +156,98 @@ def test_fsdp_resume_equals_uninterrupted(tiny_model_dir, tiny_model_dir_same_to
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    fsdp_config = ROOT / "src" / "taopd" / "configs" / "accelerate" / "fsdp.yaml"
-    launch(path, 2, config_file=fsdp_config)
-    assert json.loads((out / "summary.json").read_text())["fsdp"] is True
+    config = ACCELERATE_CONFIGS / f"{layout}.yaml"
+    launch(path, 2, config_file=config)
+    assert json.loads((out / "summary.json").read_text())[layout] is True
     ckpts = out / "checkpoints"
     first = weights(ckpts / "step-000003" / "model")
     shutil.rmtree(ckpts / "step-000003")
     (out / "summary.json").unlink()
-    launch(path, 2, extra=["--resume"], config_file=fsdp_config)
+    launch(path, 2, extra=["--resume"], config_file=config)
     again = weights(ckpts / "step-000003" / "model")
     assert set(first) == set(again)
     for k in first:
         assert torch.allclose(first[k], again[k], atol=1e-6), k
     assert not torch.allclose(first[k], weights(ckpts / "step-000002" / "model")[k])
+    other = ACCELERATE_CONFIGS / ("cpu2.yaml" if layout == "deepspeed" else "deepspeed.yaml")
+    if layout == "fsdp" and not has_deepspeed():
+        return
+    with pytest.raises(AssertionError, match="resume it the same way"):
+        launch(path, 2, extra=["--resume"], config_file=other)
+    again = weights(ckpts / "step-000003" / "model")  # the refused resume changed nothing
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_sharding_refusals(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch):
-    """DeepSpeed and FSDP on one process (by config or by launcher) stop with a message."""
+    """FSDP or DeepSpeed on one process (by config or by launcher), both at once, or with LoRA
+    stop with a message before the output folder is made."""
     from taopd.errors import UserError
     from taopd.train import Trainer
     from tests.test_train import tiny_cfg
 
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UserError, match="DeepSpeed is not supported.*FSDP"):
-        Trainer(cfg)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    with pytest.raises(UserError, match="launch 2 or more"):
-        Trainer(tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.fsdp=true"))
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(UserError, match="launch 2 or more"):
-        Trainer(cfg)
+    for name in ("fsdp", "deepspeed"):
+        with pytest.raises(UserError, match=f"train.{name} shards.*launch 2 or more"):
+            Trainer(
+                tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, f"train.{name}=true")
+            )
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.setenv(var, "true")
+        with pytest.raises(UserError, match="launch 2 or more"):
+            Trainer(cfg)
+        monkeypatch.delenv(var)
     assert not out.exists()
+
+
+def test_deepspeed_config_from_accelerate(tmp_path):
+    """accelerate's DeepSpeed settings (variables or a JSON file) become the engine's config;
+    batch sizes, clipping and precision come from the taopd config."""
+    from taopd.errors import UserError
+    from taopd.zero import deepspeed_config
+
+    env = {
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+    }
+    c = deepspeed_config(4, 1.0, "bfloat16", env)
+    assert c["zero_optimization"]["stage"] == 2
+    assert c["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert "offload_param" not in c["zero_optimization"]
+    assert c["train_batch_size"] == 4 and c["gradient_accumulation_steps"] == 1
+    assert c["gradient_clipping"] == 1.0 and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    assert deepspeed_config(2, 0.0, "float32", {})["zero_optimization"]["stage"] == 3
+    file = tmp_path / "ds.json"
+    file.write_text(
+        json.dumps(
+            {
+                "train_batch_size": "auto",
+                "gradient_accumulation_steps": 8,
+                "zero_optimization": {
+                    "stage": 3,
+                    "reduce_bucket_size": "auto",
+                    "sub_group_size": 7,
+                },
+                "wall_clock_breakdown": True,
+            }
+        )
+    )
+    c = deepspeed_config(2, 0.5, "float32", {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(file)})
+    assert c["zero_optimization"]["sub_group_size"] == 7
+    assert "reduce_bucket_size" not in c["zero_optimization"]  # "auto": DeepSpeed's default
+    assert c["gradient_accumulation_steps"] == 1 and c["train_batch_size"] == 2
+    assert c["wall_clock_breakdown"] is True and c["gradient_clipping"] == 0.5
+    with pytest.raises(UserError, match="stage 1.*stages 2 and 3"):
+        deepspeed_config(2, 1.0, "float32", {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
+    with pytest.raises(UserError, match="deepspeed_config_file"):
+        deepspeed_config(2, 1.0, "float32", {"ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path)})
+
+
+def test_deepspeed_missing_says_how_to_install(monkeypatch):
+    from taopd import zero
+    from taopd.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"pip install --no-build-isolation 'taopd\[deepspeed\]'"):
+        zero._deepspeed()

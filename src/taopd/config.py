@@ -193,6 +193,9 @@ class TrainCfg(_Strict):
     # shard the student's weights, gradients and optimizer state across processes (FSDP2); also
     # switched on by an accelerate FSDP config. The teacher stays whole on every process.
     fsdp: bool = False
+    # partition the student with DeepSpeed ZeRO (stage 3 by default, or the accelerate config's
+    # zero_stage); also switched on by an accelerate DeepSpeed config. Needs taopd[deepspeed].
+    deepspeed: bool = False
 
 
 class EvalCfg(_Strict):

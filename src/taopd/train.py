@@ -4,7 +4,8 @@ One step (../shared/design.md): the student samples responses; teacher and stude
 hidden states; signals are scored from detached hidden states in chunks; the strategy keeps a
 share of the batch's response positions; only those rows go through the student's lm_head with
 gradient. Multi-process runs select over the global batch and normalize by the global count,
-with the student replicated or sharded (FSDP2, sharding.py). The teacher runs in process or
+with the student replicated or sharded (FSDP2, sharding.py; DeepSpeed ZeRO, zero.py). The teacher
+runs in process or
 behind a server that returns its top-k log-probs (teacher_server.py).
 """
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import zero
 from .checkpoint import (
     atomic_write_text,
     clear_folder,
@@ -184,20 +186,22 @@ class Trainer:
         self.progress = progress
         env = os.environ  # accelerate launch's config (CPU runs report it as MULTI_CPU)
         kind = str(getattr(accelerator, "distributed_type", "")).upper()
-        if "DEEPSPEED" in kind or env.get("ACCELERATE_USE_DEEPSPEED") == "true":
-            raise UserError(
-                "DeepSpeed is not supported: taopd calls the student's body and lm_head weight "
-                "directly (the selective head), which ZeRO partitions outside any forward. Shard "
-                "with FSDP instead: configs/accelerate/fsdp.yaml or train.fsdp=true"
-            )
+        launched_ds = "DEEPSPEED" in kind or env.get("ACCELERATE_USE_DEEPSPEED") == "true"
+        self.deepspeed = cfg.train.deepspeed or launched_ds
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         kind = str(getattr(self.acc, "distributed_type", "")).upper()
         self.fsdp = cfg.train.fsdp or "FSDP" in kind or env.get("ACCELERATE_USE_FSDP") == "true"
-        if self.fsdp and self.world == 1:
-            raise UserError("train.fsdp shards across processes: launch 2 or more with accelerate")
-        if self.fsdp and cfg.lora is not None:
-            raise UserError("lora with fsdp is not supported: use one or the other")
+        for name, on in (("fsdp", self.fsdp), ("deepspeed", self.deepspeed)):
+            if on and self.world == 1:
+                raise UserError(
+                    f"train.{name} shards across processes: launch 2 or more with accelerate"
+                )
+            if on and cfg.lora is not None:
+                raise UserError(f"lora with {name} is not supported: use one or the other")
+        if self.fsdp and self.deepspeed:
+            raise UserError("train.fsdp and DeepSpeed both shard the student: choose one")
+        self.engine: Any = None  # the DeepSpeed engine (train.deepspeed)
         self.units: list[Any] = []
         if cfg.train.batch_size % self.world:
             raise UserError(
@@ -311,17 +315,20 @@ class Trainer:
         if cfg.lora is not None:
             student = self._apply_lora(student)
         self.student = student
-        if self.fsdp:  # whole weights go in before sharding; the optimizer sees the shards
-            if self.resume_from is not None:
-                self._load_weights(self.resume_from)
-            self.units = shard_student(student, device)
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
+        if (self.fsdp or self.deepspeed) and self.resume_from is not None:
+            self._load_weights(self.resume_from)  # whole weights go in before sharding
+        if self.fsdp:  # the optimizer sees the shards
+            self.units = shard_student(student, device)
         pd = cfg.selection.projection_dtype
         self.projection_dtype = None if pd == "auto" else getattr(torch, pd)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
         )
+        if self.deepspeed:  # partitions the student; `self.opt` then steps the partitions
+            ds = zero.deepspeed_config(self.world, cfg.optim.grad_clip, cfg.train.dtype)
+            self.engine = zero.init_engine(student, self.opt, ds)
         self.sched = _scheduler(self.opt, cfg)
         self.sampler = make_sampler(cfg)  # rollout.backend; vllm: student + rollout.vllm
         self.step = 0
@@ -460,7 +467,11 @@ class Trainer:
 
     @contextlib.contextmanager
     def _whole_student(self) -> Any:
-        """Full student weights on every process for the block (FSDP); a no-op otherwise."""
+        """Full student weights on every process for the block (FSDP, ZeRO-3); else a no-op."""
+        if self.deepspeed:
+            with zero.whole(self.student):
+                yield
+            return
         if not self.fsdp:
             yield
             return
@@ -470,77 +481,39 @@ class Trainer:
         finally:
             release(self.units)
 
+    def _grad_forward(self, fn: Any) -> Any:
+        """`fn(student)` for a pass with gradient (through the engine's forward under DeepSpeed)."""
+        return fn(self.student) if self.engine is None else self.engine(fn)
+
+    def _backward(self, loss: Tensor, last: bool) -> None:
+        """Backward of one micro-batch's share of the globally normalized loss."""
+        if self.engine is None:
+            loss.backward()
+            return
+        self.engine.set_gradient_accumulation_boundary(last)
+        # DeepSpeed averages gradients over processes; taopd's loss wants them summed
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; returns its metrics (None when the batch had nothing to train)."""
         cfg, step = self.cfg, self.step + 1
         t0 = time.perf_counter()
-        if self.fsdp:  # whole until the backward pass reshards them
-            gather(self.units)
-        roll = self._rollout(step)
-        t_roll = time.perf_counter() - t0
-        if roll is None:
-            release(self.units)
+        with self._whole_student():  # FSDP: until the backward reshards; ZeRO-3: the whole pass
+            out = self._forward_backward(step, t0)
+        if out is None:
             self.step = step
             return None
+        roll, sig, mask, h_s, h_t, served, total, t_roll, t_score = out
         p = roll.prompt_len
-        targets, valid = roll.input_ids[:, p:], roll.response_mask[:, p:]
-        n_rows = targets.shape[0]
-        mb = cfg.train.micro_batch_size or n_rows
-        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
-        w_s = lm_head(self.student)
-        self.student.train()
-        w_t = h_t = None
-        if self.server is None:
-            w_t = lm_head(self.teacher)
-            with torch.no_grad():
-                h_t = torch.cat([response_hidden(self.teacher, roll, c) for c in chunks])
-        if len(chunks) == 1:  # one student forward serves scoring (detached) and the loss
-            h_s_grad = response_hidden(self.student, roll, chunks[0])
-            h_s = h_s_grad.detach()
-        else:  # scoring pass without grad, then a grad pass per micro-batch
-            h_s_grad = None
-            with torch.no_grad():
-                h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
-        lcfg = cfg.loss
-        sig, served = self._score(roll, h_s, w_s, h_t, w_t)
-        t_ids, t_lps, t_token_lp = served if served is not None else (None, None, None)
-        mask, norm = self._select(sig, valid, step)
-        t_score = time.perf_counter() - t0 - t_roll
-        if norm == 0:
-            raise TrainingError("selection kept no positions in the whole batch")
-        loss_kw = dict(
-            kind=lcfg.kind,
-            normalizer=norm,
-            reduction=lcfg.reduction,
-            beta=lcfg.beta,
-            temperature=lcfg.temperature,
-            vocab_size=self.vocab_size,
-            chunk_size=lcfg.chunk_size,
-        )
-        total = 0.0
-        for i, c in enumerate(chunks):
-            if self.fsdp and i > 0:  # the previous backward resharded the weights
-                gather(self.units)
-                w_s = lm_head(self.student)
-            h = h_s_grad if h_s_grad is not None else response_hidden(self.student, roll, c)
-            if t_token_lp is not None:
-                teacher_kw = {"teacher_token_logprobs": t_token_lp[c]}
-            else:
-                teacher_kw = {"teacher_hidden": h_t[c], "teacher_weight": w_t}
-            loss = selective_head_loss(h, w_s, mask[c], tokens=targets[c], **teacher_kw, **loss_kw)
-            loss.backward()
-            total += float(loss.detach())
-        grad_norm, finite = self._reduce_and_clip(total)
-        metrics = {"step": step}
+        valid = roll.response_mask[:, p:]
+        grad_norm, finite = self._optimizer_step(total)
+        metrics: dict[str, Any] = {"step": step}
         if finite:
-            self.opt.step()
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             metrics["skipped_nonfinite"] = True
-        self.opt.zero_grad(set_to_none=True)
-        release(self.units)
         self.sched.step()
         self.step = step
         n_sel_local = int(mask.sum())
@@ -564,7 +537,7 @@ class Trainer:
         )
         metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-            teacher_top = (t_ids, t_lps) if t_ids is not None else None
+            teacher_top = (served[0], served[1]) if served is not None else None
             with self._whole_student():
                 self._write_samples(roll, sig, mask, h_s, h_t, step, teacher_top)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
@@ -577,6 +550,96 @@ class Trainer:
                 "optim.lr, check the teacher and the data, then --resume"
             )
         return metrics
+
+    def _forward_backward(self, step: int, t0: float) -> tuple[Any, ...] | None:
+        """Rollouts, scoring, selection and the selective loss's backward, per micro-batch.
+
+        Every process runs the same number of micro-batches (collectives stay aligned when ranks
+        skipped different prompts); a rank with fewer rows adds zero-loss passes.
+        """
+        cfg = self.cfg
+        roll = self._rollout(step)
+        t_roll = time.perf_counter() - t0
+        if self.world > 1 and self._sum(float(roll is None)) > 0:
+            roll = None  # a rank has no prompt left: every rank skips the step
+        if roll is None:
+            return None
+        p = roll.prompt_len
+        targets, valid = roll.input_ids[:, p:], roll.response_mask[:, p:]
+        n_rows = targets.shape[0]
+        mb = cfg.train.micro_batch_size or n_rows
+        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
+        n_passes = len(chunks)
+        if self.world > 1:
+            n = torch.tensor([n_passes], device=self.acc.device)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+            n_passes = int(n)
+        w_s = lm_head(self.student)
+        self.student.train()
+        w_t = h_t = None
+        if self.server is None:
+            w_t = lm_head(self.teacher)
+            with torch.no_grad():
+                h_t = torch.cat([response_hidden(self.teacher, roll, c) for c in chunks])
+        if n_passes == 1:  # one student forward serves scoring (detached) and the loss
+            h_s_grad = self._grad_forward(lambda m: response_hidden(m, roll, chunks[0]))
+            h_s = h_s_grad.detach()
+        else:  # scoring pass without grad, then a grad pass per micro-batch
+            h_s_grad = None
+            with torch.no_grad():
+                h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
+        lcfg = cfg.loss
+        sig, served = self._score(roll, h_s, w_s, h_t, w_t)
+        t_token_lp = served[2] if served is not None else None
+        mask, norm = self._select(sig, valid, step)
+        t_score = time.perf_counter() - t0 - t_roll
+        if norm == 0:
+            raise TrainingError("selection kept no positions in the whole batch")
+        loss_kw = dict(
+            kind=lcfg.kind,
+            normalizer=norm,
+            reduction=lcfg.reduction,
+            beta=lcfg.beta,
+            temperature=lcfg.temperature,
+            vocab_size=self.vocab_size,
+            chunk_size=lcfg.chunk_size,
+        )
+        total = 0.0
+        for i in range(n_passes):
+            if self.fsdp and i > 0:  # the previous backward resharded the weights
+                gather(self.units)
+                w_s = lm_head(self.student)
+            c = chunks[min(i, len(chunks) - 1)]
+            if h_s_grad is None:
+                h = self._grad_forward(lambda m, c=c: response_hidden(m, roll, c))
+            else:
+                h = h_s_grad
+            if i >= len(chunks):  # padding pass: zero gradients, same collectives
+                loss = (h.sum() + w_s.sum()) * 0.0
+            else:
+                if t_token_lp is not None:
+                    teacher_kw = {"teacher_token_logprobs": t_token_lp[c]}
+                else:
+                    teacher_kw = {"teacher_hidden": h_t[c], "teacher_weight": w_t}
+                loss = selective_head_loss(
+                    h, w_s, mask[c], tokens=targets[c], **teacher_kw, **loss_kw
+                )
+            self._backward(loss, last=i == n_passes - 1)
+            total += float(loss.detach())
+        return roll, sig, mask, h_s, h_t, served, total, t_roll, t_score
+
+    def _optimizer_step(self, loss_value: float) -> tuple[float, bool]:
+        """Reduce (DDP), check and clip the gradients, step unless non-finite; zero them."""
+        if self.engine is not None:  # DeepSpeed clips and skips non-finite steps itself
+            self.engine.step()
+            norm = float(self.engine.get_global_grad_norm() or 0.0)
+            finite = self.engine.was_step_applied() and math.isfinite(self._sum(loss_value))
+            return norm, finite and math.isfinite(norm)
+        grad_norm, finite = self._reduce_and_clip(loss_value)
+        if finite:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return grad_norm, finite
 
     def _score(
         self, roll: Rollout, h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None
@@ -776,7 +839,7 @@ class Trainer:
         return {
             "step": self.step,
             "data_pos": self.data_pos,
-            "optimizer": self.opt.state_dict() if not self.fsdp else None,
+            "optimizer": None if self.fsdp or self.deepspeed else self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
             "tokens_trained": self.tokens_trained,
@@ -800,7 +863,10 @@ class Trainer:
         if self.fsdp:  # collectives: every rank takes part, rank 0 receives the whole state
             weights = full_model_state(self.student)
             state["optimizer"] = full_optimizer_state(self.student, self.opt)
-            state["optimizer_format"] = "fsdp-full"
+        elif self.deepspeed:
+            weights = zero.full_model_state(self.student)
+            state["optimizer"] = zero.full_optimizer_state(self.student, self.opt)
+        state["optimizer_format"] = self._optimizer_format()
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.student)
 
@@ -817,6 +883,10 @@ class Trainer:
             )
         self.acc.wait_for_everyone()
         return path
+
+    def _optimizer_format(self) -> str:
+        """How the optimizer state is saved: whole from FSDP / DeepSpeed shards, or replicated."""
+        return "fsdp-full" if self.fsdp else "deepspeed-full" if self.deepspeed else "replicated"
 
     def _load_weights(self, ckpt: Path) -> None:
         """The student weights of a checkpoint, into the (not yet sharded) student."""
@@ -841,15 +911,18 @@ class Trainer:
     def _load(self, ckpt: Path) -> None:
         """Weights (unless already loaded before sharding), optimizer, schedule, RNG, counters."""
         state = load_trainer_state(ckpt)
-        written_sharded = state.get("optimizer_format") == "fsdp-full"
-        if written_sharded != self.fsdp:
-            how = "with" if written_sharded else "without"
+        written = state.get("optimizer_format") or "replicated"
+        if written != self._optimizer_format():
+            how = {"fsdp-full": "FSDP", "deepspeed-full": "DeepSpeed"}
             raise UserError(
-                f"checkpoint {ckpt} was written {how} FSDP; resume it the same way "
-                f"(train.fsdp={str(written_sharded).lower()})"
+                f"checkpoint {ckpt} was written by a {how.get(written, 'replicated')} run and "
+                f"this one is {how.get(self._optimizer_format(), 'replicated')}; resume it the "
+                "same way (train.fsdp / train.deepspeed, or the same accelerate config)"
             )
         if self.fsdp:
             set_full_optimizer_state(self.student, self.opt, state["optimizer"])
+        elif self.deepspeed:
+            zero.set_full_optimizer_state(self.student, self.engine, self.opt, state["optimizer"])
         else:
             self._load_weights(ckpt)
             self.opt.load_state_dict(state["optimizer"])
@@ -1020,6 +1093,7 @@ class Trainer:
             "batch_size": cfg.train.batch_size,
             "world_size": self.world,
             "fsdp": self.fsdp,
+            "deepspeed": self.deepspeed,
             "seed": cfg.train.seed,
             "wall_seconds": seconds,
             "accuracy_curve": h.get("accuracy_curve", []),
