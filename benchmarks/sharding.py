@@ -1,9 +1,11 @@
-"""Per-rank memory of the student's training state: replicated vs FSDP2-sharded (taopd.sharding).
+"""Per-rank memory of the student's training state: replicated vs FSDP2 vs DeepSpeed ZeRO-3.
 
 Spawns N CPU processes (gloo), builds the same randomly initialized Llama in each, takes one
 AdamW step on a trivial loss, and counts the bytes each rank keeps between steps: weights,
 gradients and optimizer state, as the trainer leaves them (replicated: whole on every rank;
-sharded: this rank's shards, after the step's gathered weights were released). Prints a table.
+FSDP2 (taopd.sharding): this rank's shards, after the step's gathered weights were released;
+ZeRO-3 (taopd.zero, when deepspeed is installed): the weight partitions, DeepSpeed's gradient
+partition buffer, and AdamW's moments plus the fp32 master partitions). Prints a table.
 
     python benchmarks/sharding.py                     # SmolLM2-135M shape, 2 processes
     python benchmarks/sharding.py --shape tiny        # seconds (the smoke test)
@@ -61,14 +63,24 @@ def _bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def _worker(rank: int, world: int, shape: str, port: int, queue: mp.Queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from taopd.sharding import gather, release, shard_student
 
     results = {}
-    for layout in ("replicated", "sharded"):
+    try:
+        import deepspeed  # noqa: F401
+
+        layouts = ("replicated", "sharded", "zero3")
+    except ImportError:
+        layouts = ("replicated", "sharded")
+    for layout in layouts:
+        if layout == "zero3":
+            results[layout] = _zero3_state(shape)
+            continue
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
         units = shard_student(model, torch.device("cpu")) if layout == "sharded" else []
@@ -86,6 +98,32 @@ def _worker(rank: int, world: int, shape: str, port: int, queue: mp.Queue) -> No
         }
     queue.put((rank, results))
     dist.destroy_process_group()
+
+
+def _zero3_state(shape: str) -> dict[str, int]:
+    """Bytes this rank keeps between steps under ZeRO-3 as taopd drives it (DeepSpeed 0.19)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from taopd import zero
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine = zero.init_engine(
+        model, opt, zero.deepspeed_config(dist.get_world_size(), 1.0, "float32")
+    )
+    ids = torch.randint(0, SHAPES[shape]["vocab_size"], (1, 16))
+    with zero.whole(model):
+        loss = engine(lambda m: m(input_ids=ids).logits.float().pow(2).mean())
+        engine.backward(loss)
+    engine.step()
+    zopt = engine.optimizer
+    moments = [v for st in opt.state.values() for v in st.values() if v.dim()]
+    return {
+        "weights": _bytes([p.ds_tensor for p in model.parameters()]),
+        "gradients": _bytes([zopt.grad_partitions_flat_buffer]),
+        "optimizer": _bytes(moments + list(zopt.fp32_partitioned_groups_flat)),
+    }
 
 
 def main() -> None:
@@ -108,20 +146,28 @@ def main() -> None:
         p.join()
         if p.exitcode != 0:
             raise SystemExit(f"a worker failed (exit {p.exitcode})")
-    rep, shd = got[0]["replicated"], got[0]["sharded"]
+    res = got[0]
+    names = {"replicated": "replicated", "sharded": "FSDP2", "zero3": "ZeRO-3"}
+    cols = [c for c in names if c in res]
     print(f"shape {args.shape}, {args.procs} processes, fp32, AdamW; MiB on rank 0 between steps\n")
-    print("| state | replicated | sharded (FSDP2) | ratio |")
-    print("|---|---:|---:|---:|")
-    for key in ("weights", "gradients", "optimizer"):
-        print(
-            f"| {key} | {rep[key] / 2**20:.1f} | {shd[key] / 2**20:.1f} | "
-            f"{shd[key] / max(1, rep[key]):.2f} |"
-        )
-    tot_r, tot_s = sum(rep.values()), sum(shd.values())
-    print(f"| total | {tot_r / 2**20:.1f} | {tot_s / 2**20:.1f} | {tot_s / tot_r:.2f} |")
+    head = " | ".join(names[c] + ("" if c == "replicated" else " (ratio)") for c in cols)
+    print(f"| state | {head} |")
+    print("|---|" + "---:|" * len(cols))
+    for key in ("weights", "gradients", "optimizer", "total"):
+
+        def value(c: str, key: str = key) -> int:
+            return sum(res[c].values()) if key == "total" else res[c][key]
+
+        cells = [f"{value('replicated') / 2**20:.1f}"]
+        cells += [
+            f"{value(c) / 2**20:.1f} ({value(c) / max(1, value('replicated')):.2f})"
+            for c in cols[1:]
+        ]
+        print(f"| {key} | " + " | ".join(cells) + " |")
     print(
-        "\nDuring a step the sharded layout gathers the whole weights again (rollouts, scoring"
-        " and the selective head read them directly)."
+        "\nDuring a step both sharded layouts gather the whole weights again (rollouts, scoring"
+        " and the selective head read them directly). ZeRO-3's optimizer column includes its"
+        " fp32 master partitions (a copy even in fp32 training)."
     )
 
 

@@ -341,3 +341,26 @@ def test_unserved_model_is_refused(pair, server, tmp_path):
 def test_config_refuses_what_a_served_teacher_cannot_give(pair, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         _cfg(pair, tmp_path / "x", "http://127.0.0.1:9/v1", *extra)
+
+
+def test_served_teacher_two_processes_equal_one(pair, server, tmp_path):
+    """Each of 2 processes (accelerate launch, gloo) queries the server for its own rows; the
+    run ends with the weights, accuracy and token count of 1 process (greedy rollouts)."""
+    from tests.test_distributed import launch
+
+    finals, summaries = {}, {}
+    for name, procs in (("one", 1), ("two", 2)):
+        out = tmp_path / name
+        cfg = _cfg(pair, out, server.url, "rollout.greedy=true", "train.samples_every=0")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(cfg.to_yaml())
+        launch(path, procs)
+        finals[name] = _weights(latest_checkpoint(out / "checkpoints") / "model")
+        summaries[name] = json.loads((out / "summary.json").read_text())
+        assert summaries[name]["world_size"] == procs and summaries[name]["steps"] == 3
+    for k in finals["one"]:
+        assert torch.allclose(finals["one"][k], finals["two"][k], atol=2e-5), k
+    for key in ("student_accuracy_after", "teacher_accuracy", "tokens_trained"):
+        assert summaries["two"][key] == pytest.approx(summaries["one"][key], rel=1e-4), key
+    before = _weights(Path(pair["student_dir"]))
+    assert any(not torch.equal(before[k], finals["two"][k]) for k in before)
