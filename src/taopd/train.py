@@ -396,30 +396,48 @@ class Trainer:
         return render_prompt(self.tokenizer, question, cfg.system_prompt, cfg.chat_template)
 
     def _fit_prompts(self, prompts: list[str]) -> list[str]:
-        """Apply rollout.max_prompt_tokens: keep the last tokens (truncate) or drop (skip)."""
+        """Apply rollout.max_prompt_tokens: keep the last tokens (truncate) or drop (skip).
+
+        The skipped / truncated counts are summed over all ranks (every rank calls this)."""
         limit, mode = self.cfg.rollout.max_prompt_tokens, self.cfg.rollout.prompt_overflow
-        kept = []
+        kept, truncated, skipped = [], 0, 0
         for p in prompts:
             ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
             if len(ids) <= limit:
                 kept.append(p)
             elif mode == "truncate":
-                self.truncated_prompts += 1
+                truncated += 1
                 kept.append(self.tokenizer.decode(ids[-limit:]))
             else:
-                self.skipped_prompts += 1
+                skipped += 1
+        if self.world > 1:
+            counts = torch.tensor([truncated, skipped], device=self.acc.device)
+            truncated, skipped = (int(x) for x in self.acc.reduce(counts, reduction="sum"))
+        self.truncated_prompts += truncated
+        self.skipped_prompts += skipped
         return kept
 
     # ----------------------------------------------------------------------------- step
     def _gather_rows(self, x: Tensor, fill: float | bool) -> Tensor:
-        """All ranks' rows of a per-position [b, T] tensor, padded to the longest T."""
+        """All ranks' rows of a per-position [b, T] tensor, in rank order, padded to the longest T.
+
+        Ranks may hold different numbers of rows (prompts skipped for length)."""
         if self.world == 1:
             return x
-        t_max = int(self.acc.gather(torch.tensor([x.shape[1]], device=x.device)).max())
-        if x.shape[1] < t_max:
-            pad = torch.full((x.shape[0], t_max - x.shape[1]), fill, dtype=x.dtype, device=x.device)
-            x = torch.cat([x, pad], dim=1)
-        return self.acc.gather(x.contiguous())
+        shape = torch.tensor([x.shape[0], x.shape[1]], device=x.device)
+        sizes = self.acc.gather(shape).view(-1, 2).tolist()
+        b_max, t_max = max(b for b, _ in sizes), max(t for _, t in sizes)
+        padded = torch.full((b_max, t_max), fill, dtype=x.dtype, device=x.device)
+        padded[: x.shape[0], : x.shape[1]] = x
+        g = self.acc.gather(padded)
+        return torch.cat([g[r * b_max : r * b_max + b] for r, (b, _) in enumerate(sizes)])
+
+    def _row_offset(self, b_local: int) -> int:
+        """Index of this rank's first row in the gathered global batch."""
+        if self.world == 1:
+            return 0
+        sizes = self.acc.gather(torch.tensor([b_local], device=self.acc.device)).tolist()
+        return int(sum(sizes[: self.rank]))
 
     def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
         """Batch-scope selection over the global batch; returns this rank's mask and global n."""
@@ -442,7 +460,8 @@ class Trainer:
             norm = float(mask.sum())
         else:
             norm = float((mask.sum(-1) > 0).sum())
-        local = mask[self.rank * b_local : (self.rank + 1) * b_local, :t_local]
+        first = self._row_offset(b_local)
+        local = mask[first : first + b_local, :t_local]
         return local, norm
 
     def _rollout(self, step: int) -> Rollout | None:
