@@ -87,7 +87,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if os.environ.get("RANK", "0") == "0":  # one summary per launch, not one per process
         print_summary(summary, "taopd train")
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Leave a multi-process launch together: ranks tear down their collectives after a barrier
+    (a process exiting with gloo/DeepSpeed threads still live can abort at interpreter exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

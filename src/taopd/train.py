@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,6 +71,22 @@ from .teacher_server import TeacherServer
 __all__ = ["Trainer", "TrainingError", "train", "token_samples"]
 
 SIGNAL_NAMES = ("teachability", "student_entropy", "disagreement", "compatibility", "reverse_kl")
+
+
+class StepPass(NamedTuple):
+    """What a step's forward and backward passes leave for its metrics and samples."""
+
+    roll: Rollout
+    sig: TokenSignals
+    mask: Tensor
+    h_s: Tensor
+    h_t: Tensor | None
+    served: (
+        tuple[Tensor, Tensor, Tensor] | None
+    )  # a served teacher's top ids, log-probs, log p_T(y)
+    loss: float
+    rollout_seconds: float
+    scoring_seconds: float
 
 
 class TrainingError(UserError):
@@ -522,7 +538,7 @@ class Trainer:
         if out is None:
             self.step = step
             return None
-        roll, sig, mask, h_s, h_t, served, total, t_roll, t_score = out
+        roll, sig, mask, total = out.roll, out.sig, out.mask, out.loss
         p = roll.prompt_len
         valid = roll.response_mask[:, p:]
         grad_norm, finite = self._optimizer_step(total)
@@ -548,17 +564,17 @@ class Trainer:
             n_valid=int(self._sum(int(valid.sum()))),
             tokens_trained=self.tokens_trained,
             response_length=float(valid.sum(-1).float().mean()),
-            rollout_seconds=t_roll,
-            scoring_seconds=t_score,
+            rollout_seconds=out.rollout_seconds,
+            scoring_seconds=out.scoring_seconds,
             step_seconds=elapsed,
             tokens_per_second=self._sum(int(valid.sum())) / elapsed,
             nonfinite_steps=self.nonfinite_total,
         )
         metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-            teacher_top = (served[0], served[1]) if served is not None else None
+            teacher_top = (out.served[0], out.served[1]) if out.served is not None else None
             with self._whole_student():
-                self._write_samples(roll, sig, mask, h_s, h_t, step, teacher_top)
+                self._write_samples(roll, sig, mask, out.h_s, out.h_t, step, teacher_top)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
             self._log(metrics)  # the run stops here: still record the skipped step
             ckpt = latest_checkpoint(self.out / "checkpoints")
@@ -570,7 +586,7 @@ class Trainer:
             )
         return metrics
 
-    def _forward_backward(self, step: int, t0: float) -> tuple[Any, ...] | None:
+    def _forward_backward(self, step: int, t0: float) -> StepPass | None:
         """Rollouts, scoring, selection and the selective loss's backward, per micro-batch.
 
         Every process runs the same number of micro-batches (collectives stay aligned when ranks
@@ -645,7 +661,7 @@ class Trainer:
                 )
             self._backward(loss, last=i == n_passes - 1)
             total += float(loss.detach())
-        return roll, sig, mask, h_s, h_t, served, total, t_roll, t_score
+        return StepPass(roll, sig, mask, h_s, h_t, served, total, t_roll, t_score)
 
     def _optimizer_step(self, loss_value: float) -> tuple[float, bool]:
         """Reduce (DDP), check and clip the gradients, step unless non-finite; zero them."""
