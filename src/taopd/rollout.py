@@ -260,6 +260,9 @@ def generate(
     n, width = prompt_ids.shape
     step = batch_size or n
 
+    # taopd gathers sharded weights before generating, so ranks need not decode in lockstep
+    # (transformers would sync FSDP-managed models, hanging a rank with no prompts)
+    generate_kwargs.setdefault("synced_gpus", False)
     was_training = model.training
     model.eval()
     responses: list[Tensor] = []

@@ -804,6 +804,8 @@ class Trainer:
         return self._sum(correct) / self._sum(len(ex))
 
     def _evaluate_share(self, model: torch.nn.Module, ex: list[Example]) -> dict[str, Any]:
+        if not ex:  # more processes than test problems: this rank has none
+            return {"n_correct": 0, "n": 0}
         return evaluate(
             model,
             self.tokenizer,
@@ -833,16 +835,24 @@ class Trainer:
             return None
         path = self.out / "heldout_bank.pt"
         if self._bank is None:
-            if path.exists():
+            saved = path.exists()
+            if self.world > 1:  # decide together, before rank 0 may write the file
+                saved = self._sum(float(saved)) == self.world
+                self.acc.wait_for_everyone()
+            if saved:
                 self._bank = torch.load(path, weights_only=False)
             else:
                 prompts = [self.render(ex.question) for ex in self.test_examples[:n]]
                 roll = self._sample(prompts, seed=self.cfg.train.seed + 12345).to("cpu")
                 self._bank = roll
                 if self.acc.is_main_process:
-                    torch.save(roll, path)
+                    tmp = path.with_name(f".{path.name}.tmp")
+                    torch.save(roll, tmp)
+                    tmp.replace(path)
         roll = self._bank.to(self.acc.device)
         rows = list(range(len(roll)))[self.rank :: self.world]
+        if not rows:  # more processes than bank rollouts: this rank adds nothing
+            return self._sum(0.0) / max(1.0, self._sum(0))
         p = roll.prompt_len
         sub = Rollout(
             roll.input_ids[rows],
