@@ -83,7 +83,7 @@ def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_t
         "task": {"n_train": 32, "n_test": 4},
         "rollout": {"max_new_tokens": 5, "greedy": True},
         "selection": {"strategy": strategy, "ratio": 0.3},
-        "optim": {"lr": 3e-3},
+        "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.01},
         "train": {
             "steps": 3,
             "batch_size": 8,
@@ -141,7 +141,7 @@ def test_ranks_with_uneven_micro_batches(tiny_model_dir, tiny_model_dir_same_tok
             "prompt_overflow": "skip",
         },
         "selection": {"strategy": "teachability", "ratio": 0.3},
-        "optim": {"lr": 3e-3},
+        "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.01},
         "train": {
             "steps": 3,
             "batch_size": 8,
@@ -193,7 +193,7 @@ def test_sharded_resume_equals_uninterrupted(
         "task": {"n_train": 32, "n_test": 4},
         "rollout": {"max_new_tokens": 5},
         "selection": {"strategy": "teachability", "ratio": 0.3},
-        "optim": {"lr": 3e-3},
+        "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.01},
         "train": {
             "steps": 3,
             "batch_size": 4,
