@@ -72,6 +72,28 @@ def launch(
     run(cmd, ROOT)
 
 
+def run_layouts(cfg: dict, tmp_path: Path) -> tuple[dict, dict, list[str]]:
+    """Run `cfg` on 1 process, then on 2: replicated, FSDP2 and (when installed) ZeRO-3.
+
+    Returns the final weights and the summary of each layout, and the 2-process names."""
+    layouts = [("one", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {"fsdp": True})]
+    if has_deepspeed():
+        layouts.append(("zero3", 2, {"deepspeed": True}))
+    finals, summaries = {}, {}
+    for name, procs, sharding in layouts:
+        out = tmp_path / name
+        path = tmp_path / f"{name}.yaml"
+        train = {**cfg["train"], **sharding}
+        path.write_text(yaml.safe_dump({**cfg, "train": train, "output_dir": str(out)}))
+        launch(path, procs)
+        finals[name] = weights(out / "checkpoints" / "step-000003" / "model")
+        summaries[name] = json.loads((out / "summary.json").read_text())
+        assert summaries[name]["world_size"] == procs
+        assert summaries[name]["fsdp"] == (name == "fsdp")
+        assert summaries[name]["deepspeed"] == (name == "zero3")
+    return finals, summaries, [name for name, _, _ in layouts[1:]]
+
+
 @pytest.mark.parametrize("strategy", ["full", "teachability"])
 def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
     """Replicated, FSDP2 and ZeRO-3 2-process runs equal 1 process (micro-batches of 2)."""
@@ -95,24 +117,10 @@ def test_two_processes_equal_one(strategy, tiny_model_dir, tiny_model_dir_same_t
         },
         "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 4},
     }
-    finals, summaries = {}, {}
-    layouts = [("one", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {"fsdp": True})]
-    if has_deepspeed():
-        layouts.append(("zero3", 2, {"deepspeed": True}))
-    for name, procs, sharding in layouts:
-        out = tmp_path / name
-        path = tmp_path / f"{name}.yaml"
-        train = {**cfg["train"], **sharding}
-        path.write_text(yaml.safe_dump({**cfg, "train": train, "output_dir": str(out)}))
-        launch(path, procs)
-        finals[name] = weights(out / "checkpoints" / "step-000003" / "model")
-        summaries[name] = json.loads((out / "summary.json").read_text())
-        assert summaries[name]["world_size"] == procs
-        assert summaries[name]["fsdp"] == (name == "fsdp")
-        assert summaries[name]["deepspeed"] == (name == "zero3")
+    finals, summaries, sharded = run_layouts(cfg, tmp_path)
     start = weights(tiny_model_dir)
     moved = False
-    for name, _, _ in layouts[1:]:
+    for name in sharded:
         for k in start:
             assert torch.allclose(finals["one"][k], finals[name][k], atol=2e-5), (name, k)
             moved |= not torch.allclose(finals["one"][k], start[k])
@@ -152,20 +160,10 @@ def test_ranks_with_uneven_micro_batches(tiny_model_dir, tiny_model_dir_same_tok
         },
         "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 1},
     }
-    layouts = [("one", 1, {}), ("ddp", 2, {}), ("fsdp", 2, {"fsdp": True})]
-    if has_deepspeed():
-        layouts.append(("zero3", 2, {"deepspeed": True}))
-    finals, summaries = {}, {}
-    for name, procs, sharding in layouts:
-        out = tmp_path / name
-        path = tmp_path / f"{name}.yaml"
-        train = {**cfg["train"], **sharding}
-        path.write_text(yaml.safe_dump({**cfg, "train": train, "output_dir": str(out)}))
-        launch(path, procs)
-        finals[name] = weights(out / "checkpoints" / "step-000003" / "model")
-        summaries[name] = json.loads((out / "summary.json").read_text())
+    finals, summaries, sharded = run_layouts(cfg, tmp_path)
+    for name in summaries:
         assert summaries[name]["skipped_prompts"] == 10, name  # the prompts over 49 tokens
-    for name, _, _ in layouts[1:]:
+    for name in sharded:
         for k in finals["one"]:
             assert torch.allclose(finals["one"][k], finals[name][k], atol=2e-5), (name, k)
         assert summaries[name]["tokens_trained"] == summaries["one"]["tokens_trained"]
