@@ -434,34 +434,32 @@ class Trainer:
         return kept
 
     # ----------------------------------------------------------------------------- step
-    def _gather_rows(self, x: Tensor, fill: float | bool) -> Tensor:
-        """All ranks' rows of a per-position [b, T] tensor, in rank order, padded to the longest T.
+    def _rank_shapes(self, x: Tensor) -> list[tuple[int, int]]:
+        """Every rank's [b, T] (ranks may hold different numbers of rows: prompts skipped)."""
+        if self.world == 1:
+            return [(x.shape[0], x.shape[1])]
+        shape = torch.tensor([x.shape[0], x.shape[1]], device=x.device)
+        return [(int(b), int(t)) for b, t in self.acc.gather(shape).view(-1, 2).tolist()]
 
-        Ranks may hold different numbers of rows (prompts skipped for length)."""
+    def _gather_rows(self, x: Tensor, fill: float | bool, shapes: list[tuple[int, int]]) -> Tensor:
+        """All ranks' rows of a per-position [b, T] tensor (`shapes`: `_rank_shapes`), in rank
+        order, padded to the longest T."""
         if self.world == 1:
             return x
-        shape = torch.tensor([x.shape[0], x.shape[1]], device=x.device)
-        sizes = self.acc.gather(shape).view(-1, 2).tolist()
-        b_max, t_max = max(b for b, _ in sizes), max(t for _, t in sizes)
+        b_max, t_max = max(b for b, _ in shapes), max(t for _, t in shapes)
         padded = torch.full((b_max, t_max), fill, dtype=x.dtype, device=x.device)
         padded[: x.shape[0], : x.shape[1]] = x
         g = self.acc.gather(padded)
-        return torch.cat([g[r * b_max : r * b_max + b] for r, (b, _) in enumerate(sizes)])
-
-    def _row_offset(self, b_local: int) -> int:
-        """Index of this rank's first row in the gathered global batch."""
-        if self.world == 1:
-            return 0
-        sizes = self.acc.gather(torch.tensor([b_local], device=self.acc.device)).tolist()
-        return int(sum(sizes[: self.rank]))
+        return torch.cat([g[r * b_max : r * b_max + b] for r, (b, _) in enumerate(shapes)])
 
     def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
         """Batch-scope selection over the global batch; returns this rank's mask and global n."""
         sel = self.cfg.selection
         names = [name for name, _ in sig.items()]
         t_local, b_local = valid.shape[1], valid.shape[0]
-        g_valid = self._gather_rows(valid, False)
-        g_sig = TokenSignals(**{n: self._gather_rows(getattr(sig, n), 0.0) for n in names})
+        shapes = self._rank_shapes(valid)
+        g_valid = self._gather_rows(valid, False, shapes)
+        g_sig = TokenSignals(**{n: self._gather_rows(getattr(sig, n), 0.0, shapes) for n in names})
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
         mask = select_tokens(
             g_sig.__class__(**{n: getattr(g_sig, n).cpu() for n in names}),
@@ -476,7 +474,7 @@ class Trainer:
             norm = float(mask.sum())
         else:
             norm = float((mask.sum(-1) > 0).sum())
-        first = self._row_offset(b_local)
+        first = sum(b for b, _ in shapes[: self.rank])  # this rank's first row
         local = mask[first : first + b_local, :t_local]
         return local, norm
 
