@@ -228,6 +228,52 @@ def test_sharded_resume_equals_uninterrupted(
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+@pytest.mark.parametrize("layout", ["fsdp", "deepspeed"])
+def test_sharded_checkpoint_resumes_on_more_processes(
+    layout, tiny_model_dir_tied, tiny_model_dir_same_tokenizer, tmp_path
+):
+    """Checkpoints hold whole states: a 2-process step-2 checkpoint resumed on 4 processes ends
+    where the 2-process run did (greedy rollouts, so the split of the batch does not matter)."""
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate launcher not installed")
+    if layout == "deepspeed" and not has_deepspeed():
+        pytest.skip("deepspeed not installed")
+    out = tmp_path / "run"
+    cfg = {
+        "student": str(tiny_model_dir_tied),
+        "teacher": str(tiny_model_dir_same_tokenizer),
+        "task": {"n_train": 32, "n_test": 4},
+        "rollout": {"max_new_tokens": 5, "greedy": True},
+        "selection": {"strategy": "teachability", "ratio": 0.3},
+        "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.01},
+        "train": {
+            "steps": 3,
+            "batch_size": 4,
+            "save_every": 1,
+            "keep_last": 3,
+            "tensorboard": False,
+            "eval_teacher": False,
+            "eval_before": False,
+        },
+        "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 0},
+        "output_dir": str(out),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config = ACCELERATE_CONFIGS / f"{layout}.yaml"
+    launch(path, 2, config_file=config)
+    ckpts = out / "checkpoints"
+    first = weights(ckpts / "step-000003" / "model")
+    shutil.rmtree(ckpts / "step-000003")
+    (out / "summary.json").unlink()
+    launch(path, 4, extra=["--resume"], config_file=config)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 4
+    again = weights(ckpts / "step-000003" / "model")
+    for k in first:
+        assert torch.allclose(first[k], again[k], atol=1e-6), k
+    assert not torch.allclose(first[k], weights(ckpts / "step-000002" / "model")[k])
+
+
 def test_sharding_refusals(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch):
     """FSDP or DeepSpeed on one process (by config or by launcher), both at once, or with LoRA
     stop with a message before the output folder is made."""

@@ -92,13 +92,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _end_process_group() -> None:
-    """Leave a multi-process launch together: ranks tear down their collectives after a barrier
-    (a process exiting with gloo/DeepSpeed threads still live can abort at interpreter exit)."""
+    """Leave a multi-process launch together: a barrier, the collectives torn down, then exit.
+
+    Everything is saved by now. Communication threads (gloo's) that outlive the interpreter's
+    shutdown can abort the process (SIGABRT, "terminate called without an active exception")
+    and turn a finished run into a failed launch, so the process ends without that shutdown.
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
