@@ -171,25 +171,22 @@ def test_ranks_with_uneven_micro_batches(tiny_model_dir, tiny_model_dir_same_tok
             assert summaries[name][key] == pytest.approx(summaries["one"][key], rel=1e-4), key
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "deepspeed"])
-def test_sharded_resume_equals_uninterrupted(
-    layout, tiny_model_dir_tied, tiny_model_dir_same_tokenizer, tmp_path
-):
-    """A sharded run resumed from its step-2 checkpoint ends where the uninterrupted one did.
-
-    Sharding comes from the shipped accelerate config (fsdp.yaml, deepspeed.yaml: ZeRO-3), on a
-    student with tied embeddings (like SmolLM2). Resuming with the other layout is refused."""
+def run_then_resume(
+    layout: str, student: Path, teacher: Path, tmp_path: Path, greedy: bool, resume_procs: int
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A 3-step 2-process run from the shipped `layout` accelerate config; then its step-3
+    checkpoint is removed and the run resumed from step 2 on `resume_procs` processes, which must
+    end where the uninterrupted run did. Returns the run's config file and its step-3 weights."""
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate launcher not installed")
     if layout == "deepspeed" and not has_deepspeed():
         pytest.skip("deepspeed not installed")
-    tiny_model_dir = tiny_model_dir_tied
     out = tmp_path / "run"
     cfg = {
-        "student": str(tiny_model_dir),
-        "teacher": str(tiny_model_dir_same_tokenizer),
+        "student": str(student),
+        "teacher": str(teacher),
         "task": {"n_train": 32, "n_test": 4},
-        "rollout": {"max_new_tokens": 5},
+        "rollout": {"max_new_tokens": 5, "greedy": greedy},
         "selection": {"strategy": "teachability", "ratio": 0.3},
         "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.01},
         "train": {
@@ -213,19 +210,35 @@ def test_sharded_resume_equals_uninterrupted(
     first = weights(ckpts / "step-000003" / "model")
     shutil.rmtree(ckpts / "step-000003")
     (out / "summary.json").unlink()
-    launch(path, 2, extra=["--resume"], config_file=config)
+    launch(path, resume_procs, extra=["--resume"], config_file=config)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == resume_procs
     again = weights(ckpts / "step-000003" / "model")
     assert set(first) == set(again)
     for k in first:
         assert torch.allclose(first[k], again[k], atol=1e-6), k
     assert not torch.allclose(first[k], weights(ckpts / "step-000002" / "model")[k])
+    return path, first
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "deepspeed"])
+def test_sharded_resume_equals_uninterrupted(
+    layout, tiny_model_dir_tied, tiny_model_dir_same_tokenizer, tmp_path
+):
+    """A sharded run resumed from its step-2 checkpoint ends where the uninterrupted one did.
+
+    Sharding comes from the shipped accelerate config (fsdp.yaml, deepspeed.yaml: ZeRO-3), on a
+    student with tied embeddings (like SmolLM2), sampled rollouts (the RNG state resumes).
+    Resuming with the other layout is refused."""
+    path, first = run_then_resume(
+        layout, tiny_model_dir_tied, tiny_model_dir_same_tokenizer, tmp_path, False, 2
+    )
     other = ACCELERATE_CONFIGS / ("cpu2.yaml" if layout == "deepspeed" else "deepspeed.yaml")
     if layout == "fsdp" and not has_deepspeed():
         return
     with pytest.raises(AssertionError, match="resume it the same way"):
         launch(path, 2, extra=["--resume"], config_file=other)
-    again = weights(ckpts / "step-000003" / "model")  # the refused resume changed nothing
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    again = weights(tmp_path / "run" / "checkpoints" / "step-000003" / "model")
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the refused resume changed nothing
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "deepspeed"])
@@ -234,44 +247,7 @@ def test_sharded_checkpoint_resumes_on_more_processes(
 ):
     """Checkpoints hold whole states: a 2-process step-2 checkpoint resumed on 4 processes ends
     where the 2-process run did (greedy rollouts, so the split of the batch does not matter)."""
-    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("accelerate launcher not installed")
-    if layout == "deepspeed" and not has_deepspeed():
-        pytest.skip("deepspeed not installed")
-    out = tmp_path / "run"
-    cfg = {
-        "student": str(tiny_model_dir_tied),
-        "teacher": str(tiny_model_dir_same_tokenizer),
-        "task": {"n_train": 32, "n_test": 4},
-        "rollout": {"max_new_tokens": 5, "greedy": True},
-        "selection": {"strategy": "teachability", "ratio": 0.3},
-        "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 1, "weight_decay": 0.01},
-        "train": {
-            "steps": 3,
-            "batch_size": 4,
-            "save_every": 1,
-            "keep_last": 3,
-            "tensorboard": False,
-            "eval_teacher": False,
-            "eval_before": False,
-        },
-        "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 0},
-        "output_dir": str(out),
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    config = ACCELERATE_CONFIGS / f"{layout}.yaml"
-    launch(path, 2, config_file=config)
-    ckpts = out / "checkpoints"
-    first = weights(ckpts / "step-000003" / "model")
-    shutil.rmtree(ckpts / "step-000003")
-    (out / "summary.json").unlink()
-    launch(path, 4, extra=["--resume"], config_file=config)
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 4
-    again = weights(ckpts / "step-000003" / "model")
-    for k in first:
-        assert torch.allclose(first[k], again[k], atol=1e-6), k
-    assert not torch.allclose(first[k], weights(ckpts / "step-000002" / "model")[k])
+    run_then_resume(layout, tiny_model_dir_tied, tiny_model_dir_same_tokenizer, tmp_path, True, 4)
 
 
 def test_sharding_refusals(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch):
