@@ -276,7 +276,7 @@ def test_deepspeed_config_from_accelerate(tmp_path):
     """accelerate's DeepSpeed settings (variables or a JSON file) become the engine's config;
     batch sizes, clipping and precision come from the taopd config."""
     from taopd.errors import UserError
-    from taopd.zero import deepspeed_config
+    from taopd.engines.zero import deepspeed_config
 
     env = {
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
@@ -317,7 +317,7 @@ def test_deepspeed_config_from_accelerate(tmp_path):
 
 
 def test_deepspeed_missing_says_how_to_install(monkeypatch):
-    from taopd import zero
+    from taopd.engines import zero
     from taopd.errors import UserError
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as if not installed

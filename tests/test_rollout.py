@@ -10,7 +10,8 @@ import torch
 from taopd.data import render_prompt
 from taopd.errors import UserError
 from taopd.models import hidden_states, lm_head, load_model, load_tokenizer
-from taopd.rollout import Rollout, generate, make_sampler, response_mask
+from taopd.rollout import Rollout, generate, response_mask
+from taopd.sampling import make_sampler
 
 EOS = 2
 QUESTIONS = [

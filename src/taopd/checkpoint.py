@@ -18,6 +18,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "atomic_write_text",
+    "load_student_weights",
 ]
 
 PREFIX = "step-"
@@ -156,3 +157,29 @@ def clear_folder(folder: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def load_student_weights(model: torch.nn.Module, ckpt: Path, lora: bool = False) -> None:
+    """A checkpoint's student weights (model/*.safetensors) into a whole, not yet sharded model.
+
+    With `lora` the files hold the adapter only. Tied lm_heads are not saved, so a missing
+    lm_head is expected; anything else missing or unexpected is an error.
+    """
+    from safetensors.torch import load_file
+
+    from .errors import UserError
+
+    weights = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        weights.update(load_file(f))
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if "lm_head" not in m]  # tied heads are not saved
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt} does not match the student: {missing[:3]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()

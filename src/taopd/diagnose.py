@@ -323,7 +323,7 @@ def _fixed_kl_grad(
     params = _params(student)
     p = bank.prompt_len
     n_valid = float(bank.response_mask[:, p:].sum())
-    w_s, w_t = lm_head(student), lm_head(trainer.teacher)
+    w_s, w_t = lm_head(student), lm_head(trainer.teacher.model)
     student.zero_grad(set_to_none=True)
     starts = list(range(0, len(bank), batch_size))
     for j, i in enumerate(
@@ -378,13 +378,13 @@ def _single_step(
     student.eval()  # deterministic forward (no dropout) for the step and the measurements
     params = _params(student)
     g_fix = _fixed_kl_grad(trainer, bank, teacher_cache, dcfg.batch_size, progress)
-    w_s, w_t = lm_head(student), lm_head(trainer.teacher)
+    w_s, w_t = lm_head(student), lm_head(trainer.teacher.model)
     l0 = float(kl0[valid].mean())
 
     def fixed_kl() -> Tensor:
         sig = score_bank(
             student,
-            trainer.teacher,
+            trainer.teacher.model,
             bank,
             trainer.vocab_size,
             k=1,
@@ -869,7 +869,7 @@ def _bank_samples(
     n = min(N_TOKEN_VIEW, len(bank))
     sub = _rows(bank, slice(0, n)).to(trainer.acc.device)
     h_s = response_hidden(trainer.student, sub)
-    h_t = response_hidden(trainer.teacher, sub)
+    h_t = response_hidden(trainer.teacher.model, sub)
     part = TokenSignals(**{name: t[:n] for name, t in sig0.items()})
     return token_samples(
         trainer.tokenizer,
@@ -879,7 +879,7 @@ def _bank_samples(
         h_s,
         h_t,
         lm_head(trainer.student),
-        lm_head(trainer.teacher),
+        lm_head(trainer.teacher.model),
         trainer.vocab_size,
         step=0,
         rows=n,
@@ -949,7 +949,7 @@ def run_diagnose(
     )
     sig0 = score_bank(
         trainer.student,
-        trainer.teacher,
+        trainer.teacher.model,
         bank,
         trainer.vocab_size,
         desc="bank: scoring θ0",
@@ -963,7 +963,7 @@ def run_diagnose(
         info = _opd_update(trainer, progress)
         sig_tau = score_bank(
             trainer.student,
-            trainer.teacher,
+            trainer.teacher.model,
             bank,
             trainer.vocab_size,
             desc="bank: scoring θτ",
@@ -1044,7 +1044,7 @@ def run_diagnose(
         "mode": dcfg.mode,
         "relative": dcfg.relative,
         "student": cfg.student,
-        "teacher": str(trainer.teacher_path),
+        "teacher": str(trainer.teacher.label),
         "task": cfg.task.name or cfg.task.path,
         "n_contexts": len(bank),
         "max_new_tokens": int(meta.get("max_new_tokens", max_new)),

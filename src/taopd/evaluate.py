@@ -1,14 +1,26 @@
-"""Accuracy of a model on task examples, with greedy decoding by default."""
+"""Accuracy of a model on task examples (greedy by default), and a run's evaluations: accuracy
+reduced over processes and the held-out KL on a fixed bank of student rollouts."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from taopd.data import Example, Task, render_prompt
-from taopd.rollout import generate
+from taopd.models import lm_head
+from taopd.rollout import Rollout, generate, response_hidden, tokenize_left
+from taopd.teachers import Teacher, score_rollout
 
-__all__ = ["evaluate", "is_correct"]
+if TYPE_CHECKING:
+    from taopd.collectives import Group
+    from taopd.config import Config
+    from taopd.teacher_server import TeacherServer
+
+__all__ = ["Evaluator", "evaluate", "is_correct"]
 
 N_SAMPLES = 20
 
@@ -82,3 +94,126 @@ def evaluate(
         "seconds": time.perf_counter() - start,
         "samples": samples,
     }
+
+
+class Evaluator:
+    """Greedy accuracy on a run's test split and the held-out KL, each process scoring its
+    share and the results reduced over `group`."""
+
+    def __init__(
+        self,
+        task: Task,
+        examples: list[Example],
+        tokenizer: Any,
+        cfg: Config,
+        group: Group,
+        progress: bool = True,
+    ) -> None:
+        self.task, self.examples, self.tokenizer, self.cfg = task, examples, tokenizer, cfg
+        self.group, self.progress = group, progress
+        self.bank: Rollout | None = None  # the held-out rollouts, once sampled or loaded
+
+    def render(self, question: str) -> str:
+        t = self.cfg.task
+        return render_prompt(self.tokenizer, question, t.system_prompt, t.chat_template)
+
+    def _share(self) -> list[Example]:
+        return self.examples[self.group.rank :: self.group.world]
+
+    def accuracy(self, model: Any) -> float:
+        """Greedy accuracy of `model` (whole weights on every process) on the test split."""
+        ex = self._share()
+        n_correct, n = 0, 0
+        if ex:  # more processes than test problems: this rank has none
+            res = evaluate(
+                model,
+                self.tokenizer,
+                self.task,
+                ex,
+                batch_size=self.cfg.eval.batch_size,
+                max_new_tokens=self.cfg.eval.max_new_tokens,
+                system_prompt=self.cfg.task.system_prompt,
+                progress=self.progress and self.group.is_main,
+                chat_template=self.cfg.task.chat_template,
+            )
+            n_correct, n = res["n_correct"], res["n"]
+        return self.group.all_reduce_sum(n_correct) / self.group.all_reduce_sum(n)
+
+    def served_accuracy(self, server: TeacherServer) -> float:
+        """Greedy accuracy of a served teacher (temperature-0 completions)."""
+        ex = self._share()
+        prompts = [self.render(e.question) for e in ex]
+        ids = []
+        if prompts:  # the token ids the in-process evaluation feeds `generate`, unpadded
+            grid, mask = tokenize_left(self.tokenizer, prompts)
+            ids = [row[m.bool()].tolist() for row, m in zip(grid, mask)]
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        outs = server.generate(ids, self.cfg.eval.max_new_tokens, eos) if ids else []
+        correct = 0
+        for e, out in zip(ex, outs, strict=True):
+            if not isinstance(out, str):
+                out = self.tokenizer.decode(out, skip_special_tokens=True)
+            text = out
+            correct += is_correct(self.task.score(text, e))
+        return self.group.all_reduce_sum(correct) / self.group.all_reduce_sum(len(ex))
+
+    def heldout_bank(self, path: Path, sample: Callable[[list[str], int], Rollout]) -> Rollout:
+        """The fixed bank of student rollouts on the first eval.heldout_kl_prompts test prompts.
+
+        Sampled once (`sample(prompts, seed)`) from the initial student and saved in the run
+        folder, so every evaluation (and every arm of a comparison with the same seed) scores
+        the same contexts.
+        """
+        if self.bank is not None:
+            return self.bank
+        saved = path.exists()
+        if self.group.world > 1:  # decide together, before rank 0 may write the file
+            saved = self.group.all_reduce_sum(float(saved)) == self.group.world
+            self.group.wait()
+        if saved:
+            self.bank = torch.load(path, weights_only=False)
+        else:
+            n = min(self.cfg.eval.heldout_kl_prompts, len(self.examples))
+            prompts = [self.render(ex.question) for ex in self.examples[:n]]
+            self.bank = sample(prompts, self.cfg.train.seed + 12345).to("cpu")
+            if self.group.is_main:
+                tmp = path.with_name(f".{path.name}.tmp")
+                torch.save(self.bank, tmp)
+                tmp.replace(path)
+        return self.bank
+
+    @torch.no_grad()
+    def heldout_kl(
+        self,
+        student: Any,
+        teacher: Teacher,
+        path: Path,
+        sample: Callable[[list[str], int], Rollout],
+        vocab_size: int,
+    ) -> float | None:
+        """Mean KL(p_S‖p_T) (Eq. 6) over the held-out bank's response positions.
+
+        None without held-out prompts or with a teacher that gives no full distribution.
+        """
+        n = min(self.cfg.eval.heldout_kl_prompts, len(self.examples))
+        if n == 0 or not teacher.full_distribution:
+            return None
+        roll = self.heldout_bank(path, sample).to(self.group.device)
+        sub = roll.rows(list(range(len(roll)))[self.group.rank :: self.group.world])
+        if not len(sub):  # more processes than bank rollouts: this rank adds nothing
+            return self.group.all_reduce_sum(0.0) / max(1.0, self.group.all_reduce_sum(0))
+        h_s = response_hidden(student, sub, slice(None))
+        view = teacher.view(sub, [slice(None)])
+        sig = score_rollout(
+            sub,
+            h_s,
+            lm_head(student),
+            view,
+            k=1,
+            vocab_size=vocab_size,
+            chunk_size=self.cfg.selection.chunk_size,
+            temperature=self.cfg.loss.temperature,
+        )
+        valid = sub.response_mask[:, sub.prompt_len :]
+        total = self.group.all_reduce_sum(float(sig.reverse_kl[valid].sum()))
+        return total / max(1.0, self.group.all_reduce_sum(int(valid.sum())))

@@ -1,29 +1,25 @@
-"""Sampling backends that turn prompts into padded sequences with a response mask.
+"""Rollouts: prompts with sampled responses on one padded grid, and the HF sampling backend.
 
-The HF backend (`generate`) runs `model.generate` with a KV cache on left-padded prompts. Other
-backends (vLLM) plug in through `make_sampler`, which returns a function of the same signature.
+`generate` runs `model.generate` with a KV cache on left-padded prompts. Other backends (vLLM,
+vllm_sampler.py) build the same `Rollout` with `assemble_rollout`; sampling.py picks one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from taopd.errors import UserError
 
-if TYPE_CHECKING:
-    from taopd.config import Config, VLLMCfg
-
 __all__ = [
     "Rollout",
     "Sampler",
     "eos_token_ids",
     "generate",
-    "make_sampler",
     "response_hidden",
     "response_mask",
 ]
@@ -62,6 +58,35 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def rows(self, rows: slice | Sequence[int]) -> Rollout:
+        """The rollout of some rows (a slice, or row indices in the order given)."""
+        texts = self.texts[rows] if isinstance(rows, slice) else [self.texts[i] for i in rows]
+        index = rows if isinstance(rows, slice) else list(rows)
+        return Rollout(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.response_mask[index],
+            self.prompt_len,
+            list(texts),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+        """One Rollout of several: prompts re-aligned to the widest left-padded block, responses
+        right-padded to the longest (the layout `generate` gives one batch)."""
+        if len(parts) == 1:
+            return parts[0]
+        p = max(r.prompt_len for r in parts)
+        width = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
+        ids, att, resp = [], [], []
+        for r in parts:
+            pad = (p - r.prompt_len, width - (r.input_ids.shape[1] - r.prompt_len))
+            ids.append(torch.nn.functional.pad(r.input_ids, pad, value=pad_id))
+            att.append(torch.nn.functional.pad(r.attention_mask, pad, value=0))
+            resp.append(torch.nn.functional.pad(r.response_mask, pad, value=False))
+        texts = [t for r in parts for t in r.texts]
+        return Rollout(torch.cat(ids), torch.cat(att), torch.cat(resp), p, texts)
 
     def to(self, device: torch.device | str) -> Rollout:
         """A copy with the tensors on `device`."""
@@ -283,40 +308,6 @@ def generate(
 
     rows = [row.tolist() for r in responses for row in r]  # each cut after its first eos below
     return assemble_rollout(prompt_ids, prompt_mask, rows, eos_ids, pad_id, tokenizer, device)
-
-
-def make_sampler(
-    backend: str | Config = "hf", model_name: str | None = None, vllm_cfg: VLLMCfg | None = None
-) -> Callable[..., Rollout]:
-    """The sampling function of a backend: 'hf' (transformers generate) or 'vllm'.
-
-    `backend` may also be a run `Config`: its rollout.backend, student and rollout.vllm are
-    used. 'vllm' imports vLLM only here and needs a CUDA GPU; `model_name` is the student the
-    engine is built from (see `taopd.vllm_sampler.VLLMSampler`), `vllm_cfg` its `VLLMCfg`.
-    """
-    if not isinstance(backend, str):  # a Config
-        model_name = model_name or backend.student
-        vllm_cfg = vllm_cfg or backend.rollout.vllm
-        backend = backend.rollout.backend
-    name = backend.strip().lower()
-    if name in ("hf", "transformers"):
-        return generate
-    if name == "vllm":
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            raise UserError(
-                "rollout.backend 'vllm' needs the vllm extra (GPU only): pip install 'taopd[vllm]'"
-            ) from None
-        if not torch.cuda.is_available():
-            raise UserError(
-                "rollout.backend 'vllm' needs a CUDA GPU and none is visible; "
-                "use rollout.backend 'hf'"
-            )
-        from taopd.vllm_sampler import VLLMSampler
-
-        return VLLMSampler(model_name, vllm_cfg)
-    raise UserError(f"unknown sampling backend {backend!r}: use 'hf' or 'vllm'")
 
 
 def response_hidden(model: Any, roll: Rollout, rows: slice = slice(None)) -> Tensor:

@@ -1,18 +1,17 @@
 """The selective OPD loop: rollouts, teacher scoring, selection, selective-head loss, on accelerate.
 
-One step (../shared/design.md): the student samples responses; teacher and student bodies give
-hidden states; signals are scored from detached hidden states in chunks; the strategy keeps a
-share of the batch's response positions; only those rows go through the student's lm_head with
-gradient. Multi-process runs select over the global batch and normalize by the global count,
-with the student replicated or sharded (FSDP2, sharding.py; DeepSpeed ZeRO, zero.py). The teacher
-runs in process or
-behind a server that returns its top-k log-probs (teacher_server.py).
+`Trainer.train_step` is one step of the method (../shared/design.md), with no backend branches:
+the student samples responses; the teacher answers for them (teachers.py: in process, or a
+server's top-k log-probs); signals are scored from detached hidden states in chunks; the strategy
+keeps a share of the global batch's response positions; only those rows go through the student's
+lm_head with gradient, and the student engine (engines/: replicated, FSDP2, DeepSpeed ZeRO)
+backpropagates and steps. Around the step: the run folder (run_dir.py), checkpoints and resume
+(checkpoint.py), the prompt stream (data.py), evaluation and the held-out KL (evaluate.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
@@ -25,22 +24,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import zero
 from .checkpoint import (
-    atomic_write_text,
-    clear_folder,
     latest_checkpoint,
     load_trainer_state,
-    lock_holder,
-    lock_run_folder,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from .collectives import Group
 from .config import Config
-from .data import Example, make_task, render_prompt
+from .data import PromptStream, make_task, render_prompt
+from .engines import StudentEngine, make_engine
 from .errors import UserError
-from .evaluate import evaluate, is_correct
+from .evaluate import Evaluator
 from .loss import selective_head_loss
 from .models import (
     check_tokenizers,
@@ -50,27 +46,16 @@ from .models import (
     resolve_model,
     shared_vocab_size,
 )
-from .rollout import Rollout, make_sampler, response_hidden, tokenize_left
-from .scores import (
-    TokenSignals,
-    signals_from_hidden,
-    signals_from_teacher_topk,
-    teachability_of,
-)
+from .rollout import Rollout, response_hidden
+from .run_dir import RunFolder
+from .samples import token_samples
+from .sampling import make_sampler
+from .scores import TokenSignals, teachability_of
 from .selection import select_tokens
-from .sharding import (
-    full_model_state,
-    full_optimizer_state,
-    gather,
-    release,
-    set_full_optimizer_state,
-    shard_student,
-)
 from .teacher_server import TeacherServer
+from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
 
 __all__ = ["Trainer", "TrainingError", "train", "token_samples"]
-
-SIGNAL_NAMES = ("teachability", "student_entropy", "disagreement", "compatibility", "reverse_kl")
 
 
 class StepPass(NamedTuple):
@@ -80,10 +65,7 @@ class StepPass(NamedTuple):
     sig: TokenSignals
     mask: Tensor
     h_s: Tensor
-    h_t: Tensor | None
-    served: (
-        tuple[Tensor, Tensor, Tensor] | None
-    )  # a served teacher's top ids, log-probs, log p_T(y)
+    teacher: TeacherView
     loss: float
     rollout_seconds: float
     scoring_seconds: float
@@ -111,78 +93,47 @@ def _mean(x: Tensor, m: Tensor) -> float:
     return float(x[m].mean()) if bool(m.any()) else float("nan")
 
 
-def _candidates(tokenizer: Any, ids: Tensor, probs: Tensor) -> list[list[list[Any]]]:
-    """Per position, [[decoded token, probability], ...] of the given top ids."""
-    return [
-        [[tokenizer.decode([int(t)]), round(float(q), 4)] for t, q in zip(tr, prr)]
-        for tr, prr in zip(ids, probs)
-    ]
+def signal_metrics(
+    sig: TokenSignals, valid: Tensor, mask: Tensor, full_distribution: bool = True
+) -> dict[str, float]:
+    """Mean of each signal over all response positions (`*_all`) and the selected (`*_selected`).
 
-
-@torch.no_grad()
-def token_samples(
-    tokenizer: Any,
-    roll: Rollout,
-    sig: TokenSignals,
-    mask: Tensor,
-    h_s: Tensor,
-    h_t: Tensor | None,
-    w_s: Tensor,
-    w_t: Tensor | None,
-    vocab_size: int,
-    step: int,
-    rows: int = 2,
-    top: int = 5,
-    teach: Tensor | None = None,
-    teacher_top: tuple[Tensor, Tensor] | None = None,
-) -> list[dict[str, Any]]:
-    """Token-view records (report.py's samples.jsonl format) for the first `rows` rollouts.
-
-    Per response token: the signals, whether it was selected, and the student's and teacher's
-    top candidates (only these few rows are projected through the lm_heads). `teach` gives the
-    teachability normalized over a larger batch; by default it is normalized over `roll`.
-    `teacher_top` (ids, log-probs [B, T, R]) replaces h_t / w_t for a teacher served over HTTP.
+    Without the teacher's full distribution (a served teacher) the signals it cannot give are
+    left out and `kl_sampled` (the sampled-token estimate of KL(S‖T)) is added.
     """
-    p = roll.prompt_len
-    valid = roll.response_mask[:, p:]
-    if teach is None:
-        teach = teachability_of(sig, valid)
-    out = []
-    for b in range(min(rows, valid.shape[0])):
-        idx = valid[b].nonzero().squeeze(-1)
-        ids = roll.input_ids[b, p:][idx].tolist()
-        cands = {}
-        sides = [("student_top", h_s, w_s)] + (
-            [("teacher_top", h_t, w_t)] if h_t is not None else []
-        )
-        for side, h, w in sides:
-            logits = h[b, idx].float() @ w[:vocab_size].float().T
-            pr, ti = torch.softmax(logits, -1).topk(top, -1)
-            cands[side] = _candidates(tokenizer, ti, pr)
-        if teacher_top is not None:
-            lp, order = teacher_top[1][b, idx].float().topk(top, -1)
-            cands["teacher_top"] = _candidates(
-                tokenizer, teacher_top[0][b, idx].gather(-1, order), lp.exp()
-            )
-        signals = {"teachability": teach[b, idx].tolist()}
-        for name in ("student_entropy", "disagreement", "compatibility", "reverse_kl"):
-            values = getattr(sig, name)[b, idx]
-            if not bool(torch.isnan(values).all()):  # NaN: not available (served teacher)
-                signals[name] = values.tolist()
-        prompt_ids = roll.input_ids[b, :p][roll.attention_mask[b, :p].bool()]
-        out.append(
-            {
-                "step": step,
-                "prompt": tokenizer.decode(prompt_ids.tolist()),
-                "answer": None,
-                "correct": None,
-                "tokens": [tokenizer.decode([t]) for t in ids],
-                "selected": mask[b, idx].tolist(),
-                "signals": signals,
-                **cands,
-            }
-        )
+    out: dict[str, float] = {}
+    teach = teachability_of(sig, valid)
+    values = {"teachability": teach, "kl": sig.reverse_kl, "forward_kl": sig.forward_kl}
+    for name in ("student_entropy", "teacher_entropy", "disagreement", "compatibility"):
+        values[name.replace("student_", "")] = getattr(sig, name)
+    if not full_distribution:
+        values = {n: x for n, x in values.items() if not bool(torch.isnan(x).all())}
+        values["kl_sampled"] = sig.log_ratio
+    for name, x in values.items():
+        out[f"{name}_all"] = _mean(x, valid)
+        out[f"{name}_selected"] = _mean(x, mask)
+    out["overlap_all"] = _mean(sig.overlap, valid)
     return out
+
+
+def _engine_kind(cfg: Config, acc: Any) -> str:
+    """replicated, fsdp or deepspeed: from the config or accelerate launch's settings."""
+    env = os.environ  # accelerate launch's config (CPU runs report it as MULTI_CPU)
+    launched = str(getattr(acc, "distributed_type", "")).upper()
+    deepspeed = cfg.train.deepspeed or "DEEPSPEED" in launched
+    deepspeed = deepspeed or env.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    fsdp = cfg.train.fsdp or "FSDP" in launched or env.get("ACCELERATE_USE_FSDP") == "true"
+    world = acc.num_processes
+    for name, on in (("fsdp", fsdp), ("deepspeed", deepspeed)):
+        if on and world == 1:
+            raise UserError(
+                f"train.{name} shards across processes: launch 2 or more with accelerate"
+            )
+        if on and cfg.lora is not None:
+            raise UserError(f"lora with {name} is not supported: use one or the other")
+    if fsdp and deepspeed:
+        raise UserError("train.fsdp and DeepSpeed both shard the student: choose one")
+    return "fsdp" if fsdp else "deepspeed" if deepspeed else "replicated"
 
 
 class Trainer:
@@ -200,25 +151,10 @@ class Trainer:
 
         self.cfg = cfg
         self.progress = progress
-        env = os.environ  # accelerate launch's config (CPU runs report it as MULTI_CPU)
-        kind = str(getattr(accelerator, "distributed_type", "")).upper()
-        launched_ds = "DEEPSPEED" in kind or env.get("ACCELERATE_USE_DEEPSPEED") == "true"
-        self.deepspeed = cfg.train.deepspeed or launched_ds
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        kind = str(getattr(self.acc, "distributed_type", "")).upper()
-        self.fsdp = cfg.train.fsdp or "FSDP" in kind or env.get("ACCELERATE_USE_FSDP") == "true"
-        for name, on in (("fsdp", self.fsdp), ("deepspeed", self.deepspeed)):
-            if on and self.world == 1:
-                raise UserError(
-                    f"train.{name} shards across processes: launch 2 or more with accelerate"
-                )
-            if on and cfg.lora is not None:
-                raise UserError(f"lora with {name} is not supported: use one or the other")
-        if self.fsdp and self.deepspeed:
-            raise UserError("train.fsdp and DeepSpeed both shard the student: choose one")
-        self.engine: Any = None  # the DeepSpeed engine (train.deepspeed)
-        self.units: list[Any] = []
+        self.engine_kind = _engine_kind(cfg, self.acc)
+        self.group = Group(self.acc)
+        self.rank, self.world = self.group.rank, self.group.world
         if cfg.train.batch_size % self.world:
             raise UserError(
                 f"train.batch_size={cfg.train.batch_size} must be divisible by the "
@@ -231,67 +167,15 @@ class Trainer:
             self.server = TeacherServer.from_config(cfg.teacher_server)
             self.server.connect()
         self.out = Path(cfg.output_dir)
-        self.resume_from = self._prepare_output(resume, overwrite)
+        self.run_dir = RunFolder(self.out, self.group)
+        self.resume_from = self.run_dir.prepare(resume, overwrite)
         self.stop_requested = False
         self._setup()
 
     # ----------------------------------------------------------------------------- set-up
-    def _prepare_output(self, resume: bool, overwrite: bool) -> Path | None:
-        """Check the output folder before any heavy work; return the checkpoint to resume."""
-        out = self.out
-        has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output_dir {out} exists and is not a folder")
-        if has_run and not (resume or overwrite):
-            raise UserError(
-                f"output_dir {out} already holds a run; pass --resume to continue it or "
-                "--overwrite to replace it (or choose another output_dir)"
-            )
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                probe = out / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
-            self._lock = lock_run_folder(out)  # held until this process ends
-            if self._lock is None:
-                raise UserError(
-                    f"output_dir {out} is in use by another taopd process (pid "
-                    f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
-                )
-        self.acc.wait_for_everyone()
-        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-        # Deleting an old run (--overwrite) and writing config.yaml wait for _commit_output,
-        # after the cheap input checks: a run that fails them leaves the folder as it was.
-        self._replace_run = overwrite and has_run and not resume
-        self._fresh_start = not (resume and ckpt is not None)
-        self._resume_from_scratch = resume and ckpt is None
-        return ckpt
-
-    def _commit_output(self) -> None:
-        """Claim the output folder: remove a run replaced by --overwrite, write config.yaml."""
-        out = self.out
-        if self.acc.is_main_process:
-            if self._replace_run:
-                clear_folder(out)  # keeps the lock this process holds
-            if self._fresh_start:
-                (out / "config.yaml").write_text(self.cfg.to_yaml())
-            if self._resume_from_scratch:  # logs of a run killed before its first checkpoint
-                for stale in ("metrics.jsonl", "samples.jsonl"):
-                    (out / stale).unlink(missing_ok=True)
-        self.acc.wait_for_everyone()
-
-    def _setup(self) -> None:
-        cfg, acc = self.cfg, self.acc
-        self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
-        self.train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
-        self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
-        if not self.train_examples:
-            raise UserError("the task gave no training examples")
-        teacher_name = cfg.teacher
+    def _check_inputs(self) -> None:
+        """Cheap checks of the models' names, tokenizers and extras, before any heavy work."""
+        cfg = self.cfg
         roles = [("student", cfg.student)]
         if self.server is None:  # a served teacher: `teacher` names only its tokenizer
             roles.append(("teacher", cfg.teacher))
@@ -314,48 +198,73 @@ class Trainer:
                 import peft  # noqa: F401
             except ImportError:
                 raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
-        self._commit_output()  # inputs look sound: only now touch the output folder
+
+    def _setup(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
+        train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
+        self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
+        if not train_examples:
+            raise UserError("the task gave no training examples")
+        self._check_inputs()
+        self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
+        teacher_name = cfg.teacher
         if cfg.teacher_sft is not None:
             from .sft import prepare_teacher
 
             with acc.main_process_first():
                 teacher_name = str(prepare_teacher(cfg, progress=self.progress))
-        self.teacher_path = teacher_name if self.server is None else repr(self.server)
-        device = acc.device
-        self.teacher: torch.nn.Module | None = None  # None: the teacher is self.server
+        teacher_model = None
         if self.server is None:
             t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
-            self.teacher = load_model(teacher_name, dtype=t_dtype, device=device).eval()
-            self.teacher.requires_grad_(False)
-        student = load_model(cfg.student, dtype=cfg.train.dtype, device=device)
+            teacher_model = load_model(teacher_name, dtype=t_dtype, device=acc.device)
+            teacher_model.eval().requires_grad_(False)
+        student = load_model(cfg.student, dtype=cfg.train.dtype, device=acc.device)
         if cfg.lora is not None:
             student = self._apply_lora(student)
         self.student = student
-        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
-        if (self.fsdp or self.deepspeed) and self.resume_from is not None:
-            self._load_weights(self.resume_from)  # whole weights go in before sharding
-        if self.fsdp:  # the optimizer sees the shards
-            self.units = shard_student(student, device)
-        pd = cfg.selection.projection_dtype
-        self.projection_dtype = None if pd == "auto" else getattr(torch, pd)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas
+        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
+        self.teacher: Teacher = (
+            LocalTeacher(teacher_model, teacher_name)
+            if self.server is None
+            else ServedTeacher(self.server, self.vocab_size)
         )
-        if self.deepspeed:  # partitions the student; `self.opt` then steps the partitions
-            ds = zero.deepspeed_config(self.world, cfg.optim.grad_clip, cfg.train.dtype)
-            self.engine = zero.init_engine(student, self.opt, ds)
+        self.engine: StudentEngine = make_engine(
+            self.engine_kind, student, self.group, cfg, self.resume_from
+        )
+        pd = cfg.selection.projection_dtype
+        self.score_kw = dict(
+            k=cfg.selection.k,
+            vocab_size=self.vocab_size,
+            chunk_size=cfg.selection.chunk_size,
+            temperature=cfg.loss.temperature,
+            projection_dtype=None if pd == "auto" else getattr(torch, pd),
+        )
+        lc = cfg.loss
+        self.loss_kw = dict(
+            kind=lc.kind,
+            reduction=lc.reduction,
+            beta=lc.beta,
+            temperature=lc.temperature,
+            vocab_size=self.vocab_size,
+            chunk_size=lc.chunk_size,
+        )
+        self.opt = self.engine.opt
         self.sched = _scheduler(self.opt, cfg)
         self.sampler = make_sampler(cfg)  # rollout.backend; vllm: student + rollout.vllm
+        ro = cfg.rollout
+        self.prompts = PromptStream(
+            train_examples, self.render, self.tokenizer, cfg.train.seed,
+            ro.max_prompt_tokens, ro.prompt_overflow, self.group,
+        )  # fmt: skip
+        self.evaluator = Evaluator(
+            self.task, self.test_examples, self.tokenizer, cfg, self.group, self.progress
+        )
         self.step = 0
-        self.data_pos = 0
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.tokens_trained = 0
-        self.skipped_prompts = 0
-        self.truncated_prompts = 0
         self.history: dict[str, Any] = {}
-        self._bank: Rollout | None = None
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.tb = None
@@ -385,104 +294,57 @@ class Trainer:
             ),
         )
 
-    # ----------------------------------------------------------------------------- data
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """The seeded shuffle of the train split for `epoch` (recomputed only when it changes)."""
-        cached = getattr(self, "_order", None)
-        if cached is None or cached[0] != epoch:
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
-            self._order = (epoch, torch.randperm(len(self.train_examples), generator=gen).tolist())
-        return self._order[1]
-
-    def _next_examples(self) -> list[Example]:
-        """This rank's share of the next global batch; the data position survives resume."""
-        n_ex = len(self.train_examples)
-        bs = self.cfg.train.batch_size
-        picked = []
-        for j in range(bs):
-            pos = self.data_pos + j
-            epoch, idx = divmod(pos, n_ex)
-            picked.append(self.train_examples[self._epoch_order(epoch)[idx]])
-        self.data_pos += bs
-        per = bs // self.world
-        return picked[self.rank * per : (self.rank + 1) * per]
-
     def render(self, question: str) -> str:
         cfg = self.cfg.task
         return render_prompt(self.tokenizer, question, cfg.system_prompt, cfg.chat_template)
 
-    def _fit_prompts(self, prompts: list[str]) -> list[str]:
-        """Apply rollout.max_prompt_tokens: keep the last tokens (truncate) or drop (skip).
-
-        The skipped / truncated counts are summed over all ranks (every rank calls this)."""
-        limit, mode = self.cfg.rollout.max_prompt_tokens, self.cfg.rollout.prompt_overflow
-        kept, truncated, skipped = [], 0, 0
-        for p in prompts:
-            ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
-            if len(ids) <= limit:
-                kept.append(p)
-            elif mode == "truncate":
-                truncated += 1
-                kept.append(self.tokenizer.decode(ids[-limit:]))
-            else:
-                skipped += 1
-        if self.world > 1:
-            counts = torch.tensor([truncated, skipped], device=self.acc.device)
-            truncated, skipped = (int(x) for x in self.acc.reduce(counts, reduction="sum"))
-        self.truncated_prompts += truncated
-        self.skipped_prompts += skipped
-        return kept
-
     # ----------------------------------------------------------------------------- step
-    def _rank_shapes(self, x: Tensor) -> list[tuple[int, int]]:
-        """Every rank's [b, T] (ranks may hold different numbers of rows: prompts skipped)."""
-        if self.world == 1:
-            return [(x.shape[0], x.shape[1])]
-        shape = torch.tensor([x.shape[0], x.shape[1]], device=x.device)
-        return [(int(b), int(t)) for b, t in self.acc.gather(shape).view(-1, 2).tolist()]
-
-    def _gather_rows(self, x: Tensor, fill: float | bool, shapes: list[tuple[int, int]]) -> Tensor:
-        """All ranks' rows of a per-position [b, T] tensor (`shapes`: `_rank_shapes`), in rank
-        order, padded to the longest T."""
-        if self.world == 1:
-            return x
-        b_max, t_max = max(b for b, _ in shapes), max(t for _, t in shapes)
-        padded = torch.full((b_max, t_max), fill, dtype=x.dtype, device=x.device)
-        padded[: x.shape[0], : x.shape[1]] = x
-        g = self.acc.gather(padded)
-        return torch.cat([g[r * b_max : r * b_max + b] for r, (b, _) in enumerate(shapes)])
-
-    def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
-        """Batch-scope selection over the global batch; returns this rank's mask and global n."""
-        sel = self.cfg.selection
-        names = [name for name, _ in sig.items()]
-        t_local, b_local = valid.shape[1], valid.shape[0]
-        shapes = self._rank_shapes(valid)
-        g_valid = self._gather_rows(valid, False, shapes)
-        g_sig = TokenSignals(**{n: self._gather_rows(getattr(sig, n), 0.0, shapes) for n in names})
-        gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        mask = select_tokens(
-            g_sig.__class__(**{n: getattr(g_sig, n).cpu() for n in names}),
-            g_valid.cpu(),
-            strategy=sel.strategy,
-            ratio=sel.ratio,
-            scope=sel.scope,
-            min_per_sequence=sel.min_per_sequence,
-            generator=gen,
-        ).to(valid.device)
-        if self.cfg.loss.reduction == "token":
-            norm = float(mask.sum())
-        else:
-            norm = float((mask.sum(-1) > 0).sum())
-        first = sum(b for b, _ in shapes[: self.rank])  # this rank's first row
-        local = mask[first : first + b_local, :t_local]
-        return local, norm
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step: rollout → teacher → signals → select → selective-head loss →
+        backward → optimizer step → metrics. Returns the metrics (None: nothing to train)."""
+        step, t0 = self.step + 1, time.perf_counter()
+        with self.engine.whole():  # FSDP: until the backward reshards; ZeRO-3: the whole pass
+            roll = self._rollout(step)
+            if roll is None:  # a rank has no prompt left (all too long): every rank skips
+                self.step = step
+                return None
+            t_roll = time.perf_counter() - t0
+            tokens, valid = roll.response_ids, roll.response_mask[:, roll.prompt_len :]
+            chunks, n_passes = self._micro_batches(len(roll))
+            teacher = self.teacher.view(roll, chunks)
+            h_s, h_grad = self._student_hidden(roll, chunks, n_passes)
+            sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
+            mask, normalizer = self._select(sig, valid, step)
+            t_score = time.perf_counter() - t0 - t_roll
+            loss = 0.0
+            for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
+                c = chunks[min(i, len(chunks) - 1)]
+                h = h_grad if h_grad is not None else self._grad_hidden(roll, c)
+                w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
+                if i < len(chunks):
+                    part = selective_head_loss(
+                        h, w_s, mask[c], tokens=tokens[c], normalizer=normalizer,
+                        **teacher.loss_inputs(c), **self.loss_kw,
+                    )  # fmt: skip
+                else:  # padding pass: zero gradients, same collectives
+                    part = (h.sum() + w_s.sum()) * 0.0
+                self.engine.backward(part, last=i == n_passes - 1)
+                loss += float(part.detach())
+        grad_norm, applied = self.engine.step(loss, self.cfg.optim.grad_clip)
+        self.sched.step()
+        self.step = step
+        out = StepPass(roll, sig, mask, h_s, teacher, loss, t_roll, t_score)
+        return self._step_metrics(out, grad_norm, applied, t0)
 
     def _rollout(self, step: int) -> Rollout | None:
-        prompts = self._fit_prompts([self.render(ex.question) for ex in self._next_examples()])
-        if not prompts:
+        """Student rollouts of this rank's share of the next batch (None on every rank when a
+        rank has no prompt left after the length limit)."""
+        prompts = self.prompts.next_prompts(self.cfg.train.batch_size)
+        seed = self.cfg.train.seed * 1_000_003 + step * 101 + self.rank
+        roll = self._sample(prompts, seed) if prompts else None
+        if self.world > 1 and self.group.all_reduce_sum(float(roll is None)) > 0:
             return None
-        return self._sample(prompts, self.cfg.train.seed * 1_000_003 + step * 101 + self.rank)
+        return roll
 
     def _sample(self, prompts: list[str], seed: int) -> Rollout:
         """Student rollouts with the configured sampling settings (rollout.*)."""
@@ -498,84 +360,97 @@ class Trainer:
             seed=seed,
         )
 
-    @contextlib.contextmanager
-    def _whole_student(self) -> Any:
-        """Full student weights on every process for the block (FSDP, ZeRO-3); else a no-op."""
-        if self.deepspeed:
-            with zero.whole(self.student):
-                yield
-            return
-        if not self.fsdp:
-            yield
-            return
-        gather(self.units)
-        try:
-            yield
-        finally:
-            release(self.units)
+    def _micro_batches(self, n_rows: int) -> tuple[list[slice], int]:
+        """This rank's micro-batches and the number of passes every rank runs (the most)."""
+        mb = self.cfg.train.micro_batch_size or n_rows
+        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
+        return chunks, self.group.all_reduce_max(len(chunks))
 
-    def _grad_forward(self, fn: Any) -> Any:
-        """`fn(student)` for a pass with gradient (through the engine's forward under DeepSpeed)."""
-        return fn(self.student) if self.engine is None else self.engine(fn)
+    def _grad_hidden(self, roll: Rollout, rows: slice) -> Tensor:
+        """The student's response hidden states of `rows`, with gradient (through the engine)."""
+        return self.engine.forward(lambda m: response_hidden(m, roll, rows))
 
-    def _backward(self, loss: Tensor, last: bool) -> None:
-        """Backward of one micro-batch's share of the globally normalized loss."""
-        if self.engine is None:
-            loss.backward()
-            return
-        self.engine.set_gradient_accumulation_boundary(last)
-        # DeepSpeed averages gradients over processes; taopd's loss wants them summed
-        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+    def _student_hidden(
+        self, roll: Rollout, chunks: list[slice], n_passes: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """Detached student hidden states for scoring, and the grad pass when there is one.
 
-    def train_step(self) -> dict[str, Any] | None:
-        """One optimizer step; returns its metrics (None when the batch had nothing to train)."""
-        cfg, step = self.cfg, self.step + 1
-        t0 = time.perf_counter()
-        with self._whole_student():  # FSDP: until the backward reshards; ZeRO-3: the whole pass
-            out = self._forward_backward(step, t0)
-        if out is None:
-            self.step = step
-            return None
-        roll, sig, mask, total = out.roll, out.sig, out.mask, out.loss
-        p = roll.prompt_len
-        valid = roll.response_mask[:, p:]
-        grad_norm, finite = self._optimizer_step(total)
+        With one micro-batch the same body forward serves scoring (detached) and the loss;
+        with several, scoring runs without gradient and each loss pass runs its own forward.
+        """
+        self.student.train()
+        if n_passes == 1:
+            h_grad = self._grad_hidden(roll, chunks[0])
+            return h_grad.detach(), h_grad
+        with torch.no_grad():
+            return torch.cat([response_hidden(self.student, roll, c) for c in chunks]), None
+
+    def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
+        """Selection over the global batch: this rank's mask and the loss normalizer (the
+        global count of kept tokens, or of sequences with one, per loss.reduction)."""
+        sel, group = self.cfg.selection, self.group
+        names = [name for name, _ in sig.items()]
+        shapes = group.row_shapes(valid)
+        g_valid = group.gather_rows(valid, False, shapes)
+        g_sig = {n: group.gather_rows(getattr(sig, n), 0.0, shapes) for n in names}
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        mask = select_tokens(
+            TokenSignals(**{n: x.cpu() for n, x in g_sig.items()}),
+            g_valid.cpu(),
+            strategy=sel.strategy,
+            ratio=sel.ratio,
+            scope=sel.scope,
+            min_per_sequence=sel.min_per_sequence,
+            generator=gen,
+        ).to(valid.device)
+        if self.cfg.loss.reduction == "token":
+            normalizer = float(mask.sum())
+        else:
+            normalizer = float((mask.sum(-1) > 0).sum())
+        if normalizer == 0:
+            raise TrainingError("selection kept no positions in the whole batch")
+        first = group.first_row(shapes)
+        return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
+
+    def _step_metrics(
+        self, out: StepPass, grad_norm: float, applied: bool, t0: float
+    ) -> dict[str, Any]:
+        """Count the step, log-ready metrics, samples; stop after too many non-finite steps."""
+        cfg, step, group = self.cfg, self.step, self.group
+        valid = out.roll.response_mask[:, out.roll.prompt_len :]
         metrics: dict[str, Any] = {"step": step}
-        if finite:
+        if applied:
             self.nonfinite_in_row = 0
         else:
             self.nonfinite_in_row += 1
             self.nonfinite_total += 1
             metrics["skipped_nonfinite"] = True
-        self.sched.step()
-        self.step = step
-        n_sel_local = int(mask.sum())
-        n_sel = self._sum(n_sel_local)
-        self.tokens_trained += int(n_sel) if finite else 0
+        n_sel = group.all_reduce_sum(int(out.mask.sum()))
+        self.tokens_trained += int(n_sel) if applied else 0
         elapsed = time.perf_counter() - t0
-        metrics.update(self._signal_metrics(sig, valid, mask))
+        metrics.update(signal_metrics(out.sig, valid, out.mask, self.teacher.full_distribution))
+        n_valid = group.all_reduce_sum(int(valid.sum()))
         metrics.update(
-            loss=self._sum(total),  # each rank's share is normalized by the global count
+            loss=group.all_reduce_sum(out.loss),  # each rank's share is globally normalized
             grad_norm=grad_norm,
             lr=self.sched.get_last_lr()[0],
             n_selected=int(n_sel),
-            n_valid=int(self._sum(int(valid.sum()))),
+            n_valid=int(n_valid),
             tokens_trained=self.tokens_trained,
             response_length=float(valid.sum(-1).float().mean()),
             rollout_seconds=out.rollout_seconds,
             scoring_seconds=out.scoring_seconds,
             step_seconds=elapsed,
-            tokens_per_second=self._sum(int(valid.sum())) / elapsed,
+            tokens_per_second=n_valid / elapsed,
             nonfinite_steps=self.nonfinite_total,
         )
         metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
-            teacher_top = (out.served[0], out.served[1]) if out.served is not None else None
-            with self._whole_student():
-                self._write_samples(roll, sig, mask, out.h_s, out.h_t, step, teacher_top)
+            with self.engine.whole():
+                self._write_samples(out)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
             self._log(metrics)  # the run stops here: still record the skipped step
-            ckpt = latest_checkpoint(self.out / "checkpoints")
+            ckpt = latest_checkpoint(self.run_dir.checkpoints)
             kept = f"the last checkpoint, {ckpt}, is kept" if ckpt else "no checkpoint was saved"
             raise TrainingError(
                 f"{self.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
@@ -584,311 +459,52 @@ class Trainer:
             )
         return metrics
 
-    def _forward_backward(self, step: int, t0: float) -> StepPass | None:
-        """Rollouts, scoring, selection and the selective loss's backward, per micro-batch.
-
-        Every process runs the same number of micro-batches (collectives stay aligned when ranks
-        skipped different prompts); a rank with fewer rows adds zero-loss passes.
-        """
-        cfg = self.cfg
-        roll = self._rollout(step)
-        t_roll = time.perf_counter() - t0
-        if self.world > 1 and self._sum(float(roll is None)) > 0:
-            roll = None  # a rank has no prompt left: every rank skips the step
-        if roll is None:
-            return None
-        p = roll.prompt_len
-        targets, valid = roll.input_ids[:, p:], roll.response_mask[:, p:]
-        n_rows = targets.shape[0]
-        mb = cfg.train.micro_batch_size or n_rows
-        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
-        n_passes = len(chunks)
-        if self.world > 1:
-            n = torch.tensor([n_passes], device=self.acc.device)
-            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
-            n_passes = int(n)
-        w_s = lm_head(self.student)
-        self.student.train()
-        w_t = h_t = None
-        if self.server is None:
-            w_t = lm_head(self.teacher)
-            with torch.no_grad():
-                h_t = torch.cat([response_hidden(self.teacher, roll, c) for c in chunks])
-        if n_passes == 1:  # one student forward serves scoring (detached) and the loss
-            h_s_grad = self._grad_forward(lambda m: response_hidden(m, roll, chunks[0]))
-            h_s = h_s_grad.detach()
-        else:  # scoring pass without grad, then a grad pass per micro-batch
-            h_s_grad = None
-            with torch.no_grad():
-                h_s = torch.cat([response_hidden(self.student, roll, c) for c in chunks])
-        lcfg = cfg.loss
-        sig, served = self._score(roll, h_s, w_s, h_t, w_t)
-        t_token_lp = served[2] if served is not None else None
-        mask, norm = self._select(sig, valid, step)
-        t_score = time.perf_counter() - t0 - t_roll
-        if norm == 0:
-            raise TrainingError("selection kept no positions in the whole batch")
-        loss_kw = dict(
-            kind=lcfg.kind,
-            normalizer=norm,
-            reduction=lcfg.reduction,
-            beta=lcfg.beta,
-            temperature=lcfg.temperature,
-            vocab_size=self.vocab_size,
-            chunk_size=lcfg.chunk_size,
-        )
-        total = 0.0
-        for i in range(n_passes):
-            if self.fsdp and i > 0:  # the previous backward resharded the weights
-                gather(self.units)
-                w_s = lm_head(self.student)
-            c = chunks[min(i, len(chunks) - 1)]
-            if h_s_grad is None:
-                h = self._grad_forward(lambda m, c=c: response_hidden(m, roll, c))
-            else:
-                h = h_s_grad
-            if i >= len(chunks):  # padding pass: zero gradients, same collectives
-                loss = (h.sum() + w_s.sum()) * 0.0
-            else:
-                if t_token_lp is not None:
-                    teacher_kw = {"teacher_token_logprobs": t_token_lp[c]}
-                else:
-                    teacher_kw = {"teacher_hidden": h_t[c], "teacher_weight": w_t}
-                loss = selective_head_loss(
-                    h, w_s, mask[c], tokens=targets[c], **teacher_kw, **loss_kw
-                )
-            self._backward(loss, last=i == n_passes - 1)
-            total += float(loss.detach())
-        return StepPass(roll, sig, mask, h_s, h_t, served, total, t_roll, t_score)
-
-    def _optimizer_step(self, loss_value: float) -> tuple[float, bool]:
-        """Reduce (DDP), check and clip the gradients, step unless non-finite; zero them."""
-        if self.engine is not None:  # DeepSpeed clips and skips non-finite steps itself
-            self.engine.step()
-            norm = float(self.engine.get_global_grad_norm() or 0.0)
-            finite = self.engine.was_step_applied() and math.isfinite(self._sum(loss_value))
-            return norm, finite and math.isfinite(norm)
-        grad_norm, finite = self._reduce_and_clip(loss_value)
-        if finite:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return grad_norm, finite
-
-    def _score(
-        self, roll: Rollout, h_s: Tensor, w_s: Tensor, h_t: Tensor | None, w_t: Tensor | None
-    ) -> tuple[TokenSignals, tuple[Tensor, Tensor, Tensor] | None]:
-        """Per-position signals of this rank's rollouts, from the in-process or served teacher.
-
-        With a served teacher, also returns its (top ids, their log-probs, log p_T(y_t)).
-        """
-        sel, p = self.cfg.selection, roll.prompt_len
-        targets, valid = roll.input_ids[:, p:], roll.response_mask[:, p:]
-        common = dict(
-            k=sel.k,
-            valid=valid,
-            vocab_size=self.vocab_size,
-            chunk_size=sel.chunk_size,
-            projection_dtype=self.projection_dtype,
-        )
-        if self.server is None:
-            sig = signals_from_hidden(
-                h_s, w_s, h_t, w_t, tokens=targets, temperature=self.cfg.loss.temperature, **common
-            )
-            return sig, None
-        # this rank's rows go to the server; loss.temperature is 1 (config check)
-        served = self.server.score(
-            roll.input_ids, roll.attention_mask, roll.response_mask, p, self.vocab_size
-        )
-        return signals_from_teacher_topk(h_s, w_s, *served, targets, **common), served
-
-    def _sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([float(value)], device=self.acc.device, dtype=torch.float64)
-        return float(self.acc.reduce(t, reduction="sum"))
-
-    def _reduce_and_clip(self, loss_value: float) -> tuple[float, bool]:
-        """Sum gradients over ranks (the loss is already globally normalized), check, clip."""
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if self.world > 1 and not self.fsdp:  # FSDP reduce-scatters (sums) in the backward
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                torch.distributed.all_reduce(p.grad)
-        grads = [p.grad for p in params if p.grad is not None]
-        clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # sharded gradients: the norm over all shards
-            norm = norm.full_tensor()
-        finite = bool(torch.isfinite(norm)) and math.isfinite(self._sum(loss_value)) and bool(grads)
-        return float(norm), finite
-
-    def _signal_metrics(self, sig: TokenSignals, valid: Tensor, mask: Tensor) -> dict[str, float]:
-        out: dict[str, float] = {}
-        teach = teachability_of(sig, valid)
-        values = {"teachability": teach, "kl": sig.reverse_kl, "forward_kl": sig.forward_kl}
-        for name in ("student_entropy", "teacher_entropy", "disagreement", "compatibility"):
-            values[name.replace("student_", "")] = getattr(sig, name)
-        if self.server is not None:  # no full teacher: the sampled-token estimate of KL(S‖T)
-            values = {n: x for n, x in values.items() if not bool(torch.isnan(x).all())}
-            values["kl_sampled"] = sig.log_ratio
-        for name, x in values.items():
-            out[f"{name}_all"] = _mean(x, valid)
-            out[f"{name}_selected"] = _mean(x, mask)
-        out["overlap_all"] = _mean(sig.overlap, valid)
-        return out
-
-    def _write_samples(
-        self,
-        roll: Rollout,
-        sig: TokenSignals,
-        mask: Tensor,
-        h_s: Tensor,
-        h_t: Tensor | None,
-        step: int,
-        teacher_top: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
+    def _write_samples(self, out: StepPass) -> None:
         """Append two rollouts of this step to samples.jsonl (the report's token view)."""
-        if not self.acc.is_main_process:
+        if not self.group.is_main:
             return
         lines = token_samples(
             self.tokenizer,
-            roll,
-            sig,
-            mask,
-            h_s,
-            h_t,
-            lm_head(self.student),
-            lm_head(self.teacher) if self.teacher is not None else None,
-            self.vocab_size,
-            step,
+            out.roll,
+            out.sig,
+            out.mask,
+            out.h_s,
+            w_s=lm_head(self.student),
+            vocab_size=self.vocab_size,
+            step=self.step,
             rows=2,
-            teacher_top=teacher_top,
+            **out.teacher.sample_inputs(),
         )
-        with open(self.out / "samples.jsonl", "a") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+        self.run_dir.append("samples.jsonl", lines)
 
     # ----------------------------------------------------------------------------- eval
     def evaluate(self, model: torch.nn.Module | None = None) -> float:
         """Greedy accuracy on the test split (every rank evaluates its share; reduced)."""
-        whole = self._whole_student() if model is None else contextlib.nullcontext()
-        model = model if model is not None else self.acc.unwrap_model(self.student)
-        ex = self.test_examples[self.rank :: self.world]
-        with whole:
-            res = self._evaluate_share(model, ex)
-        correct = self._sum(res["n_correct"])
-        return correct / self._sum(res["n"])
-
-    def _evaluate_served(self) -> float:
-        """Greedy accuracy of the served teacher (temperature 0 completions), reduced over ranks."""
-        assert self.server is not None
-        ex = self.test_examples[self.rank :: self.world]
-        prompts = [self.render(e.question) for e in ex]
-        ids = []
-        if prompts:  # the token ids the in-process evaluation feeds `generate`, unpadded
-            grid, mask = tokenize_left(self.tokenizer, prompts)
-            ids = [row[m.bool()].tolist() for row, m in zip(grid, mask)]
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        outs = self.server.generate(ids, self.cfg.eval.max_new_tokens, eos) if ids else []
-        correct = 0
-        for e, out in zip(ex, outs, strict=True):
-            text = (
-                out
-                if isinstance(out, str)
-                else self.tokenizer.decode(out, skip_special_tokens=True)
-            )
-            correct += is_correct(self.task.score(text, e))
-        return self._sum(correct) / self._sum(len(ex))
-
-    def _evaluate_share(self, model: torch.nn.Module, ex: list[Example]) -> dict[str, Any]:
-        if not ex:  # more processes than test problems: this rank has none
-            return {"n_correct": 0, "n": 0}
-        return evaluate(
-            model,
-            self.tokenizer,
-            self.task,
-            ex,
-            batch_size=self.cfg.eval.batch_size,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            system_prompt=self.cfg.task.system_prompt,
-            progress=self.progress and self.acc.is_main_process,
-            chat_template=self.cfg.task.chat_template,
-        )
+        if model is not None:
+            return self.evaluator.accuracy(model)
+        with self.engine.whole():
+            return self.evaluator.accuracy(self.acc.unwrap_model(self.student))
 
     def heldout_kl(self) -> float | None:
-        """Mean KL(p_S‖p_T) over the held-out bank (see `_heldout_kl`)."""
-        with self._whole_student():
-            return self._heldout_kl()
-
-    @torch.no_grad()
-    def _heldout_kl(self) -> float | None:
-        """Mean KL(p_S‖p_T) over a fixed bank of student rollouts on test prompts.
-
-        The bank is sampled once from the initial student and saved in the run folder, so every
-        evaluation (and every arm of a comparison with the same seed) scores the same contexts.
-        """
-        n = min(self.cfg.eval.heldout_kl_prompts, len(self.test_examples))
-        if n == 0 or self.server is not None:  # a served teacher gives no full-vocabulary KL
-            return None
-        path = self.out / "heldout_bank.pt"
-        if self._bank is None:
-            saved = path.exists()
-            if self.world > 1:  # decide together, before rank 0 may write the file
-                saved = self._sum(float(saved)) == self.world
-                self.acc.wait_for_everyone()
-            if saved:
-                self._bank = torch.load(path, weights_only=False)
-            else:
-                prompts = [self.render(ex.question) for ex in self.test_examples[:n]]
-                roll = self._sample(prompts, seed=self.cfg.train.seed + 12345).to("cpu")
-                self._bank = roll
-                if self.acc.is_main_process:
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    torch.save(roll, tmp)
-                    tmp.replace(path)
-        roll = self._bank.to(self.acc.device)
-        rows = list(range(len(roll)))[self.rank :: self.world]
-        if not rows:  # more processes than bank rollouts: this rank adds nothing
-            return self._sum(0.0) / max(1.0, self._sum(0))
-        p = roll.prompt_len
-        sub = Rollout(
-            roll.input_ids[rows],
-            roll.attention_mask[rows],
-            roll.response_mask[rows],
-            p,
-            [roll.texts[i] for i in rows],
-        )
-        model = self.acc.unwrap_model(self.student)
-        h_s = response_hidden(model, sub, slice(None))
-        h_t = response_hidden(self.teacher, sub, slice(None))
-        valid = sub.response_mask[:, p:]
-        sig = signals_from_hidden(
-            h_s,
-            lm_head(model),
-            h_t,
-            lm_head(self.teacher),
-            k=1,
-            valid=valid,
-            temperature=self.cfg.loss.temperature,
-            vocab_size=self.vocab_size,
-            chunk_size=self.cfg.selection.chunk_size,
-        )
-        total = self._sum(float(sig.reverse_kl[valid].sum()))
-        return total / max(1.0, self._sum(int(valid.sum())))
+        """Mean KL(p_S‖p_T) over the held-out bank (evaluate.py)."""
+        with self.engine.whole():
+            return self.evaluator.heldout_kl(
+                self.acc.unwrap_model(self.student),
+                self.teacher,
+                self.out / "heldout_bank.pt",
+                self._sample,
+                self.vocab_size,
+            )
 
     # ----------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "data_pos": self.data_pos,
-            "optimizer": None if self.fsdp or self.deepspeed else self.opt.state_dict(),
+            **self.prompts.state(),
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(),
             "tokens_trained": self.tokens_trained,
             "nonfinite_total": self.nonfinite_total,
-            "skipped_prompts": self.skipped_prompts,
-            "truncated_prompts": self.truncated_prompts,
             "history": self.history,
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -901,16 +517,10 @@ class Trainer:
         """Write an atomic checkpoint (rank 0), keeping the newest `train.keep_last`."""
         self.history["wall_seconds"] = self._wall_seconds()
         path = None
-        weights: dict[str, Tensor] | None = None
-        state = self._trainer_state() if self.acc.is_main_process else {}
-        if self.fsdp:  # collectives: every rank takes part, rank 0 receives the whole state
-            weights = full_model_state(self.student)
-            state["optimizer"] = full_optimizer_state(self.student, self.opt)
-        elif self.deepspeed:
-            weights = zero.full_model_state(self.student)
-            state["optimizer"] = zero.full_optimizer_state(self.student, self.opt)
-        state["optimizer_format"] = self._optimizer_format()
-        if self.acc.is_main_process:
+        state = self._trainer_state() if self.group.is_main else {}
+        weights, state["optimizer"] = self.engine.full_state()  # sharded: every rank takes part
+        state["optimizer_format"] = self.engine.optimizer_format
+        if self.group.is_main:
             model = self.acc.unwrap_model(self.student)
 
             def save_model(d: Path) -> None:
@@ -918,67 +528,36 @@ class Trainer:
                 self.tokenizer.save_pretrained(d)
 
             path = save_checkpoint(
-                self.out / "checkpoints",
+                self.run_dir.checkpoints,
                 self.step,
                 save_model,
                 state,
                 keep_last=self.cfg.train.keep_last,
             )
-        self.acc.wait_for_everyone()
+        self.group.wait()
         return path
-
-    def _optimizer_format(self) -> str:
-        """How the optimizer state is saved: whole from FSDP / DeepSpeed shards, or replicated."""
-        return "fsdp-full" if self.fsdp else "deepspeed-full" if self.deepspeed else "replicated"
-
-    def _load_weights(self, ckpt: Path) -> None:
-        """The student weights of a checkpoint, into the (not yet sharded) student."""
-        from safetensors.torch import load_file
-
-        model = self.student
-        weights = {}
-        for f in sorted((ckpt / "model").glob("*.safetensors")):
-            weights.update(load_file(f))
-        if self.cfg.lora is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, weights)
-        else:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            missing = [m for m in missing if "lm_head" not in m]  # tied heads are not saved
-            if missing or unexpected:
-                raise UserError(f"checkpoint {ckpt} does not match the student: {missing[:3]}")
-            if hasattr(model, "tie_weights"):
-                model.tie_weights()
 
     def _load(self, ckpt: Path) -> None:
         """Weights (unless already loaded before sharding), optimizer, schedule, RNG, counters."""
         state = load_trainer_state(ckpt)
         written = state.get("optimizer_format") or "replicated"
-        if written != self._optimizer_format():
+        if written != self.engine.optimizer_format:
             how = {"fsdp-full": "FSDP", "deepspeed-full": "DeepSpeed"}
             raise UserError(
                 f"checkpoint {ckpt} was written by a {how.get(written, 'replicated')} run and "
-                f"this one is {how.get(self._optimizer_format(), 'replicated')}; resume it the "
-                "same way (train.fsdp / train.deepspeed, or the same accelerate config)"
+                f"this one is {how.get(self.engine.optimizer_format, 'replicated')}; resume it "
+                "the same way (train.fsdp / train.deepspeed, or the same accelerate config)"
             )
-        if self.fsdp:
-            set_full_optimizer_state(self.student, self.opt, state["optimizer"])
-        elif self.deepspeed:
-            zero.set_full_optimizer_state(self.student, self.engine, self.opt, state["optimizer"])
-        else:
-            self._load_weights(ckpt)
-            self.opt.load_state_dict(state["optimizer"])
+        self.engine.load_state(ckpt, state["optimizer"], self.cfg.lora is not None)
         self.sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        self.step, self.data_pos = state["step"], state["data_pos"]
+        self.step = state["step"]
+        self.prompts.load_state(state)
         self.tokens_trained = state["tokens_trained"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.skipped_prompts = state.get("skipped_prompts", 0)
-        self.truncated_prompts = state.get("truncated_prompts", 0)
         self.history = state.get("history", {})
         self._apply_optim_config()
-        self._truncate_metrics(self.step)
+        self.run_dir.truncate_logs(self.step)
 
     def _apply_optim_config(self) -> None:
         """After a resume, use this config's optimizer settings (e.g. a lowered optim.lr).
@@ -994,31 +573,9 @@ class Trainer:
             g["lr"] = o.lr * factor(self.sched.last_epoch)
         self.sched._last_lr = [g["lr"] for g in groups]
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone).
-
-        A line cut short by a kill is dropped too.
-        """
-        if not self.acc.is_main_process:
-            return
-        for path in (self.out / "metrics.jsonl", self.out / "samples.jsonl"):
-            if not path.exists():
-                continue
-            keep = []
-            for ln in path.read_text().splitlines():
-                try:
-                    if json.loads(ln)["step"] <= step:
-                        keep.append(ln)
-                except (ValueError, KeyError, TypeError):
-                    continue
-            atomic_write_text(path, "".join(k + "\n" for k in keep))
-
     def _log(self, metrics: dict[str, Any]) -> None:
-        if not self.acc.is_main_process:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.tb is not None:
+        self.run_dir.append("metrics.jsonl", [metrics])
+        if self.tb is not None and self.group.is_main:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.tb.add_scalar(k, v, metrics["step"])
@@ -1039,40 +596,55 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train `train.steps` steps with evaluation and checkpoints; return the summary."""
-        cfg = self.cfg
         # wall time survives resume: the time up to the last checkpoint is kept in its history
         self._clock = (time.perf_counter(), self.history.get("wall_seconds", 0.0))
         old_handlers = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 old_handlers[s] = signal.signal(s, self._on_signal)
-        h = self.history
         try:
-            if "teacher_accuracy" not in h and cfg.train.eval_teacher:
-                h["teacher_accuracy"] = (
-                    self.evaluate(self.teacher) if self.server is None else self._evaluate_served()
+            self._evaluate_before()
+            self._train_loop()
+            if self.stop_requested:
+                saved = self.save()
+                raise TrainingError(
+                    f"stopped by a signal at step {self.step}; checkpoint saved"
+                    f"{f' to {saved}' if saved else ''}, continue with --resume"
                 )
-            if "student_accuracy_before" not in h and cfg.train.eval_before:
-                h["student_accuracy_before"] = self.evaluate()
-            if "heldout_kl_before" not in h:
-                h["heldout_kl_before"] = self.heldout_kl()
-            h.setdefault("selected_fractions", [])
-            h.setdefault("accuracy_curve", [])
-            bar = tqdm(
-                total=cfg.train.steps,
-                initial=self.step,
-                desc="TA-OPD"
-                if cfg.selection.strategy == "teachability"
-                else f"OPD ({cfg.selection.strategy})",
-                disable=not (self.progress and self.acc.is_main_process),
-            )
-            while self.step < cfg.train.steps and not self.stop_requested:
-                metrics = self.train_step()
-                if metrics is None:  # every prompt of the batch was skipped (too long)
-                    bar.update(1)
-                    if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                        self.save()
-                    continue
+            summary = self._finish()
+        finally:
+            for s, old in old_handlers.items():
+                signal.signal(s, old)
+            if self.tb is not None:
+                self.tb.flush()
+            self.close()
+        return summary
+
+    def _evaluate_before(self) -> None:
+        """Teacher and initial student accuracy and held-out KL (once; kept across resumes)."""
+        h = self.history
+        if "teacher_accuracy" not in h and self.cfg.train.eval_teacher:
+            h["teacher_accuracy"] = self.teacher.accuracy(self.evaluator)
+        if "student_accuracy_before" not in h and self.cfg.train.eval_before:
+            h["student_accuracy_before"] = self.evaluate()
+        if "heldout_kl_before" not in h:
+            h["heldout_kl_before"] = self.heldout_kl()
+        h.setdefault("selected_fractions", [])
+        h.setdefault("accuracy_curve", [])
+
+    def _train_loop(self) -> None:
+        """Steps until train.steps or a stop signal, evaluating, logging and saving as set."""
+        cfg, h = self.cfg, self.history
+        strategy = cfg.selection.strategy
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.step,
+            desc="TA-OPD" if strategy == "teachability" else f"OPD ({strategy})",
+            disable=not (self.progress and self.group.is_main),
+        )
+        while self.step < cfg.train.steps and not self.stop_requested:
+            metrics = self.train_step()
+            if metrics is not None:  # None: every prompt of the batch was skipped (too long)
                 h["selected_fractions"].append(metrics["selected_fraction"])
                 last = self.step == cfg.train.steps
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last):
@@ -1082,40 +654,31 @@ class Trainer:
                         [self.step, self.tokens_trained, metrics["accuracy"], metrics["heldout_kl"]]
                     )
                 self._log(metrics)
-                bar.update(1)
+            bar.update(1)
+            if metrics is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=metrics["n_selected"])
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                    self.save()
-            bar.close()
-            if self.stop_requested:
-                saved = self.save()
-                raise TrainingError(
-                    f"stopped by a signal at step {self.step}; checkpoint saved"
-                    f"{f' to {saved}' if saved else ''}, continue with --resume"
-                )
-            if h["accuracy_curve"] and h["accuracy_curve"][-1][0] == self.step:
-                _, _, after, kl_after = h["accuracy_curve"][-1]
-            else:
-                after, kl_after = self.evaluate(), self.heldout_kl()
-            summary = self._summary(after, kl_after, self._wall_seconds())
-            if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
-                self.save()  # the final weights (unless the last step was just saved)
-            if self.acc.is_main_process:
-                atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
-        finally:
-            for s, old in old_handlers.items():
-                signal.signal(s, old)
-            if self.tb is not None:
-                self.tb.flush()
-            self.close()
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                self.save()
+        bar.close()
+
+    def _finish(self) -> dict[str, Any]:
+        """Final evaluation (unless the last step had one), last checkpoint, summary.json."""
+        h, cfg = self.history, self.cfg
+        if h["accuracy_curve"] and h["accuracy_curve"][-1][0] == self.step:
+            _, _, after, kl_after = h["accuracy_curve"][-1]
+        else:
+            after, kl_after = self.evaluate(), self.heldout_kl()
+        summary = self._summary(after, kl_after, self._wall_seconds())
+        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+            self.save()  # the final weights (unless the last step was just saved)
+        self.run_dir.write_summary(summary)
         return summary
 
     def close(self) -> None:
         """Let go of the run folder (its lock), e.g. for another trainer in this process."""
-        lock = getattr(self, "_lock", None)
-        if lock is not None:
-            lock.close()
-            self._lock = None
+        run_dir = getattr(self, "run_dir", None)
+        if run_dir is not None:
+            run_dir.close()
 
     def _summary(self, after: float, kl_after: float | None, seconds: float) -> dict[str, Any]:
         h, cfg = self.history, self.cfg
@@ -1135,17 +698,17 @@ class Trainer:
             "k": cfg.selection.k,
             "batch_size": cfg.train.batch_size,
             "world_size": self.world,
-            "fsdp": self.fsdp,
-            "deepspeed": self.deepspeed,
+            "fsdp": self.engine.name == "fsdp",
+            "deepspeed": self.engine.name == "deepspeed",
             "seed": cfg.train.seed,
             "wall_seconds": seconds,
             "accuracy_curve": h.get("accuracy_curve", []),
-            "teacher": self.teacher_path,
+            "teacher": self.teacher.label,
             "student": cfg.student,
             "task": cfg.task.name or cfg.task.path,
             "nonfinite_steps": self.nonfinite_total,
-            "skipped_prompts": self.skipped_prompts,
-            "truncated_prompts": self.truncated_prompts,
+            "skipped_prompts": self.prompts.skipped,
+            "truncated_prompts": self.prompts.truncated,
             "output_dir": str(self.out),
         }
 

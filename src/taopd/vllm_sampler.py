@@ -3,7 +3,7 @@
 `VLLMSampler` has the call signature of `rollout.generate` and returns a `Rollout` in the same
 layout: the prompts are tokenized here with the student's tokenizer (left padded, as `generate`
 does) and handed to vLLM as token ids, so both backends see identical prompts. vLLM is imported
-only when the engine is built; `rollout.make_sampler("vllm")` checks that it is installed.
+only when the engine is built; `sampling.make_sampler("vllm")` checks that it is installed.
 
 Checked against the vllm 0.33.0 wheel: `LLM(...)`, `LLM.generate(prompts, sampling_params,
 use_tqdm=...)`, `LLM.apply_model(fn)` (runs `fn(model)` in the worker: in this process, since the

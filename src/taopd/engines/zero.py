@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO for the student, shaped like sharding.py: whole weights for a step.
+"""The DeepSpeed ZeRO engine for the student, shaped like the FSDP one: whole weights for a step.
 
 The selective head reads the body and the lm_head weight outside the model's own forward, so
 ZeRO-3's per-module gathering would see half of the step (and rank-dependent generation lengths
@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .errors import UserError
+from ..collectives import Group
+from ..errors import UserError
+from .base import StudentEngine
 
 __all__ = [
+    "ZeroEngine",
     "StudentCall",
     "deepspeed_config",
     "full_model_state",
@@ -196,3 +200,42 @@ def set_full_optimizer_state(
         for k in _KEYS:
             safe_set_full_optimizer_state(p, entry[k].to(device), k)
         safe_set_full_fp32_param(p, entry["master"].to(device))
+
+
+class ZeroEngine(StudentEngine):
+    """DeepSpeed ZeRO-2/3: whole weights for a step (ZeRO-3 gathers them), gradients
+    reduce-scattered by DeepSpeed, which also clips and skips non-finite steps."""
+
+    name = "deepspeed"
+    optimizer_format = "deepspeed-full"
+
+    def __init__(
+        self, student: nn.Module, opt: torch.optim.Optimizer, group: Group, engine: Any
+    ) -> None:
+        super().__init__(student, opt, group)
+        self.engine = engine  # DeepSpeed's engine over StudentCall(student)
+
+    def whole(self) -> contextlib.AbstractContextManager[None]:
+        return whole(self.student)
+
+    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
+        return self.engine(fn)
+
+    def backward(self, loss: Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        # DeepSpeed averages gradients over processes; taopd's loss wants them summed
+        self.engine.backward(loss * self.group.world, scale_wrt_gas=False)
+
+    def step(self, loss_value: float, grad_clip: float) -> tuple[float, bool]:
+        self.engine.step()  # clips (gradient_clipping = optim.grad_clip) and zeroes
+        norm = float(self.engine.get_global_grad_norm() or 0.0)
+        finite = self.engine.was_step_applied() and math.isfinite(
+            self.group.all_reduce_sum(loss_value)
+        )
+        return norm, finite and math.isfinite(norm)
+
+    def full_state(self) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
+        return full_model_state(self.student), full_optimizer_state(self.student, self.opt)
+
+    def load_state(self, ckpt: Path, optimizer_state: dict[str, Any], lora: bool) -> None:
+        set_full_optimizer_state(self.student, self.engine, self.opt, optimizer_state)

@@ -1,4 +1,4 @@
-"""FSDP2 sharding of the student across processes, shaped for the selective head.
+"""The FSDP2 engine: the student sharded across processes, shaped for the selective head.
 
 The trainer calls the student's body and its lm_head weight directly (scoring and the selective
 loss never run the model's own forward), so FSDP's per-forward gathering alone is not enough.
@@ -9,14 +9,20 @@ step, while gradients between steps and the optimizer state (2/3 of Adam's memor
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .errors import UserError
+from ..collectives import Group
+from ..errors import UserError
+from .base import StudentEngine
 
 __all__ = [
+    "FSDPEngine",
     "decoder_layers",
     "full_model_state",
     "full_optimizer_state",
@@ -102,3 +108,46 @@ def set_full_optimizer_state(
     set_optimizer_state_dict(
         model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
     )
+
+
+class FSDPEngine(StudentEngine):
+    """FSDP2: whole weights gathered for a step, gradients reduce-scattered by the backward,
+    optimizer state sharded; checkpoints hold the whole state (rank 0)."""
+
+    name = "fsdp"
+    optimizer_format = "fsdp-full"
+
+    def __init__(
+        self, student: nn.Module, opt: torch.optim.Optimizer, group: Group, units: list[Any]
+    ) -> None:
+        super().__init__(student, opt, group)
+        self.units = units
+        self._resharded = False  # a backward pass resharded the weights inside `whole`
+
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[None]:
+        gather(self.units)
+        self._resharded = False
+        try:
+            yield
+        finally:
+            release(self.units)
+
+    def forward(self, fn: Callable[[nn.Module], Any]) -> Any:
+        if self._resharded:  # the previous micro-batch's backward resharded the weights
+            gather(self.units)
+            self._resharded = False
+        return fn(self.student)
+
+    def backward(self, loss: Tensor, last: bool) -> None:
+        loss.backward()
+        self._resharded = True
+
+    def _reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        """Nothing to do: FSDP reduce-scatters (sums) the gradients in the backward."""
+
+    def full_state(self) -> tuple[dict[str, Tensor] | None, dict[str, Any] | None]:
+        return full_model_state(self.student), full_optimizer_state(self.student, self.opt)
+
+    def load_state(self, ckpt: Path, optimizer_state: dict[str, Any], lora: bool) -> None:
+        set_full_optimizer_state(self.student, self.opt, optimizer_state)
