@@ -3,9 +3,10 @@
 Spawns N CPU processes (gloo), builds the same randomly initialized Llama in each, takes one
 AdamW step on a trivial loss, and counts the bytes each rank keeps between steps: weights,
 gradients and optimizer state, as the trainer leaves them (replicated: whole on every rank;
-FSDP2 (taopd.engines.fsdp): this rank's shards, after the step's gathered weights were released;
-ZeRO-3 (taopd.engines.zero, when deepspeed is installed): the weight partitions, DeepSpeed's gradient
-partition buffer, and AdamW's moments plus the fp32 master partitions). Prints a table.
+FSDP2 (taopd.engines.fsdp): this rank's shards, after the step's gathered weights were
+released; ZeRO-3 (taopd.engines.zero, when deepspeed is installed): the weight partitions,
+DeepSpeed's gradient partition buffer, and AdamW's moments plus the fp32 master partitions).
+Prints a table.
 
     python benchmarks/sharding.py                     # SmolLM2-135M shape, 2 processes
     python benchmarks/sharding.py --shape tiny        # seconds (the smoke test)

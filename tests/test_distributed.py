@@ -275,8 +275,8 @@ def test_sharding_refusals(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_pa
 def test_deepspeed_config_from_accelerate(tmp_path):
     """accelerate's DeepSpeed settings (variables or a JSON file) become the engine's config;
     batch sizes, clipping and precision come from the taopd config."""
-    from taopd.errors import UserError
     from taopd.engines.zero import deepspeed_config
+    from taopd.errors import UserError
 
     env = {
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
