@@ -22,19 +22,29 @@ Imports matplotlib (object API, Agg canvas, no pyplot state) and numpy only.
 from __future__ import annotations
 
 import base64
-import csv
-import html
 import json
 import math
-import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from taopd.errors import UserError
+from taopd.html_tables import (
+    correlations_html,
+    csv_html,
+    esc,
+    fmt,
+    html_table,
+    is_finite,
+    kv_table,
+    markdown_html,
+    matched_topn_html,
+    regression_html,
+)
+from taopd.token_view import token_view_data, token_view_html
 
 __all__ = ["render_report", "write_markdown_table", "plot_curves", "METRIC_GROUPS"]
 
@@ -85,10 +95,7 @@ METRIC_GROUPS: list[tuple[str, str, list[Panel]]] = [
     ),
 ]
 CURVE_PREFIX = "curve_"
-MAX_SAMPLES = 40  # token view: evenly spaced subset of samples.jsonl beyond this
-TOP_IN_TOOLTIP = 8  # candidates per side kept for the hover tooltip
 MAX_OTHER_PANELS = 12
-_STOPS = [(0.0, (255, 255, 255)), (0.5, (253, 174, 97)), (1.0, (215, 48, 39))]
 _CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
     "script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -96,27 +103,6 @@ _CSP = (
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _finite(v: Any) -> bool:
-    return _is_num(v) and math.isfinite(v)
-
-
-def _fmt(v: Any, floatfmt: str = ".4g") -> str:
-    """A cell's text: None → '', floats by `floatfmt`, containers as compact JSON."""
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        return format(v, floatfmt) if math.isfinite(v) else str(v)
-    if isinstance(v, dict | list | tuple):
-        return json.dumps(v, default=str)
-    return str(v)
 
 
 def write_markdown_table(
@@ -131,7 +117,7 @@ def write_markdown_table(
         raise ValueError("write_markdown_table needs at least one column")
 
     def cell(v: Any) -> str:
-        return _fmt(v, floatfmt).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+        return fmt(v, floatfmt).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
     lines = [
         "| " + " | ".join(cell(c) for c in columns) + " |",
@@ -183,25 +169,6 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
-def _esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
-
-
-def _colour(t: float) -> tuple[int, int, int]:
-    """White → orange → red for t in [0, 1] (the same scale as the page's JS)."""
-    t = min(1.0, max(0.0, t))
-    for (t0, c0), (t1, c1) in zip(_STOPS, _STOPS[1:], strict=False):
-        if t <= t1:
-            f = (t - t0) / (t1 - t0)
-            r, g, b = (round(a + f * (z - a)) for a, z in zip(c0, c1, strict=True))
-            return r, g, b
-    return _STOPS[-1][1]
-
-
 def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -218,7 +185,7 @@ def _series(
         known = sorted(
             (float(r["step"]), float(r[x_key]))
             for r in metrics
-            if _finite(r.get("step")) and _finite(r.get(x_key))
+            if is_finite(r.get("step")) and is_finite(r.get(x_key))
         )
         if known:
             lookup = ([a for a, _ in known], [b for _, b in known])
@@ -226,11 +193,11 @@ def _series(
     ys: list[float] = []
     for r in metrics:
         y = r.get(y_key)
-        if not _finite(y):
+        if not is_finite(y):
             continue
         x = r.get(x_key)
-        if not _finite(x):
-            if lookup is None or not _finite(r.get("step")):
+        if not is_finite(x):
+            if lookup is None or not is_finite(r.get("step")):
                 continue
             import numpy as np
 
@@ -321,7 +288,7 @@ def plot_curves(metrics: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     others: list[str] = []
     for r in metrics:
         for k, v in r.items():
-            if k not in known and k not in others and _finite(v):
+            if k not in known and k not in others and is_finite(v):
                 others.append(k)
     if others:
         if len(others) > MAX_OTHER_PANELS:
@@ -339,422 +306,7 @@ def plot_curves(metrics: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- token view
 
 
-def _visible_html(token: str) -> str:
-    """Escaped token text with whitespace made visible (· for space, ↵ + line break, → tab)."""
-    marks = {" ": "·", "\t": "→", "\r": "␍", "\n": "↵"}
-    out: list[str] = []
-    for part in re.split(r"([ \t\r\n])", token):
-        if part in marks:
-            out.append(f'<span class="ws">{marks[part]}</span>')
-            if part == "\n":
-                out.append("<br>")
-        elif part:
-            out.append(html.escape(part, quote=True))
-    return "".join(out) or '<span class="ws">∅</span>'
-
-
-def _signal_stats(values: Iterable[float]) -> dict[str, float] | None:
-    import numpy as np
-
-    arr = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
-    if arr.size == 0:
-        return None
-    lo, hi = (float(q) for q in np.quantile(arr, [0.05, 0.95]))
-    if hi - lo <= 1e-12:
-        lo, hi = float(arr.min()), float(arr.max())
-    return {"lo": lo, "hi": hi, "min": float(arr.min()), "max": float(arr.max())}
-
-
-def _norm(v: float, st: dict[str, float]) -> float:
-    span = st["hi"] - st["lo"]
-    if span <= 0:
-        return 1.0 if v > st["lo"] else 0.0
-    return min(1.0, max(0.0, (v - st["lo"]) / span))
-
-
-def _clean_tops(tops: Any, n: int) -> list[list[list[Any]] | None]:
-    out: list[list[list[Any]] | None] = []
-    rows = tops if isinstance(tops, list) else []
-    for i in range(n):
-        row = rows[i] if i < len(rows) else None
-        if not isinstance(row, list):
-            out.append(None)
-            continue
-        cands = []
-        for c in row[:TOP_IN_TOOLTIP]:
-            if isinstance(c, list | tuple) and len(c) >= 2 and _finite(c[1]):
-                cands.append([str(c[0]), round(float(c[1]), 5)])
-        out.append(cands)
-    return out
-
-
-def _pick_samples(samples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    if len(samples) <= limit:
-        return samples
-    idx = sorted({round(i * (len(samples) - 1) / (limit - 1)) for i in range(limit)})
-    return [samples[i] for i in idx]
-
-
-def _json_for_script(obj: Any) -> str:
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _token_view(
-    samples_all: list[dict[str, Any]], signal: str, notes: list[str]
-) -> tuple[str, str]:
-    """(HTML of the token-view section, its JSON data blob)."""
-    samples = [s for s in samples_all if isinstance(s.get("tokens"), list)]
-    if len(samples) < len(samples_all):
-        notes.append(f"samples.jsonl: {len(samples_all) - len(samples)} line(s) without tokens")
-    shown = _pick_samples(samples, MAX_SAMPLES)
-    names: list[str] = []
-    for s in shown:
-        sig = s.get("signals")
-        if isinstance(sig, dict):
-            names += [str(k) for k, v in sig.items() if isinstance(v, list) and str(k) not in names]
-
-    def values(s: dict[str, Any], name: str, n: int) -> list[float | None]:
-        raw = (s.get("signals") or {}).get(name)
-        raw = raw if isinstance(raw, list) else []
-        return [float(raw[i]) if i < len(raw) and _finite(raw[i]) else None for i in range(n)]
-
-    stats: dict[str, dict[str, float]] = {}
-    for name in names:
-        st = _signal_stats(
-            v for s in shown for v in values(s, name, len(s["tokens"])) if v is not None
-        )
-        if st is not None:
-            stats[name] = st
-    names = [n for n in names if n in stats]
-    if names and signal not in names:
-        fallback = names[0]
-        notes.append(f"signal {signal!r} is not in samples.jsonl; colouring by {fallback!r}")
-        warnings.warn(
-            f"report: signal {signal!r} not in samples.jsonl (have {names}); using {fallback!r}",
-            stacklevel=3,
-        )
-        signal = fallback
-    if not names:
-        signal = "none"
-    attrs: dict[str, str] = {}
-    for name in names:
-        attr = "data-s-" + _slug(name)
-        while attr in attrs.values():
-            attr += "-"
-        attrs[name] = attr
-
-    parts: list[str] = []
-    tokens_blob: list[list[str]] = []
-    tops_blob: list[list[list[Any]]] = []
-    for si, s in enumerate(shown):
-        toks = [str(t) for t in s["tokens"]]
-        n = len(toks)
-        sel_raw = s.get("selected") if isinstance(s.get("selected"), list) else []
-        selected = [bool(sel_raw[i]) if i < len(sel_raw) else False for i in range(n)]
-        vals = {name: values(s, name, n) for name in names}
-        st_tops = _clean_tops(s.get("student_top"), n)
-        te_tops = _clean_tops(s.get("teacher_top"), n)
-        tokens_blob.append(toks)
-        tops_blob.append([[a, b] for a, b in zip(st_tops, te_tops, strict=True)])
-        correct = s.get("correct")
-        verdict = (
-            '<span class="ok">✓ correct</span>'
-            if correct is True
-            else '<span class="bad">✗ wrong</span>'
-            if correct is False
-            else "<span>not graded</span>"
-        )
-        n_sel = sum(selected)
-        head = [
-            f"<b>sample {si + 1}</b>",
-            f"step <b>{_esc(s.get('step', '?'))}</b>",
-            verdict,
-        ]
-        if s.get("answer") is not None:
-            head.append(f"answer <code>{_esc(s['answer'])}</code>")
-        head.append(f"{n} tokens, {n_sel} selected ({(n_sel / n if n else 0):.0%})")
-        spans: list[str] = []
-        for i, tok in enumerate(toks):
-            cls = "tok selected" if selected[i] else "tok"
-            attr_txt = "".join(
-                f' {attrs[name]}="{vals[name][i]:.6g}"'
-                if vals[name][i] is not None
-                else f' {attrs[name]}="nan"'
-                for name in names
-            )
-            style = ""
-            if signal in stats:
-                v = vals[signal][i]
-                if v is None:
-                    cls += " missing"
-                else:
-                    t = _norm(v, stats[signal])
-                    r, g, b = _colour(t)
-                    style = f' style="background:rgb({r},{g},{b})' + (
-                        ';color:#fff"' if t > 0.85 else '"'
-                    )
-            spans.append(
-                f'<span class="{cls}" data-pos="{i}"{attr_txt}{style}>{_visible_html(tok)}</span>'
-            )
-        prompt = s.get("prompt")
-        prompt_html = (
-            f"<details><summary>prompt</summary><pre>{_esc(prompt)}</pre></details>"
-            if prompt is not None
-            else ""
-        )
-        parts.append(
-            f'<div class="sample" data-sample="{si}"><div class="sample-head">'
-            + " · ".join(head)
-            + f'</div>{prompt_html}<div class="tokens">{"".join(spans)}</div></div>'
-        )
-
-    options = (
-        "".join(
-            f'<option value="{_esc(n)}"{" selected" if n == signal else ""}>{_esc(n)}</option>'
-            for n in names
-        )
-        + f'<option value="none"{" selected" if signal == "none" else ""}>none</option>'
-    )
-    st0 = stats.get(signal)
-    lo_txt = f"≤ {st0['lo']:.4g}" if st0 else ""
-    hi_txt = f"≥ {st0['hi']:.4g}" if st0 else ""
-    count = (
-        f"showing {len(shown)} of {len(samples)} samples (evenly spaced)"
-        if len(shown) < len(samples)
-        else f"{len(shown)} sample(s)"
-    )
-    controls = (
-        '<div class="tv-controls">'
-        '<span><label for="signal-select">colour by </label>'
-        f'<select id="signal-select">{options}</select></span>'
-        '<span class="legend"><span id="legend-name">'
-        f"{_esc(signal if st0 else 'no colouring')}</span>"
-        f'<span id="legend-lo">{_esc(lo_txt)}</span><span class="bar"></span>'
-        f'<span id="legend-hi">{_esc(hi_txt)}</span></span>'
-        '<span class="legend"><span class="selkey">tok</span> selected for the loss</span>'
-        '<span class="legend"><span class="miss"></span> no value</span>'
-        "</div>"
-    )
-    section = (
-        '<p class="note">Response tokens of student rollouts; the background is the chosen '
-        "signal, normalized over the samples on this page as in Eq. 11 "
-        "(clip((v − Q0.05) / (Q0.95 − Q0.05), 0, 1)); the blue underline marks tokens that "
-        "got a loss. Hover a token for all its signals and the student's and teacher's top "
-        f"candidates. <b>·</b> is a space, <b>↵</b> a newline. {_esc(count)}.</p>"
-        + controls
-        + f'<div id="token-view" data-signal="{_esc(signal)}">{"".join(parts)}</div>'
-        + '<div id="tok-tip" role="tooltip"></div>'
-    )
-    blob = {
-        "signals": names,
-        "attrs": attrs,
-        "stats": stats,
-        "initial": signal,
-        "tokens": tokens_blob,
-        "tops": tops_blob,
-    }
-    return section, _json_for_script(blob)
-
-
 # ----------------------------------------------------------------------------- tables
-
-
-def _html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], raw: bool = False) -> str:
-    """A data table; cells are escaped (raw=True: cells are HTML already)."""
-    head = "".join(f"<th>{c if raw else _esc(c)}</th>" for c in columns)
-    body = []
-    for row in rows:
-        cells = []
-        for v in row:
-            cls = ' class="num"' if _is_num(v) else ""
-            text = v if raw and isinstance(v, str) else _esc(_fmt(v))
-            cells.append(f"<td{cls}>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (
-        f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-    )
-
-
-def _kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in pairs)
-    return f'<table class="kv"><tbody>{rows}</tbody></table>'
-
-
-def _ci_cell(entry: Any, mean_key: str) -> tuple[str, bool]:
-    """'mean [low, high]' text for a {mean, low, high} entry and whether the CI excludes 0."""
-    if not isinstance(entry, dict):
-        return _esc(_fmt(entry)), False
-    m, lo, hi = entry.get(mean_key), entry.get("low"), entry.get("high")
-    text = _esc(_fmt(m))
-    if _finite(lo) and _finite(hi):
-        text += f' <span class="ci">[{_esc(_fmt(lo))}, {_esc(_fmt(hi))}]</span>'
-    excludes = _finite(lo) and _finite(hi) and (lo > 0 or hi < 0)
-    return text, bool(excludes)
-
-
-def _ratio_key(r: str) -> tuple[int, float, str]:
-    try:
-        return (0, float(r), r)
-    except ValueError:
-        return (1, 0.0, r)
-
-
-def _matched_topn_html(data: Any) -> str:
-    if not isinstance(data, dict) or not data:
-        return '<p class="note">matched_topn.json is empty or not an object.</p>'
-    ratios: list[str] = []
-    for per in data.values():
-        if isinstance(per, dict):
-            ratios += [str(r) for r in per if str(r) not in ratios]
-    ratios.sort(key=_ratio_key)
-    rows = []
-    for selector, per in data.items():
-        per = per if isinstance(per, dict) else {}
-        per = {str(k): v for k, v in per.items()}
-        cells = [_esc(selector)]
-        for r in ratios:
-            entry = per.get(r)
-            if entry is None:
-                cells.append("")
-                continue
-            text, excl = _ci_cell(entry, "mean")
-            n = entry.get("n") if isinstance(entry, dict) else None
-            title = f' title="n = {_esc(n)}"' if n is not None else ""
-            cells.append(f"<span{title}>{'<b>' + text + '</b>' if excl else text}</span>")
-        rows.append(cells)
-    return (
-        '<p class="note">Matched top-n: mean [low, high] per selector and retention ratio '
-        "(bold where the interval excludes 0; hover a cell for n).</p>"
-        + _html_table(["selector"] + [f"ρ = {r}" for r in ratios], rows, raw=True)
-    )
-
-
-def _regression_html(data: Any) -> str:
-    if not isinstance(data, dict) or not data:
-        return '<p class="note">regression.json is empty or not an object.</p>'
-    out = [
-        '<p class="note">Coefficients with confidence intervals (bold where the interval '
-        "excludes 0).</p>"
-    ]
-    for model, coefs in data.items():
-        out.append(f"<h3>{_esc(model)}</h3>")
-        if not isinstance(coefs, dict):
-            out.append(f"<p>{_esc(_fmt(coefs))}</p>")
-            continue
-        extra: list[str] = []
-        for entry in coefs.values():
-            if isinstance(entry, dict):
-                extra += [k for k in entry if k not in ("coef", "low", "high") and k not in extra]
-        rows = []
-        for name, entry in coefs.items():
-            e = entry if isinstance(entry, dict) else {"coef": entry}
-            _, excl = _ci_cell(e, "coef")
-            cells = [_esc(name)] + [_esc(_fmt(e.get(k))) for k in ("coef", "low", "high")]
-            cells += [_esc(_fmt(e.get(k))) for k in extra]
-            if excl:
-                cells = [f"<b>{c}</b>" for c in cells]
-            rows.append(cells)
-        out.append(_html_table(["coefficient", "coef", "low", "high", *extra], rows, raw=True))
-    return "".join(out)
-
-
-def _correlations_html(data: Any) -> str:
-    if not isinstance(data, dict) or not data:
-        return '<p class="note">correlations.json is empty or not an object.</p>'
-    keys: list[str] = []
-    for entry in data.values():
-        if isinstance(entry, dict):
-            keys += [k for k in entry if k not in keys]
-    lead = [k for k in ("spearman", "spearman_low", "spearman_high") if k in keys]
-    keys = lead + [k for k in keys if k not in lead]
-    rows = []
-    for name, entry in data.items():
-        e = entry if isinstance(entry, dict) else {"value": entry}
-        rows.append([name] + [e.get(k) for k in keys])
-    return (
-        '<p class="note">Rank correlation of each signal with the per-position gain.</p>'
-        + _html_table(["signal", *keys], rows)
-    )
-
-
-def _inline_md(text: str) -> str:
-    out = html.escape(text, quote=True)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
-
-
-def _split_md_row(line: str) -> list[str]:
-    line = line.strip()
-    if line.startswith("|"):
-        line = line[1:]
-    if line.endswith("|") and not line.endswith("\\|"):
-        line = line[:-1]
-    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)]
-
-
-def _markdown_html(text: str) -> str:
-    """Pipe tables, headings and paragraphs of a small Markdown file as HTML (escaped)."""
-    out: list[str] = []
-    lines = text.splitlines()
-    i = 0
-    sep = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(\|\s*:?-{2,}:?\s*)*\|?\s*$")
-    while i < len(lines):
-        line = lines[i]
-        if "|" in line and i + 1 < len(lines) and sep.match(lines[i + 1]):
-            header = _split_md_row(line)
-            aligns = []
-            for c in _split_md_row(lines[i + 1]):
-                right = c.endswith(":") and not c.startswith(":")
-                aligns.append(' class="num"' if right else "")
-            i += 2
-            body = []
-            while i < len(lines) and "|" in lines[i] and lines[i].strip():
-                cells = _split_md_row(lines[i])
-                tds = []
-                for j, c in enumerate(cells):
-                    num = re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?%?", c)
-                    cls = aligns[j] if j < len(aligns) and aligns[j] else ""
-                    cls = ' class="num"' if num else cls
-                    tds.append(f"<td{cls}>{_inline_md(c)}</td>")
-                body.append("<tr>" + "".join(tds) + "</tr>")
-                i += 1
-            head = "".join(f"<th>{_inline_md(c)}</th>" for c in header)
-            out.append(
-                f'<div class="table-wrap"><table class="data"><thead><tr>{head}</tr></thead>'
-                f"<tbody>{''.join(body)}</tbody></table></div>"
-            )
-            continue
-        m = re.match(r"^(#{1,6})\s+(.*)$", line)
-        if m:
-            out.append(f"<h3>{_inline_md(m.group(2))}</h3>")
-        elif line.strip():
-            out.append(f"<p>{_inline_md(line)}</p>")
-        i += 1
-    return "".join(out)
-
-
-def _csv_html(path: Path, notes: list[str]) -> str:
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, csv.Error) as exc:
-        notes.append(f"could not read {path.name}: {exc}")
-        return ""
-    if not rows:
-        return '<p class="note">results.csv is empty.</p>'
-
-    def num(c: str) -> Any:
-        try:
-            return int(c)
-        except ValueError:
-            try:
-                return float(c)
-            except ValueError:
-                return c
-
-    return _html_table(rows[0], [[num(c) for c in r] for r in rows[1:]])
 
 
 def _figures(paths: Sequence[Path], root: Path) -> str:
@@ -769,8 +321,8 @@ def _figures(paths: Sequence[Path], root: Path) -> str:
         except ValueError:
             rel = p.name
         out.append(
-            f'<figure class="plot"><img alt="{_esc(p.stem)}" src="{uri}">'
-            f"<figcaption>{_esc(rel)}</figcaption></figure>"
+            f'<figure class="plot"><img alt="{esc(p.stem)}" src="{uri}">'
+            f"<figcaption>{esc(rel)}</figcaption></figure>"
         )
     return "".join(out)
 
@@ -779,13 +331,13 @@ def _last_values_table(metrics: list[dict[str, Any]]) -> str:
     last: dict[str, tuple[Any, Any, int]] = {}
     for r in metrics:
         for k, v in r.items():
-            if k != "step" and _finite(v):
+            if k != "step" and is_finite(v):
                 n = last[k][2] + 1 if k in last else 1
                 last[k] = (v, r.get("step"), n)
     if not last:
         return ""
     rows = [[k, v, step, n] for k, (v, step, n) in last.items()]
-    return "<h3>Last logged values</h3>" + _html_table(
+    return "<h3>Last logged values</h3>" + html_table(
         ["metric", "last value", "at step", "points"], rows
     )
 
@@ -795,6 +347,9 @@ def _last_values_table(metrics: list[dict[str, Any]]) -> str:
 
 def _template(name: str) -> str:
     return (resources.files("taopd") / "templates" / name).read_text(encoding="utf-8")
+
+
+Section = tuple[str, str, str]  # (id, title, html)
 
 
 def render_report(run_dir: Path, signal: str = "teachability", out: Path | None = None) -> Path:
@@ -810,85 +365,21 @@ def render_report(run_dir: Path, signal: str = "teachability", out: Path | None 
         raise UserError(f"report: run folder {run_dir} does not exist or is not a folder")
     out = Path(out) if out is not None else run_dir / "report.html"
     notes: list[str] = []
-    sections: list[tuple[str, str, str]] = []  # (id, title, html)
+    sections: list[Section] = []
     blob: str | None = None
-
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = _read_json(summary_path, notes)
-        if summary is not None:
-            pairs = _flatten(summary) if isinstance(summary, dict) else [("summary", summary)]
-            sections.append(("summary", "Summary", _kv_table(pairs)))
-
-    metrics_path = run_dir / "metrics.jsonl"
-    plots_dir = run_dir / "plots"
-    made: list[Path] = []
-    if metrics_path.is_file():
-        metrics = [r for r in _read_jsonl(metrics_path, notes) if _finite(r.get("step"))]
-        if metrics:
-            made = plot_curves(metrics, plots_dir)
-            body = _figures(made, run_dir) + _last_values_table(metrics)
-            sections.append(("curves", "Training curves", body))
-        else:
-            notes.append("metrics.jsonl has no records with a numeric step")
-
+    sections += _summary_section(run_dir, notes)
+    curves, made = _curves_section(run_dir, notes)
+    sections += curves
     samples_path = run_dir / "samples.jsonl"
     if samples_path.is_file():
         samples = _read_jsonl(samples_path, notes)
         if samples:
-            body, blob = _token_view(samples, signal, notes)
+            body, blob = token_view_html(token_view_data(samples, signal, notes))
             sections.append(("tokens", "Token view", body))
-
-    diag = []
-    for fname, title, fn in (
-        ("matched_topn.json", "Matched top-n", _matched_topn_html),
-        ("regression.json", "Regression", _regression_html),
-        ("correlations.json", "Signal correlations", _correlations_html),
-    ):
-        p = run_dir / fname
-        if p.is_file():
-            data = _read_json(p, notes)
-            if data is not None:
-                diag.append(f"<h3>{_esc(title)} <small>({_esc(fname)})</small></h3>" + fn(data))
-    if diag:
-        sections.append(("diagnostics", "Diagnostics", "".join(diag)))
-
-    md_path, csv_path = run_dir / "results.md", run_dir / "results.csv"
-    if md_path.is_file():
-        try:
-            sections.append(
-                (
-                    "results",
-                    "Comparison results",
-                    _markdown_html(md_path.read_text(encoding="utf-8", errors="replace")),
-                )
-            )
-        except OSError as exc:
-            notes.append(f"could not read results.md: {exc}")
-    elif csv_path.is_file():
-        sections.append(("results", "Comparison results", _csv_html(csv_path, notes)))
-
-    own = {p.resolve() for p in made}
-    extra = []
-    for folder in (plots_dir, run_dir):
-        if folder.is_dir():
-            for p in sorted(folder.glob("*.png")):
-                if p.name.startswith(CURVE_PREFIX) and folder == plots_dir:
-                    continue
-                if p.resolve() in own or p.resolve() == out.resolve():
-                    continue
-                extra.append(p)
-    if extra:
-        sections.append(("plots", "Other plots", _figures(extra, run_dir)))
-
-    config_path = run_dir / "config.yaml"
-    if config_path.is_file():
-        try:
-            text = config_path.read_text(encoding="utf-8", errors="replace")
-            sections.append(("config", "Config", f'<pre class="config">{_esc(text)}</pre>'))
-        except OSError as exc:
-            notes.append(f"could not read config.yaml: {exc}")
-
+    sections += _diagnostics_section(run_dir, notes)
+    sections += _results_section(run_dir, notes)
+    sections += _other_plots_section(run_dir, made, out)
+    sections += _config_section(run_dir, notes)
     if not sections:
         notes.append(
             "no report inputs found (summary.json, metrics.jsonl, samples.jsonl, "
@@ -901,14 +392,96 @@ def render_report(run_dir: Path, signal: str = "teachability", out: Path | None 
     return out
 
 
+def _summary_section(run_dir: Path, notes: list[str]) -> list[Section]:
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return []
+    summary = _read_json(summary_path, notes)
+    if summary is None:
+        return []
+    pairs = _flatten(summary) if isinstance(summary, dict) else [("summary", summary)]
+    return [("summary", "Summary", kv_table(pairs))]
+
+
+def _curves_section(run_dir: Path, notes: list[str]) -> tuple[list[Section], list[Path]]:
+    """The metric curves (also saved under plots/) and the last logged values."""
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        return [], []
+    metrics = [r for r in _read_jsonl(metrics_path, notes) if is_finite(r.get("step"))]
+    if not metrics:
+        notes.append("metrics.jsonl has no records with a numeric step")
+        return [], []
+    made = plot_curves(metrics, run_dir / "plots")
+    body = _figures(made, run_dir) + _last_values_table(metrics)
+    return [("curves", "Training curves", body)], made
+
+
+def _diagnostics_section(run_dir: Path, notes: list[str]) -> list[Section]:
+    diag = []
+    for fname, title, fn in (
+        ("matched_topn.json", "Matched top-n", matched_topn_html),
+        ("regression.json", "Regression", regression_html),
+        ("correlations.json", "Signal correlations", correlations_html),
+    ):
+        p = run_dir / fname
+        if p.is_file():
+            data = _read_json(p, notes)
+            if data is not None:
+                diag.append(f"<h3>{esc(title)} <small>({esc(fname)})</small></h3>" + fn(data))
+    return [("diagnostics", "Diagnostics", "".join(diag))] if diag else []
+
+
+def _results_section(run_dir: Path, notes: list[str]) -> list[Section]:
+    md_path, csv_path = run_dir / "results.md", run_dir / "results.csv"
+    if md_path.is_file():
+        try:
+            text = md_path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            notes.append(f"could not read results.md: {exc}")
+            return []
+        return [("results", "Comparison results", markdown_html(text))]
+    if csv_path.is_file():
+        return [("results", "Comparison results", csv_html(csv_path, notes))]
+    return []
+
+
+def _other_plots_section(run_dir: Path, made: list[Path], out: Path) -> list[Section]:
+    """Any other PNG in plots/ or the run folder (not the curves drawn here)."""
+    plots_dir = run_dir / "plots"
+    own = {p.resolve() for p in made}
+    extra = []
+    for folder in (plots_dir, run_dir):
+        if folder.is_dir():
+            for p in sorted(folder.glob("*.png")):
+                if p.name.startswith(CURVE_PREFIX) and folder == plots_dir:
+                    continue
+                if p.resolve() in own or p.resolve() == out.resolve():
+                    continue
+                extra.append(p)
+    return [("plots", "Other plots", _figures(extra, run_dir))] if extra else []
+
+
+def _config_section(run_dir: Path, notes: list[str]) -> list[Section]:
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return []
+    try:
+        text = config_path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        notes.append(f"could not read config.yaml: {exc}")
+        return []
+    return [("config", "Config", f'<pre class="config">{esc(text)}</pre>')]
+
+
 def _page(
     run_dir: Path, sections: list[tuple[str, str, str]], notes: list[str], blob: str | None
 ) -> str:
     title = f"taopd report — {run_dir.resolve().name}"
-    toc = "".join(f'<a href="#{sid}">{_esc(t)}</a>' for sid, t, _ in sections)
-    note_html = "".join(f'<p class="note">⚠ {_esc(n)}</p>' for n in notes)
+    toc = "".join(f'<a href="#{sid}">{esc(t)}</a>' for sid, t, _ in sections)
+    note_html = "".join(f'<p class="note">⚠ {esc(n)}</p>' for n in notes)
     body = "".join(
-        f'<section id="{sid}"><h2>{_esc(t)}</h2>{content}</section>' for sid, t, content in sections
+        f'<section id="{sid}"><h2>{esc(t)}</h2>{content}</section>' for sid, t, content in sections
     )
     script = ""
     if blob is not None:
@@ -922,8 +495,8 @@ def _page(
         '<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_esc(title)}</title><style>{_template('report.css')}</style></head>"
-        f'<body><main><header class="top"><h1>{_esc(title)}</h1>'
-        f'<div class="meta">{_esc(run_dir.resolve())} · generated {stamp}</div>'
+        f"<title>{esc(title)}</title><style>{_template('report.css')}</style></head>"
+        f'<body><main><header class="top"><h1>{esc(title)}</h1>'
+        f'<div class="meta">{esc(run_dir.resolve())} · generated {stamp}</div>'
         f'<nav class="toc">{toc}</nav></header>{note_html}{body}</main>{script}</body></html>\n'
     )
