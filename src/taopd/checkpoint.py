@@ -19,6 +19,7 @@ __all__ = [
     "set_rng_state",
     "atomic_write_text",
     "load_student_weights",
+    "apply_optim_config",
 ]
 
 PREFIX = "step-"
@@ -183,3 +184,19 @@ def load_student_weights(model: torch.nn.Module, ckpt: Path, lora: bool = False)
         raise UserError(f"checkpoint {ckpt} does not match the student: {missing[:3]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def apply_optim_config(opt: torch.optim.Optimizer, sched: Any, o: Any) -> None:
+    """After a resume, use this config's optimizer settings `o` (config.Optim, e.g. a lowered
+    lr) in `opt` and its LambdaLR `sched`.
+
+    The optimizer's saved state brings back the old lr, betas and weight decay; unchanged
+    values give exactly the lr the uninterrupted run would have had.
+    """
+    groups = opt.param_groups
+    for g in groups:
+        g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), initial_lr=o.lr)
+    sched.base_lrs = [o.lr] * len(groups)
+    for g, factor in zip(groups, sched.lr_lambdas):
+        g["lr"] = o.lr * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in groups]

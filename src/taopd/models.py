@@ -25,6 +25,8 @@ __all__ = [
     "SMOLLM2_GGUF",
     "SMOLLM2_NAMES",
     "TokenizerMismatchError",
+    "apply_lora",
+    "check_models",
     "body",
     "bundled_smollm2",
     "cache_dir",
@@ -396,3 +398,50 @@ def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
         use_cache=False,
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def apply_lora(model: nn.Module, lc: Any) -> nn.Module:
+    """`model` with LoRA adapters of `lc` (config.LoraCfg: r, alpha, dropout, target modules)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=lc.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def check_models(cfg: Any, teacher_served: bool = False) -> Any:
+    """Cheap checks of a run config's models before any heavy work: saved-model folders, the
+    tokenizers' agreement, selection.k, the peft extra for lora. Returns the student's tokenizer.
+    """
+    roles = [("student", cfg.student)]
+    if not teacher_served:  # a served teacher: `teacher` names only its tokenizer
+        roles.append(("teacher", cfg.teacher))
+    for role, name in roles:
+        folder = Path(resolve_model(name))
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise UserError(
+                f"{role} model folder {name} holds no saved model (no config.json); "
+                "give a folder written by save_pretrained, a hub id or 'smollm2'"
+            )
+    tokenizer = load_tokenizer(cfg.student)
+    teacher_tok = load_tokenizer(cfg.teacher)
+    check_tokenizers(tokenizer, teacher_tok, cfg.student, cfg.teacher)
+    if cfg.selection.k > len(tokenizer):
+        raise UserError(
+            f"selection.k={cfg.selection.k} exceeds the vocabulary size {len(tokenizer)}"
+        )
+    if cfg.lora is not None:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
+    return tokenizer

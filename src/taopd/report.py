@@ -44,6 +44,7 @@ from taopd.html_tables import (
     matched_topn_html,
     regression_html,
 )
+from taopd.signal_names import PLOTTED_SIGNALS
 from taopd.token_view import token_view_data, token_view_html
 
 __all__ = ["render_report", "write_markdown_table", "plot_curves", "METRIC_GROUPS"]
@@ -65,7 +66,7 @@ METRIC_GROUPS: list[tuple[str, str, list[Panel]]] = [
         "Token signals: selected vs all",
         [
             (name, "step", [(f"{name}_all", "all tokens"), (f"{name}_selected", "selected")])
-            for name in ("teachability", "entropy", "disagreement", "compatibility")
+            for name in PLOTTED_SIGNALS
         ],
     ),
     (

@@ -118,6 +118,17 @@ class RunFolder:
         if self.group.is_main:
             atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
 
+    def tensorboard(self) -> Any:
+        """A SummaryWriter into tb/ on the main process (None elsewhere, or without
+        tensorboard installed: the JSONL logs only)."""
+        if not self.group.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.path / "tb"))
+
     def close(self) -> None:
         """Let go of the folder's lock (e.g. for another trainer in this process)."""
         if self._lock is not None:

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .rollout import Rollout
 from .scores import TokenSignals, teachability_of
+from .signal_names import SAMPLE_SIGNALS
 
 __all__ = ["token_samples"]
 
@@ -71,7 +72,7 @@ def token_samples(
                 tokenizer, teacher_top[0][b, idx].gather(-1, order), lp.exp()
             )
         signals = {"teachability": teach[b, idx].tolist()}
-        for name in ("student_entropy", "disagreement", "compatibility", "reverse_kl"):
+        for name in SAMPLE_SIGNALS:
             values = getattr(sig, name)[b, idx]
             if not bool(torch.isnan(values).all()):  # NaN: not available (served teacher)
                 signals[name] = values.tolist()

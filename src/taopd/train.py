@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import time
@@ -25,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .checkpoint import (
+    apply_optim_config,
     latest_checkpoint,
     load_trainer_state,
     rng_state,
@@ -34,23 +34,23 @@ from .checkpoint import (
 from .collectives import Group
 from .config import Config
 from .data import PromptStream, make_task, render_prompt
-from .engines import StudentEngine, make_engine
+from .engines import StudentEngine, engine_kind, make_engine
 from .errors import UserError
 from .evaluate import Evaluator
 from .loss import selective_head_loss
+from .metrics import signal_metrics
 from .models import (
-    check_tokenizers,
+    apply_lora,
+    check_models,
     lm_head,
     load_model,
-    load_tokenizer,
-    resolve_model,
     shared_vocab_size,
 )
 from .rollout import Rollout, response_hidden
 from .run_dir import RunFolder
 from .samples import token_samples
 from .sampling import make_sampler
-from .scores import TokenSignals, teachability_of
+from .scores import TokenSignals
 from .selection import select_tokens
 from .teacher_server import TeacherServer
 from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
@@ -89,53 +89,6 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_schedu
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _mean(x: Tensor, m: Tensor) -> float:
-    return float(x[m].mean()) if bool(m.any()) else float("nan")
-
-
-def signal_metrics(
-    sig: TokenSignals, valid: Tensor, mask: Tensor, full_distribution: bool = True
-) -> dict[str, float]:
-    """Mean of each signal over all response positions (`*_all`) and the selected (`*_selected`).
-
-    Without the teacher's full distribution (a served teacher) the signals it cannot give are
-    left out and `kl_sampled` (the sampled-token estimate of KL(S‖T)) is added.
-    """
-    out: dict[str, float] = {}
-    teach = teachability_of(sig, valid)
-    values = {"teachability": teach, "kl": sig.reverse_kl, "forward_kl": sig.forward_kl}
-    for name in ("student_entropy", "teacher_entropy", "disagreement", "compatibility"):
-        values[name.replace("student_", "")] = getattr(sig, name)
-    if not full_distribution:
-        values = {n: x for n, x in values.items() if not bool(torch.isnan(x).all())}
-        values["kl_sampled"] = sig.log_ratio
-    for name, x in values.items():
-        out[f"{name}_all"] = _mean(x, valid)
-        out[f"{name}_selected"] = _mean(x, mask)
-    out["overlap_all"] = _mean(sig.overlap, valid)
-    return out
-
-
-def _engine_kind(cfg: Config, acc: Any) -> str:
-    """replicated, fsdp or deepspeed: from the config or accelerate launch's settings."""
-    env = os.environ  # accelerate launch's config (CPU runs report it as MULTI_CPU)
-    launched = str(getattr(acc, "distributed_type", "")).upper()
-    deepspeed = cfg.train.deepspeed or "DEEPSPEED" in launched
-    deepspeed = deepspeed or env.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    fsdp = cfg.train.fsdp or "FSDP" in launched or env.get("ACCELERATE_USE_FSDP") == "true"
-    world = acc.num_processes
-    for name, on in (("fsdp", fsdp), ("deepspeed", deepspeed)):
-        if on and world == 1:
-            raise UserError(
-                f"train.{name} shards across processes: launch 2 or more with accelerate"
-            )
-        if on and cfg.lora is not None:
-            raise UserError(f"lora with {name} is not supported: use one or the other")
-    if fsdp and deepspeed:
-        raise UserError("train.fsdp and DeepSpeed both shard the student: choose one")
-    return "fsdp" if fsdp else "deepspeed" if deepspeed else "replicated"
-
-
 class Trainer:
     """Selective OPD trainer; `run()` trains, evaluates, checkpoints and writes summary.json."""
 
@@ -152,7 +105,7 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-        self.engine_kind = _engine_kind(cfg, self.acc)
+        self.engine_kind = engine_kind(cfg, self.acc)
         self.group = Group(self.acc)
         self.rank, self.world = self.group.rank, self.group.world
         if cfg.train.batch_size % self.world:
@@ -173,32 +126,6 @@ class Trainer:
         self._setup()
 
     # ----------------------------------------------------------------------------- set-up
-    def _check_inputs(self) -> None:
-        """Cheap checks of the models' names, tokenizers and extras, before any heavy work."""
-        cfg = self.cfg
-        roles = [("student", cfg.student)]
-        if self.server is None:  # a served teacher: `teacher` names only its tokenizer
-            roles.append(("teacher", cfg.teacher))
-        for role, name in roles:
-            folder = Path(resolve_model(name))
-            if folder.is_dir() and not (folder / "config.json").is_file():
-                raise UserError(
-                    f"{role} model folder {name} holds no saved model (no config.json); "
-                    "give a folder written by save_pretrained, a hub id or 'smollm2'"
-                )
-        self.tokenizer = load_tokenizer(cfg.student)
-        teacher_tok = load_tokenizer(cfg.teacher)
-        check_tokenizers(self.tokenizer, teacher_tok, cfg.student, cfg.teacher)
-        if cfg.selection.k > len(self.tokenizer):
-            raise UserError(
-                f"selection.k={cfg.selection.k} exceeds the vocabulary size {len(self.tokenizer)}"
-            )
-        if cfg.lora is not None:
-            try:
-                import peft  # noqa: F401
-            except ImportError:
-                raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
-
     def _setup(self) -> None:
         cfg, acc = self.cfg, self.acc
         self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
@@ -206,7 +133,7 @@ class Trainer:
         self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
         if not train_examples:
             raise UserError("the task gave no training examples")
-        self._check_inputs()
+        self.tokenizer = check_models(cfg, teacher_served=self.server is not None)
         self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
         teacher_name = cfg.teacher
         if cfg.teacher_sft is not None:
@@ -221,7 +148,7 @@ class Trainer:
             teacher_model.eval().requires_grad_(False)
         student = load_model(cfg.student, dtype=cfg.train.dtype, device=acc.device)
         if cfg.lora is not None:
-            student = self._apply_lora(student)
+            student = apply_lora(student, cfg.lora)
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
         self.teacher: Teacher = (
@@ -267,32 +194,7 @@ class Trainer:
         self.history: dict[str, Any] = {}
         if self.resume_from is not None:
             self._load(self.resume_from)
-        self.tb = None
-        if cfg.train.tensorboard and acc.is_main_process:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.out / "tb"))
-            except ImportError:  # tensorboard not installed: JSONL only
-                self.tb = None
-
-    def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
-        lc = self.cfg.lora
-        assert lc is not None
-        return get_peft_model(
-            model,
-            LoraConfig(
-                r=lc.r,
-                lora_alpha=lc.alpha,
-                lora_dropout=lc.dropout,
-                target_modules=lc.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        self.tb = self.run_dir.tensorboard() if cfg.train.tensorboard else None
 
     def render(self, question: str) -> str:
         cfg = self.cfg.task
@@ -556,22 +458,8 @@ class Trainer:
         self.tokens_trained = state["tokens_trained"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.history = state.get("history", {})
-        self._apply_optim_config()
+        apply_optim_config(self.opt, self.sched, self.cfg.optim)
         self.run_dir.truncate_logs(self.step)
-
-    def _apply_optim_config(self) -> None:
-        """After a resume, use this config's optimizer settings (e.g. a lowered optim.lr).
-
-        The optimizer's saved state brings back the old lr, betas and weight decay; unchanged
-        values give exactly the lr the uninterrupted run would have had.
-        """
-        o, groups = self.cfg.optim, self.opt.param_groups
-        for g in groups:
-            g.update(weight_decay=o.weight_decay, betas=tuple(o.betas), initial_lr=o.lr)
-        self.sched.base_lrs = [o.lr] * len(groups)
-        for g, factor in zip(groups, self.sched.lr_lambdas):
-            g["lr"] = o.lr * factor(self.sched.last_epoch)
-        self.sched._last_lr = [g["lr"] for g in groups]
 
     def _log(self, metrics: dict[str, Any]) -> None:
         self.run_dir.append("metrics.jsonl", [metrics])

@@ -5,22 +5,44 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..checkpoint import load_student_weights
 from ..collectives import Group
+from ..errors import UserError
 from .base import ReplicatedEngine, StudentEngine, make_optimizer
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["ENGINES", "ReplicatedEngine", "StudentEngine", "make_engine"]
+__all__ = ["ENGINES", "ReplicatedEngine", "StudentEngine", "engine_kind", "make_engine"]
 
 ENGINES = ("replicated", "fsdp", "deepspeed")
+
+
+def engine_kind(cfg: Config, acc: Any) -> str:
+    """replicated, fsdp or deepspeed: from the config or accelerate launch's settings."""
+    env = os.environ  # accelerate launch's config (CPU runs report it as MULTI_CPU)
+    launched = str(getattr(acc, "distributed_type", "")).upper()
+    deepspeed = cfg.train.deepspeed or "DEEPSPEED" in launched
+    deepspeed = deepspeed or env.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    fsdp = cfg.train.fsdp or "FSDP" in launched or env.get("ACCELERATE_USE_FSDP") == "true"
+    world = acc.num_processes
+    for name, on in (("fsdp", fsdp), ("deepspeed", deepspeed)):
+        if on and world == 1:
+            raise UserError(
+                f"train.{name} shards across processes: launch 2 or more with accelerate"
+            )
+        if on and cfg.lora is not None:
+            raise UserError(f"lora with {name} is not supported: use one or the other")
+    if fsdp and deepspeed:
+        raise UserError("train.fsdp and DeepSpeed both shard the student: choose one")
+    return "fsdp" if fsdp else "deepspeed" if deepspeed else "replicated"
 
 
 def make_engine(

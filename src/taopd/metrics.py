@@ -1,0 +1,41 @@
+"""A training step's logged signal metrics: each signal's mean over all response positions
+(`<name>_all`) and over the selected ones (`<name>_selected`), named by signal_names.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .scores import TokenSignals, teachability_of
+from .signal_names import METRIC_SIGNALS
+
+__all__ = ["signal_metrics"]
+
+
+def _mean(x: Tensor, m: Tensor) -> float:
+    return float(x[m].mean()) if bool(m.any()) else float("nan")
+
+
+def signal_metrics(
+    sig: TokenSignals, valid: Tensor, mask: Tensor, full_distribution: bool = True
+) -> dict[str, float]:
+    """Mean of each signal over all response positions (`*_all`) and the selected (`*_selected`).
+
+    Teachability is normalized over this batch (Eq. 11-12). Without the teacher's full
+    distribution (a served teacher) the signals it cannot give are left out and `kl_sampled`
+    (the sampled-token estimate of KL(S‖T)) is added.
+    """
+    teach = teachability_of(sig, valid)
+    values = {
+        s.metric: teach if s.field == "teachability" else getattr(sig, s.field)
+        for s in METRIC_SIGNALS
+    }
+    if not full_distribution:
+        values = {n: x for n, x in values.items() if not bool(torch.isnan(x).all())}
+        values["kl_sampled"] = sig.log_ratio
+    out: dict[str, float] = {}
+    for name, x in values.items():
+        out[f"{name}_all"] = _mean(x, valid)
+        out[f"{name}_selected"] = _mean(x, mask)
+    out["overlap_all"] = _mean(sig.overlap, valid)
+    return out
