@@ -171,7 +171,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         cfg,
         mode=args.mode,
         bank_path=args.bank,
-        relative=True if args.relative else None,
+        relative=True if args.relative else False if args.absolute else None,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         type=_csv(str),
         default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
-        help="comma-separated strategy names",
+        help="comma-separated strategy names; 'name+N' keeps at least N positions per rollout "
+        "(the released budget rule), e.g. teachability+1",
     )
     p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
@@ -323,7 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="update: a short OPD run (default) or one SGD step per position",
     )
     p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
-    p.add_argument("--relative", action="store_true", help="gain (KL0 - KLτ) / KL0")
+    gain = p.add_mutually_exclusive_group()
+    gain.add_argument(
+        "--relative",
+        action="store_true",
+        help="analyse the released relative gain (KL0 - KLτ)/KL0 (the default)",
+    )
+    gain.add_argument(
+        "--absolute", action="store_true", help="analyse Eq. 1's absolute gain KL0 - KLτ"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
     p.set_defaults(func=cmd_diagnose)
 
