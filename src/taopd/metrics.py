@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .scores import TokenSignals, teachability_of
 from .signal_names import METRIC_SIGNALS
 
-__all__ = ["signal_metrics"]
+__all__ = ["kl_concentration", "signal_metrics"]
 
 
 def _mean(x: Tensor, m: Tensor) -> float:
@@ -38,4 +40,21 @@ def signal_metrics(
         out[f"{name}_all"] = _mean(x, valid)
         out[f"{name}_selected"] = _mean(x, mask)
     out["overlap_all"] = _mean(sig.overlap, valid)
+    out.update(kl_concentration(sig.reverse_kl, valid))
     return out
+
+
+def kl_concentration(kl: Tensor, valid: Tensor, solved: float = 0.05) -> dict[str, float]:
+    """How a batch's reverse KL is spread (the CoT pilot gate): the share of valid positions
+    already solved (KL < `solved` nats) and the share of the total KL held by the top 5%."""
+    x = kl[valid].double()
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        return {"solved_share": float("nan"), "kl_top5_share": float("nan")}
+    n = math.ceil(0.05 * x.numel())
+    total = float(x.clamp_min(0).sum())
+    top = float(x.clamp_min(0).topk(n).values.sum())
+    return {
+        "solved_share": float((x < solved).double().mean()),
+        "kl_top5_share": top / total if total > 0 else float("nan"),
+    }

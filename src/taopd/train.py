@@ -141,12 +141,18 @@ class Trainer:
 
             with acc.main_process_first():
                 teacher_name = str(prepare_teacher(cfg, progress=self.progress))
+        student_name = cfg.student
+        if cfg.student_sft is not None:  # warm start on the task's format (cached)
+            from .sft import prepare_student
+
+            with acc.main_process_first():
+                student_name = str(prepare_student(cfg, progress=self.progress))
         teacher_model = None
         if self.server is None:
             t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
             teacher_model = load_model(teacher_name, dtype=t_dtype, device=acc.device)
             teacher_model.eval().requires_grad_(False)
-        student = load_model(cfg.student, dtype=cfg.train.dtype, device=acc.device)
+        student = load_model(student_name, dtype=cfg.train.dtype, device=acc.device)
         if cfg.lora is not None:
             student = apply_lora(student, cfg.lora)
         self.student = student
