@@ -10,8 +10,8 @@ import torch
 
 from taopd.cli import main
 from taopd.config import load_config
-from taopd.sft import sft_cache_key, teacher_cache_key
 from taopd.metrics import kl_concentration
+from taopd.sft import sft_cache_key, teacher_cache_key
 from taopd.train import train
 from tests.test_train import tiny_cfg, weights
 

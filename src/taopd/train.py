@@ -357,7 +357,7 @@ class Trainer:
             with self.engine.whole():
                 self._write_samples(out)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-            self._log(metrics)  # the run stops here: still record the skipped step
+            self.log(metrics)  # the run stops here: still record the skipped step
             ckpt = latest_checkpoint(self.run_dir.checkpoints)
             kept = f"the last checkpoint, {ckpt}, is kept" if ckpt else "no checkpoint was saved"
             raise TrainingError(
@@ -467,7 +467,8 @@ class Trainer:
         apply_optim_config(self.opt, self.sched, self.cfg.optim)
         self.run_dir.truncate_logs(self.step)
 
-    def _log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Append a step's metrics to metrics.jsonl (and TensorBoard)."""
         self.run_dir.append("metrics.jsonl", [metrics])
         if self.tb is not None and self.group.is_main:
             for k, v in metrics.items():
@@ -547,7 +548,7 @@ class Trainer:
                     h["accuracy_curve"].append(
                         [self.step, self.tokens_trained, metrics["accuracy"], metrics["heldout_kl"]]
                     )
-                self._log(metrics)
+                self.log(metrics)
             bar.update(1)
             if metrics is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", kept=metrics["n_selected"])

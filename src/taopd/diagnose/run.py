@@ -1,0 +1,201 @@
+"""`taopd diagnose`: bank → θ0 signals → update → gains → statistics → outputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from ..config import Config
+from ..errors import UserError
+from .bank import BANK_FILE, Models, bank_meta, bank_samples, load_bank, make_bank, save_bank
+from .bank import score_bank as _score_bank
+from .gains import opd_gains, opd_update, single_step_gains
+from .outputs import position_columns, write_positions, write_results, write_samples
+from .statistics import REGRESSION_TERMS, Analysis, analyse
+
+__all__ = ["run_diagnose"]
+
+
+def run_diagnose(
+    cfg: Config,
+    mode: str | None = None,
+    bank_path: str | Path | None = None,
+    relative: bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the fixed-context diagnostic of `cfg` into `cfg.output_dir`; returns the summary.
+
+    `mode` ('opd' / 'single-step') and `relative` override `cfg.diagnose`; `bank_path` reuses
+    a saved bank instead of sampling one.
+    """
+    from ..report import render_report
+    from ..train import Trainer
+
+    start = time.perf_counter()
+    dcfg, out = _prepare(cfg, mode, relative, overwrite)
+    trainer = Trainer(_update_config(cfg, out), overwrite=True, progress=progress)
+    models = Models(trainer.student, trainer.teacher.model, trainer.tokenizer, trainer.vocab_size)
+    bank, meta = _bank(trainer, models, cfg, dcfg, bank_path, progress)
+    save_bank(out / BANK_FILE, bank, meta.pop("prompts"), meta)
+    valid = bank.response_mask[:, bank.prompt_len :]
+    if not bool(valid.any()):
+        raise UserError("the bank has no response tokens (every rollout ended at once)")
+    teacher_cache: list[Tensor] = []
+
+    def score(desc: str) -> Any:  # the bank's signals under the student's current weights
+        return _score_bank(
+            models.student, models.teacher, bank, models.vocab_size, k=cfg.selection.k,
+            batch_size=dcfg.batch_size, chunk_size=cfg.selection.chunk_size,
+            teacher_cache=teacher_cache, desc=desc, progress=progress,
+        )  # fmt: skip
+
+    sig0 = score("bank: scoring θ0")
+    kl0 = sig0.forward_kl.double().numpy()
+    samples = bank_samples(models, bank, sig0)
+    if dcfg.mode == "opd":
+        info = opd_update(trainer, progress)
+        gains = opd_gains(kl0, score("bank: scoring θτ").forward_kl.double().numpy(), dcfg.relative)
+        if dcfg.save_student:
+            student = trainer.acc.unwrap_model(trainer.student)
+            student.save_pretrained(out / "update" / "student", safe_serialization=True)
+            trainer.tokenizer.save_pretrained(out / "update" / "student")
+    else:
+        chunks = (cfg.selection.chunk_size, cfg.loss.chunk_size)
+        gains = single_step_gains(models, bank, sig0, teacher_cache, dcfg, chunks, progress)
+        info = {"single_lr": dcfg.single_lr, "n_single": dcfg.n_single}
+    columns, raw = position_columns(bank, sig0, kl0, gains, trainer.tokenizer, dcfg.divergence)
+    write_positions(out / "positions.csv", columns)
+    write_samples(out / "samples.jsonl", samples, gains["gain"], valid)
+    analysis = analyse(columns, raw, dcfg, progress)
+    summary = _summary(cfg, dcfg, trainer.teacher.label, bank, meta, columns, analysis, info)
+    write_results(out, summary, analysis, start)
+    render_report(out)
+    summary["output_dir"] = str(out)
+    return summary
+
+
+def _prepare(
+    cfg: Config, mode: str | None, relative: bool | None, overwrite: bool
+) -> tuple[Any, Path]:
+    """Check the request, make the output folder and write its config.yaml."""
+    if cfg.teacher_server is not None:
+        raise UserError(
+            "diagnose measures full-vocabulary KL gains and needs the teacher's weights; "
+            "teacher_server is not supported there: drop it and point `teacher` at the model"
+        )
+    dcfg = cfg.diagnose.model_copy(
+        update={k: v for k, v in (("mode", mode), ("relative", relative)) if v is not None}
+    )
+    if dcfg.mode not in ("opd", "single-step"):
+        raise UserError(f"mode must be 'opd' or 'single-step', got {dcfg.mode!r}")
+    out = Path(cfg.output_dir)
+    if (out / "positions.csv").exists() and not overwrite:
+        raise UserError(
+            f"{out} already holds a diagnostic; pass --overwrite or another --output-dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    full_cfg = cfg.model_copy(update={"diagnose": dcfg})
+    (out / "config.yaml").write_text(full_cfg.to_yaml())
+    return dcfg, out
+
+
+def _bank(
+    trainer: Any,
+    models: Models,
+    cfg: Config,
+    dcfg: Any,
+    bank_path: str | Path | None,
+    progress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """The bank: loaded from `bank_path`, or sampled from the θ0 student on test prompts.
+    Returns it and its meta, with the prompts under "prompts"."""
+    max_new = dcfg.max_new_tokens or cfg.rollout.max_new_tokens
+    if bank_path is not None:
+        bank, prompts, meta = load_bank(bank_path)
+        if int(bank.input_ids.max()) >= models.vocab_size:
+            raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
+    else:
+        examples = trainer.task.examples("test", dcfg.n_contexts, seed=cfg.task.seed)
+        if not examples:
+            raise UserError("the task gave no test examples for the bank")
+        prompts = [trainer.render(ex.question) for ex in examples]
+        bank = make_bank(
+            trainer.sampler, models.student, models.tokenizer, prompts, max_new,
+            dcfg.batch_size, dcfg.seed, progress,
+        )  # fmt: skip
+        meta = bank_meta(cfg, examples, max_new, dcfg.seed)
+    return bank, {**meta, "prompts": prompts}
+
+
+def _summary(
+    cfg: Config,
+    dcfg: Any,
+    teacher: str,
+    bank: Any,
+    meta: dict[str, Any],
+    columns: dict[str, Any],
+    a: Analysis,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    kl0 = columns["kl0"]
+    summary: dict[str, Any] = {
+        "mode": dcfg.mode,
+        "relative": dcfg.relative,
+        "student": cfg.student,
+        "teacher": str(teacher),
+        "task": cfg.task.name or cfg.task.path,
+        "n_contexts": len(bank),
+        "max_new_tokens": int(
+            meta.get("max_new_tokens", dcfg.max_new_tokens or cfg.rollout.max_new_tokens)
+        ),
+        "n_positions": len(kl0),
+        "n_analysed": int(a.keep.sum()),
+        "kl0_mean": float(kl0.mean()),
+        "gain_mean": float(a.gain.mean()),
+        "gain_positive_share": float((a.gain > 0).mean()),
+        "gain_kind": a.primary,
+        "winsorize": dcfg.winsorize,
+        "divergence": dcfg.divergence,
+        "gain_absolute_mean": float(np.nanmean(columns["gain_absolute"][a.keep])),
+        "gain_relative_mean_winsorized": float(a.gains["relative"].mean()),
+        "bootstrap": dcfg.bootstrap,
+        **info,
+        "r2": a.r2,
+        f"r2_{a.other}": a.r2_other,
+        "regression_terms": {m: cols for m, cols in a.models.items()},
+        "term_meanings": REGRESSION_TERMS,
+    }
+    if dcfg.mode == "opd":
+        summary["kl_tau_mean"] = float(columns["kl_tau"].mean())
+    return summary
+
+
+def _update_config(cfg: Config, out: Path) -> Config:
+    """The trainer's config: the diagnose config with its update strategy, no evaluation."""
+    data = cfg.model_dump(mode="json")
+    data["output_dir"] = str(out / "update")
+    if cfg.diagnose.update_strategy is not None:
+        data["selection"]["strategy"] = cfg.diagnose.update_strategy
+    data["train"].update(
+        eval_before=False,
+        eval_teacher=False,
+        eval_every=0,
+        save_every=0,
+        samples_every=0,
+        tensorboard=False,
+    )
+    data["eval"]["heldout_kl_prompts"] = 0
+    d = cfg.diagnose
+    for value, section, key in (
+        (d.update_lr, "optim", "lr"),
+        (d.update_steps, "train", "steps"),
+        (d.update_batch_size, "train", "batch_size"),
+    ):
+        if value is not None:
+            data[section][key] = value
+    return Config.model_validate(data)
