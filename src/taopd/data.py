@@ -497,8 +497,10 @@ class PromptStream:
         """The seeded shuffle of the train split for `epoch` (recomputed only when it changes)."""
         import torch
 
+        from taopd import seeds
+
         if self._order is None or self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            gen = torch.Generator().manual_seed(seeds.epoch_order(self.seed, epoch))
             self._order = (epoch, torch.randperm(len(self.examples), generator=gen).tolist())
         return self._order[1]
 

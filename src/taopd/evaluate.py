@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from taopd import seeds
 from taopd.data import Example, Task, render_prompt
 from taopd.models import lm_head
 from taopd.rollout import Rollout, generate, response_hidden, tokenize_left
@@ -175,7 +176,7 @@ class Evaluator:
         else:
             n = min(self.cfg.eval.heldout_kl_prompts, len(self.examples))
             prompts = [self.render(ex.question) for ex in self.examples[:n]]
-            self.bank = sample(prompts, self.cfg.train.seed + 12345).to("cpu")
+            self.bank = sample(prompts, seeds.heldout_bank(self.cfg.train.seed)).to("cpu")
             if self.group.is_main:
                 tmp = path.with_name(f".{path.name}.tmp")
                 torch.save(self.bank, tmp)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import seeds
 from .checkpoint import (
     apply_optim_config,
     latest_checkpoint,
@@ -248,7 +249,7 @@ class Trainer:
         """Student rollouts of this rank's share of the next batch (None on every rank when a
         rank has no prompt left after the length limit)."""
         prompts = self.prompts.next_prompts(self.cfg.train.batch_size)
-        seed = self.cfg.train.seed * 1_000_003 + step * 101 + self.rank
+        seed = seeds.rollout(self.cfg.train.seed, step, self.rank)
         roll = self._sample(prompts, seed) if prompts else None
         if self.world > 1 and self.group.all_reduce_sum(float(roll is None)) > 0:
             return None
@@ -301,7 +302,7 @@ class Trainer:
         shapes = group.row_shapes(valid)
         g_valid = group.gather_rows(valid, False, shapes)
         g_sig = {n: group.gather_rows(getattr(sig, n), 0.0, shapes) for n in names}
-        gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        gen = torch.Generator(device="cpu").manual_seed(seeds.selection(self.cfg.train.seed, step))
         mask = select_tokens(
             TokenSignals(**{n: x.cpu() for n, x in g_sig.items()}),
             g_valid.cpu(),

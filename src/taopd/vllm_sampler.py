@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from taopd import seeds
 from taopd.config import VLLMCfg
 from taopd.errors import UserError
 from taopd.models import _unwrap, resolve_model
@@ -254,7 +255,7 @@ class VLLMSampler:
                         top_p,
                         greedy,
                         eos_ids,
-                        (seed * 1_000_003 + i) % _SEED_MOD,
+                        seeds.per_prompt(seed, i) % _SEED_MOD,
                     )
                 )
                 for i in range(len(requests))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import seeds
 from ..config import Config
 from ..data import Example
 from ..errors import UserError
@@ -112,7 +113,7 @@ def make_bank(
                 max_new_tokens=max_new_tokens,
                 temperature=1.0,
                 top_p=1.0,
-                seed=seed * 1_000_003 + i,
+                seed=seeds.bank_batch(seed, i),
             ).to("cpu")
         )
     return Rollout.concat(parts, tokenizer.pad_token_id)
