@@ -257,3 +257,49 @@ def test_worked_solution_errors() -> None:
         make_task({"name": "chain_sum", "solution": "steps"})
     with pytest.raises(ValueError):
         worked_chain_sum("3 * 4")
+
+
+# ------------------------------------------------------------------------------- prompt stream
+
+
+class _Group:
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def sum_counts(self, *counts: int) -> tuple[int, ...]:
+        return tuple(c * self.world for c in counts)  # every rank counted the same
+
+
+def _stream(rank: int = 0, world: int = 1, limit: int = 100, overflow: str = "skip"):
+    from taopd.data import Example, PromptStream
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(range(len(text.split())))}
+
+        def decode(self, ids):
+            return " ".join("w" for _ in ids)
+
+    examples = [Example(f"q{i}" + " x" * (i % 4), str(i)) for i in range(10)]
+    return PromptStream(examples, lambda q: q, Tok(), 3, limit, overflow, _Group(rank, world))
+
+
+def test_prompt_stream_shares_batches_and_resumes():
+    one = _stream()
+    first = [one.next_examples(4) for _ in range(4)]  # 16 draws over 10 examples: 2 epochs
+    epoch0 = [e.question for b in first for e in b][:10]
+    assert sorted(epoch0) == sorted(f"q{i}" + " x" * (i % 4) for i in range(10))
+    ranks = [_stream(r, 2) for r in range(2)]
+    halves = [s.next_examples(4) for s in ranks]
+    assert halves[0] + halves[1] == first[0]  # each rank takes its share of the same batch
+    resumed = _stream()
+    resumed.load_state({**one.state(), "data_pos": 8})
+    assert resumed.next_examples(4) == first[2]
+
+
+def test_prompt_stream_fits_prompts_and_counts_over_ranks():
+    s = _stream(world=2, limit=2, overflow="truncate")
+    assert s.fit(["a", "a b c d"]) == ["a", "w w"]
+    assert s.state()["truncated_prompts"] == 2 and s.state()["skipped_prompts"] == 0
+    s = _stream(limit=2)
+    assert s.fit(["a", "a b c d"]) == ["a"] and s.skipped == 1
