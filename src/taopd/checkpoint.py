@@ -83,7 +83,9 @@ def load_plain(path: Path, what: str = "file") -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # garbage bytes rather than a pickle asking for objects
+            raise UserError(f"{what} {path} cannot be read (not a file written by taopd)") from None
         raise UserError(
             f"{what} {path} holds more than tensors and plain data (not written by this taopd); "
             "refused to load it (nothing in it was run): delete it or restore a good copy"
@@ -160,9 +162,11 @@ def save_checkpoint(
         shutil.rmtree(replaced, ignore_errors=True)
     for old in _complete(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(f"{OLD}*")]:  # killed writers'
+    for stale in ckpt_root.glob(".tmp-*"):  # leftovers of killed writers
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_root.glob(f"{OLD}*"):  # moved aside by a writer killed mid-replace
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -212,7 +212,6 @@ def check_report_folder(run_dir: Path) -> None:
         )
 
 
-
 def out_of_memory(err: BaseException, step: int, out: Path) -> str | None:
     """The one-line message for a step that ran out of memory (None: `err` is something else)."""
     from .checkpoint import latest_checkpoint
