@@ -318,8 +318,8 @@ def check_context(
     train_need = min(ro.max_prompt_tokens, longest(train_qs)) + ro.max_new_tokens
     new_test = max(ro.max_new_tokens, cfg.eval.max_new_tokens)
     test_need = longest(test_qs) + new_test
-    for role, model in models.items():
-        limit = max_context(model)
+    for role, model in models.items():  # a served teacher (None) states no context here
+        limit = max_context(model) if model is not None else None
         if limit is None:
             continue
         if train_need > limit:

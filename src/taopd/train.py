@@ -308,9 +308,8 @@ class Trainer:
             student = self._apply_lora(student)
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
-        models = {"student": student, "teacher": self.teacher} if self.teacher else {}
         check_context(
-            models or {"student": student}, self.tokenizer, self.render, cfg,
+            {"student": student, "teacher": self.teacher}, self.tokenizer, self.render, cfg,
             [e.question for e in self.train_examples], [e.question for e in self.test_examples],
         )  # fmt: skip
         if self.resume_from is not None and cfg.lora is None:
