@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from taopd import seeds
+from taopd.checkpoint import load_rollout, save_rollout
 from taopd.data import Example, Task, render_prompt
 from taopd.models import lm_head
 from taopd.rollout import Rollout, generate, response_hidden, tokenize_left
@@ -172,15 +173,13 @@ class Evaluator:
             saved = self.group.all_reduce_sum(float(saved)) == self.group.world
             self.group.wait()
         if saved:
-            self.bank = torch.load(path, weights_only=False)
+            self.bank = load_rollout(path, "held-out bank")[0]
         else:
             n = min(self.cfg.eval.heldout_kl_prompts, len(self.examples))
             prompts = [self.render(ex.question) for ex in self.examples[:n]]
             self.bank = sample(prompts, seeds.heldout_bank(self.cfg.train.seed)).to("cpu")
             if self.group.is_main:
-                tmp = path.with_name(f".{path.name}.tmp")
-                torch.save(self.bank, tmp)
-                tmp.replace(path)
+                save_rollout(path, self.bank)
         return self.bank
 
     @torch.no_grad()

@@ -1,29 +1,242 @@
-"""A run folder: checked and locked before heavy work, claimed once the inputs look sound, and
-the logs in it (metrics.jsonl, samples.jsonl) cut back to a checkpoint on resume.
+"""The run folder: taopd's marker file, the checks made before anything is written, claiming it,
+and (`RunFolder`) a training run's view of it: its logs, cut back to a checkpoint on resume.
 
-Layout: config.yaml, metrics.jsonl, samples.jsonl, heldout_bank.pt, checkpoints/step-NNNNNN/,
-summary.json, tb/ (tensorboard), .taopd.lock (held by the trainer using the folder).
+A folder is only ever cleared (`--overwrite`) when it holds the marker `taopd-run.json`, written
+when taopd creates a run; every check that can fail runs before the folder is created or locked.
+Layout of a training run: taopd-run.json, config.yaml, metrics.jsonl, samples.jsonl,
+heldout_bank.pt, checkpoints/step-NNNNNN/, summary.json, tb/ (tensorboard), .taopd.lock (held
+by the trainer using the folder).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import (
+    LOCK_NAME,
     atomic_write_text,
     clear_folder,
-    latest_checkpoint,
     lock_holder,
     lock_run_folder,
+    resume_checkpoint,
 )
 from .collectives import Group
 from .errors import UserError
 
-__all__ = ["LOGS", "RunFolder"]
+__all__ = [
+    "LOGS",
+    "MARKER",
+    "RunFolder",
+    "check_output",
+    "check_diagnose_output",
+    "check_report_folder",
+    "claim",
+    "marker_kind",
+    "write_marker",
+]
 
+MARKER = "taopd-run.json"
 LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON record per line, each with its "step"
+_OURS = {LOCK_NAME, ".write-test"}  # what a run folder holds before its marker is written
+
+
+def write_marker(folder: Path, kind: str) -> None:
+    """Mark `folder` as a taopd run of `kind` ('train', 'diagnose', 'compare')."""
+    from . import __version__
+
+    if marker_kind(folder) == kind:
+        return
+    info = {"taopd": __version__, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(folder / MARKER, json.dumps(info) + "\n")
+
+
+def marker_kind(folder: Path) -> str | None:
+    """The kind recorded in `folder`'s marker ('train', ...), '?' if unreadable, None if none."""
+    path = folder / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return str(json.loads(path.read_text()).get("kind", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def _listing(folder: Path, n: int = 5) -> str:
+    """'a/, b.txt, c.yaml and 4 more': what a folder holds, for a refusal message."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    names = [x for x in names if x not in _OURS]
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _foreign(folder: Path) -> bool:
+    """True if `folder` holds files but no taopd marker."""
+    if not folder.is_dir() or marker_kind(folder) is not None:
+        return False
+    return any(p.name not in _OURS for p in folder.iterdir())
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an output_dir that cannot be created or written, without creating anything."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a folder")
+    probe = out.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"cannot write to output_dir {out}: Not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output_dir {out}: Permission denied")
+
+
+def _check_not_busy(out: Path) -> None:
+    """Refuse a folder whose lock another process holds (probing it changes nothing)."""
+    path = out / LOCK_NAME
+    if not path.is_file():
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    with open(path) as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"output_dir {out} is in use by another taopd process (pid "
+                f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
+            ) from None
+        except OSError:
+            return
+
+
+def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+    """Every check of a training run's output_dir, writing nothing: (checkpoint, holds a run).
+
+    The checkpoint is the one `--resume` continues from (None for a fresh start).
+    """
+    _check_writable(out)
+    if resume and overwrite:
+        raise UserError(
+            "--resume and --overwrite contradict each other: --resume continues the run in "
+            "output_dir, --overwrite deletes it; pass one"
+        )
+    has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
+    if (overwrite or (has_run and not resume)) and _foreign(out):
+        raise UserError(
+            f"output_dir {out} was not created by taopd (no {MARKER}) and holds "
+            f"{_listing(out)}; refusing to {'delete' if overwrite else 'write into'} it: "
+            "choose another output_dir"
+        )
+    if has_run and not (resume or overwrite):
+        raise UserError(
+            f"output_dir {out} already holds a run; pass --resume to continue it or "
+            "--overwrite to replace it (or choose another output_dir)"
+        )
+    kind = marker_kind(out)
+    if kind not in (None, "train"):
+        raise UserError(
+            f"output_dir {out} holds a taopd {kind} run, not a training run; choose another "
+            "output_dir"
+        )
+    _check_not_busy(out)
+    ckpt = resume_checkpoint(out / "checkpoints") if resume else None
+    if resume and ckpt is None:
+        raise UserError(
+            f"--resume: output_dir {out} holds no checkpoint to resume from; run without "
+            "--resume to start (add --overwrite to replace what is there)"
+        )
+    return ckpt, has_run
+
+
+def claim(out: Path, kind: str, replace: bool, files: dict[str, str]) -> Any:
+    """Create and lock `out`; clear it if `replace` (only a marked run); write the marker and
+    `files` (name -> text). Returns the open lock file (held for the process lifetime)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
+    lock = lock_run_folder(out)
+    if lock is None:
+        raise UserError(
+            f"output_dir {out} is in use by another taopd process (pid "
+            f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
+        )
+    if replace:
+        if _foreign(out):  # checked before; kept here so no path can delete foreign files
+            lock.close()
+            raise UserError(f"--overwrite: {out} holds no {MARKER}; refusing to delete it")
+        clear_folder(out)  # keeps the lock this process holds
+    write_marker(out, kind)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return lock
+
+
+def check_diagnose_output(out: Path, overwrite: bool) -> None:
+    """`taopd diagnose` writes only into an empty folder, its own earlier one, or a new one."""
+    _check_writable(out)
+    if not out.is_dir():
+        return
+    kind = marker_kind(out)
+    trained = any((out / n).exists() for n in ("checkpoints", "metrics.jsonl", "summary.json"))
+    if kind == "train" or (kind is None and trained):
+        raise UserError(
+            f"output_dir {out} holds a training run; give taopd diagnose its own --output-dir"
+        )
+    if kind not in (None, "diagnose"):
+        raise UserError(
+            f"output_dir {out} holds a taopd {kind} run; give taopd diagnose its own --output-dir"
+        )
+    if (out / "positions.csv").exists() and not overwrite:
+        raise UserError(
+            f"{out} already holds a diagnostic; pass --overwrite or another --output-dir"
+        )
+    if kind is None and not (out / "positions.csv").exists() and _foreign(out):
+        raise UserError(
+            f"output_dir {out} was not created by taopd (no {MARKER}) and holds "
+            f"{_listing(out)}; give taopd diagnose an empty or new --output-dir"
+        )
+
+
+_RUN_FILES = ("summary.json", "metrics.jsonl", "samples.jsonl", "positions.csv", "results.csv")
+
+
+def check_report_folder(run_dir: Path) -> None:
+    """`taopd report` writes report.html only into a taopd run, diagnostic or comparison."""
+    if not run_dir.is_dir():
+        raise UserError(f"report: run folder {run_dir} does not exist or is not a folder")
+    if marker_kind(run_dir) is None and not any((run_dir / n).is_file() for n in _RUN_FILES):
+        raise UserError(
+            f"report: {run_dir} is not a taopd run folder (no {MARKER}, summary.json or "
+            "metrics.jsonl); nothing written"
+        )
+
+
+def out_of_memory(err: BaseException, step: int, out: Path) -> str | None:
+    """The one-line message for a step that ran out of memory (None: `err` is something else)."""
+    from .checkpoint import latest_checkpoint
+
+    text = str(err).lower()
+    if not (
+        type(err).__name__ == "OutOfMemoryError"
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    ):
+        return None
+    ckpt = latest_checkpoint(out / "checkpoints")
+    kept = f"the last checkpoint, {ckpt}, is kept" if ckpt else "no checkpoint was saved yet"
+    return (
+        f"out of memory in step {step}; {kept}: lower train.micro_batch_size (or "
+        "train.batch_size, rollout.max_new_tokens, selection.chunk_size), then --resume"
+    )
 
 
 class RunFolder:
@@ -33,58 +246,28 @@ class RunFolder:
         self.path = path
         self.group = group
         self._lock: Any = None
-        self._replace_run = self._fresh_start = self._resume_from_scratch = False
+        self._replace_run = self._fresh_start = False
 
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
     def prepare(self, resume: bool, overwrite: bool) -> Path | None:
-        """Check the folder before any heavy work, lock it; return the checkpoint to resume."""
-        out = self.path
-        has_run = (out / "config.yaml").exists() or self.checkpoints.exists()
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output_dir {out} exists and is not a folder")
-        if has_run and not (resume or overwrite):
-            raise UserError(
-                f"output_dir {out} already holds a run; pass --resume to continue it or "
-                "--overwrite to replace it (or choose another output_dir)"
-            )
-        self.group.wait()
-        if self.group.is_main:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                probe = out / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
-            self._lock = lock_run_folder(out)  # held until this process ends
-            if self._lock is None:
-                raise UserError(
-                    f"output_dir {out} is in use by another taopd process (pid "
-                    f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
-                )
-        self.group.wait()
-        ckpt = latest_checkpoint(self.checkpoints) if resume else None
-        # Deleting an old run (--overwrite) and writing config.yaml wait for `commit`, after
-        # the cheap input checks: a run that fails them leaves the folder as it was.
-        self._replace_run = overwrite and has_run and not resume
-        self._fresh_start = not (resume and ckpt is not None)
-        self._resume_from_scratch = resume and ckpt is None
+        """Every check of the folder, writing nothing; return the checkpoint to resume."""
+        ckpt, has_run = check_output(self.path, resume, overwrite)
+        # Creating, locking and clearing the folder (--overwrite) and writing config.yaml wait
+        # for `commit`, after every input check: a run that fails one leaves it as it was.
+        self._replace_run = overwrite and has_run
+        self._fresh_start = ckpt is None
         return ckpt
 
     def commit(self, config_yaml: str) -> None:
-        """Claim the folder: remove a run replaced by --overwrite, write config.yaml."""
-        out = self.path
+        """Claim the folder: create and lock it, remove a run replaced by --overwrite, write the
+        taopd marker and config.yaml."""
+        self.group.wait()
         if self.group.is_main:
-            if self._replace_run:
-                clear_folder(out)  # keeps the lock this process holds
-            if self._fresh_start:
-                (out / "config.yaml").write_text(config_yaml)
-            if self._resume_from_scratch:  # logs of a run killed before its first checkpoint
-                for stale in LOGS:
-                    (out / stale).unlink(missing_ok=True)
+            files = {"config.yaml": config_yaml} if self._fresh_start else {}
+            self._lock = claim(self.path, "train", self._replace_run, files)
         self.group.wait()
 
     def truncate_logs(self, step: int) -> None:

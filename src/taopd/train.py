@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import seeds
 from .checkpoint import (
     apply_optim_config,
+    check_checkpoint_student,
     latest_checkpoint,
     load_trainer_state,
     rng_state,
@@ -42,13 +43,14 @@ from .loss import selective_head_loss
 from .metrics import signal_metrics
 from .models import (
     apply_lora,
+    check_context,
     check_models,
     lm_head,
     load_model,
     shared_vocab_size,
 )
 from .rollout import Rollout, response_hidden
-from .run_dir import RunFolder
+from .run_dir import RunFolder, out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
 from .scores import TokenSignals
@@ -134,8 +136,12 @@ class Trainer:
         self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
         if not train_examples:
             raise UserError("the task gave no training examples")
+        if cfg.train.batch_size > len(train_examples):
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} exceeds the task's "
+                f"{len(train_examples)} training examples; lower it or raise task.n_train"
+            )
         self.tokenizer = check_models(cfg, teacher_served=self.server is not None)
-        self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
         teacher_name = cfg.teacher
         if cfg.teacher_sft is not None:
             from .sft import prepare_teacher
@@ -158,6 +164,13 @@ class Trainer:
             student = apply_lora(student, cfg.lora)
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
+        check_context(
+            {"student": student, "teacher": teacher_model}, self.tokenizer, self.render, cfg,
+            [e.question for e in train_examples], [e.question for e in self.test_examples],
+        )  # fmt: skip
+        if self.resume_from is not None and cfg.lora is None:
+            check_checkpoint_student(self.resume_from, student)
+        self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
         self.teacher: Teacher = (
             LocalTeacher(teacher_model, teacher_name)
             if self.server is None
@@ -539,7 +552,12 @@ class Trainer:
             disable=not (self.progress and self.group.is_main),
         )
         while self.step < cfg.train.steps and not self.stop_requested:
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if (oom := out_of_memory(e, self.step + 1, self.out)) is None:
+                    raise
+                raise TrainingError(oom) from None
             if metrics is not None:  # None: every prompt of the batch was skipped (too long)
                 h["selected_fractions"].append(metrics["selected_fraction"])
                 last = self.step == cfg.train.steps

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import seeds
+from ..checkpoint import load_rollout, save_rollout
 from ..config import Config
 from ..data import Example
 from ..errors import UserError
@@ -57,37 +58,15 @@ class Models:
 
 def save_bank(path: Path, roll: Rollout, prompts: list[str], meta: dict[str, Any]) -> None:
     """Write the frozen bank: the Rollout tensors, texts, prompts and `meta` (a plain dict)."""
-    roll = roll.to("cpu")
-    torch.save(
-        {
-            "input_ids": roll.input_ids,
-            "attention_mask": roll.attention_mask,
-            "response_mask": roll.response_mask,
-            "prompt_len": roll.prompt_len,
-            "texts": list(roll.texts),
-            "prompts": list(prompts),
-            "meta": meta,
-        },
-        path,
-    )
+    save_rollout(path, roll, prompts=list(prompts), meta=meta)
 
 
 def load_bank(path: str | Path) -> tuple[Rollout, list[str], dict[str, Any]]:
-    """(rollout, prompts, meta) of a bank written by `save_bank`."""
+    """(rollout, prompts, meta) of a bank written by `save_bank` (tensors and plain data only)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"bank {path} does not exist (a bank.pt written by `taopd diagnose`)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        roll = Rollout(
-            data["input_ids"],
-            data["attention_mask"],
-            data["response_mask"],
-            int(data["prompt_len"]),
-            list(data["texts"]),
-        )
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise UserError(f"cannot read the bank {path}: {e}") from None
+    roll, data = load_rollout(path, "bank")
     return roll, list(data.get("prompts", [])), dict(data.get("meta", {}))
 
 

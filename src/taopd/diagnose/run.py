@@ -11,6 +11,8 @@ from torch import Tensor
 
 from ..config import Config
 from ..errors import UserError
+from ..models import load_tokenizer
+from ..run_dir import check_diagnose_output, write_marker
 from .bank import BANK_FILE, Models, bank_meta, bank_samples, load_bank, make_bank, save_bank
 from .bank import score_bank as _score_bank
 from .gains import opd_gains, opd_update, single_step_gains
@@ -37,10 +39,12 @@ def run_diagnose(
     from ..train import Trainer
 
     start = time.perf_counter()
-    dcfg, out = _prepare(cfg, mode, relative, overwrite)
+    dcfg, out, loaded = _prepare(cfg, mode, relative, overwrite, bank_path)
     trainer = Trainer(_update_config(cfg, out), overwrite=True, progress=progress)
+    write_marker(out, "diagnose")
+    (out / "config.yaml").write_text(cfg.model_copy(update={"diagnose": dcfg}).to_yaml())
     models = Models(trainer.student, trainer.teacher.model, trainer.tokenizer, trainer.vocab_size)
-    bank, meta = _bank(trainer, models, cfg, dcfg, bank_path, progress)
+    bank, meta = _bank(trainer, models, cfg, dcfg, loaded, progress)
     save_bank(out / BANK_FILE, bank, meta.pop("prompts"), meta)
     valid = bank.response_mask[:, bank.prompt_len :]
     if not bool(valid.any()):
@@ -80,9 +84,14 @@ def run_diagnose(
 
 
 def _prepare(
-    cfg: Config, mode: str | None, relative: bool | None, overwrite: bool
-) -> tuple[Any, Path]:
-    """Check the request, make the output folder and write its config.yaml."""
+    cfg: Config,
+    mode: str | None,
+    relative: bool | None,
+    overwrite: bool,
+    bank_path: str | Path | None,
+) -> tuple[Any, Path, Any]:
+    """Check the request, the output folder and a given bank (loaded: returned), before any
+    model or file is touched."""
     if cfg.teacher_server is not None:
         raise UserError(
             "diagnose measures full-vocabulary KL gains and needs the teacher's weights; "
@@ -94,14 +103,11 @@ def _prepare(
     if dcfg.mode not in ("opd", "single-step"):
         raise UserError(f"mode must be 'opd' or 'single-step', got {dcfg.mode!r}")
     out = Path(cfg.output_dir)
-    if (out / "positions.csv").exists() and not overwrite:
-        raise UserError(
-            f"{out} already holds a diagnostic; pass --overwrite or another --output-dir"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    full_cfg = cfg.model_copy(update={"diagnose": dcfg})
-    (out / "config.yaml").write_text(full_cfg.to_yaml())
-    return dcfg, out
+    check_diagnose_output(out, overwrite)
+    loaded = load_bank(bank_path) if bank_path is not None else None
+    if loaded is not None and int(loaded[0].input_ids.max()) >= len(load_tokenizer(cfg.student)):
+        raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
+    return dcfg, out, (bank_path, loaded)
 
 
 def _bank(
@@ -109,14 +115,15 @@ def _bank(
     models: Models,
     cfg: Config,
     dcfg: Any,
-    bank_path: str | Path | None,
+    loaded: Any,
     progress: bool,
 ) -> tuple[Any, dict[str, Any]]:
-    """The bank: loaded from `bank_path`, or sampled from the θ0 student on test prompts.
-    Returns it and its meta, with the prompts under "prompts"."""
+    """The bank: `loaded` (its path, (rollout, prompts, meta)) or sampled from the θ0 student on
+    test prompts. Returns it and its meta, with the prompts under "prompts"."""
     max_new = dcfg.max_new_tokens or cfg.rollout.max_new_tokens
-    if bank_path is not None:
-        bank, prompts, meta = load_bank(bank_path)
+    bank_path, given = loaded
+    if given is not None:
+        bank, prompts, meta = given
         if int(bank.input_ids.max()) >= models.vocab_size:
             raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
     else:
