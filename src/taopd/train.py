@@ -12,7 +12,6 @@ backpropagates and steps. Around the step: the run folder (run_dir.py), checkpoi
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
@@ -36,7 +35,7 @@ from .checkpoint import (
 from .collectives import Group
 from .config import Config
 from .data import PromptStream, make_task, render_prompt
-from .engines import StudentEngine, engine_kind, make_engine
+from .engines import StudentEngine, engine_kind, make_engine, make_scheduler
 from .errors import UserError
 from .evaluate import Evaluator
 from .loss import selective_head_loss
@@ -78,20 +77,6 @@ class TrainingError(UserError):
     """A run that cannot go on (e.g. repeated non-finite losses); its last checkpoint is kept."""
 
 
-def _scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    total, warm, kind = cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.scheduler
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 class Trainer:
     """Selective OPD trainer; `run()` trains, evaluates, checkpoints and writes summary.json."""
 
@@ -130,7 +115,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _setup(self) -> None:
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
         self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
         train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
         self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
@@ -142,26 +127,7 @@ class Trainer:
                 f"{len(train_examples)} training examples; lower it or raise task.n_train"
             )
         self.tokenizer = check_models(cfg, teacher_served=self.server is not None)
-        teacher_name = cfg.teacher
-        if cfg.teacher_sft is not None:
-            from .sft import prepare_teacher
-
-            with acc.main_process_first():
-                teacher_name = str(prepare_teacher(cfg, progress=self.progress))
-        student_name = cfg.student
-        if cfg.student_sft is not None:  # warm start on the task's format (cached)
-            from .sft import prepare_student
-
-            with acc.main_process_first():
-                student_name = str(prepare_student(cfg, progress=self.progress))
-        teacher_model = None
-        if self.server is None:
-            t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
-            teacher_model = load_model(teacher_name, dtype=t_dtype, device=acc.device)
-            teacher_model.eval().requires_grad_(False)
-        student = load_model(student_name, dtype=cfg.train.dtype, device=acc.device)
-        if cfg.lora is not None:
-            student = apply_lora(student, cfg.lora)
+        teacher_name, teacher_model, student = self._load_models()
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
         check_context(
@@ -197,7 +163,7 @@ class Trainer:
             chunk_size=lc.chunk_size,
         )
         self.opt = self.engine.opt
-        self.sched = _scheduler(self.opt, cfg)
+        self.sched = make_scheduler(self.opt, cfg)
         self.sampler = make_sampler(cfg)  # rollout.backend; vllm: student + rollout.vllm
         ro = cfg.rollout
         self.prompts = PromptStream(
@@ -215,6 +181,32 @@ class Trainer:
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.tb = self.run_dir.tensorboard() if cfg.train.tensorboard else None
+
+    def _load_models(self) -> tuple[str, torch.nn.Module | None, torch.nn.Module]:
+        """The teacher (its name, and its weights unless served) and the student, after their
+        cached fine-tunes (teacher_sft, student_sft) when configured."""
+        cfg, acc = self.cfg, self.acc
+        teacher_name = cfg.teacher
+        if cfg.teacher_sft is not None:
+            from .sft import prepare_teacher
+
+            with acc.main_process_first():
+                teacher_name = str(prepare_teacher(cfg, progress=self.progress))
+        student_name = cfg.student
+        if cfg.student_sft is not None:  # warm start on the task's format (cached)
+            from .sft import prepare_student
+
+            with acc.main_process_first():
+                student_name = str(prepare_student(cfg, progress=self.progress))
+        teacher_model = None
+        if self.server is None:
+            t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
+            teacher_model = load_model(teacher_name, dtype=t_dtype, device=acc.device)
+            teacher_model.eval().requires_grad_(False)
+        student = load_model(student_name, dtype=cfg.train.dtype, device=acc.device)
+        if cfg.lora is not None:
+            student = apply_lora(student, cfg.lora)
+        return teacher_name, teacher_model, student
 
     def render(self, question: str) -> str:
         cfg = self.cfg.task

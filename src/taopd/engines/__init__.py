@@ -15,12 +15,19 @@ from torch import nn
 from ..checkpoint import load_student_weights
 from ..collectives import Group
 from ..errors import UserError
-from .base import ReplicatedEngine, StudentEngine, make_optimizer
+from .base import ReplicatedEngine, StudentEngine, make_optimizer, make_scheduler
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["ENGINES", "ReplicatedEngine", "StudentEngine", "engine_kind", "make_engine"]
+__all__ = [
+    "ENGINES",
+    "ReplicatedEngine",
+    "StudentEngine",
+    "engine_kind",
+    "make_engine",
+    "make_scheduler",
+]
 
 ENGINES = ("replicated", "fsdp", "deepspeed")
 

@@ -13,7 +13,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,10 @@ from torch import Tensor, nn
 from ..checkpoint import load_student_weights
 from ..collectives import Group
 
-__all__ = ["ReplicatedEngine", "StudentEngine", "make_optimizer"]
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["ReplicatedEngine", "StudentEngine", "make_optimizer", "make_scheduler"]
 
 
 def make_optimizer(
@@ -30,6 +33,21 @@ def make_optimizer(
     """AdamW over the student's trainable parameters (its shards, once sharded)."""
     params = [p for p in student.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
+    """optim.scheduler over train.steps: linear warmup, then constant, linear or cosine."""
+    total, warm, kind = cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.scheduler
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 class StudentEngine:
