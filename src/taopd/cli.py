@@ -257,6 +257,66 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: Any) -> None:
+    """`taopd compare`: strategies × ratios × K × batch sizes × seeds."""
+    p = sub.add_parser(
+        "compare",
+        help="selection strategies side by side over seeds",
+        description="Train one run per strategy × ratio × K × batch size × seed "
+        "with the same budget; resumable (finished arms are not rerun). Writes "
+        "results.csv, results.md, learning curves and report.html.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--strategies",
+        type=_csv(str),
+        default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
+        help="comma-separated strategy names; 'name+N' keeps at least N positions per rollout "
+        "(the released budget rule), e.g. teachability+1",
+    )
+    p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--k", type=_csv(int), default=None, help="teachability K values, e.g. 1,5,16")
+    p.add_argument("--batch-sizes", type=_csv(int), default=None, help="prompts per step")
+    p.add_argument("--parallel", type=int, default=1, help="arms running at once")
+    p.add_argument(
+        "--no-run",
+        action="store_true",
+        help="train nothing: write the tables and plots of the arms already finished",
+    )
+    p.set_defaults(func=cmd_compare)
+
+
+def _add_diagnose(sub: Any) -> None:
+    """`taopd diagnose`: the fixed-context diagnostic."""
+    p = sub.add_parser(
+        "diagnose",
+        help="fixed-context diagnostic: which tokens' losses help",
+        description="Freeze a bank of student rollouts on held-out prompts, update "
+        "the student (short OPD run or single steps), and relate each position's "
+        "gain KL(p_T||p_θ0) - KL(p_T||p_θτ) to its signals (matched top-N, "
+        "regressions, correlations, plots, report.html).",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--mode",
+        choices=["opd", "single-step"],
+        help="update: a short OPD run (default) or one SGD step per position",
+    )
+    p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
+    gain = p.add_mutually_exclusive_group()
+    gain.add_argument(
+        "--relative",
+        action="store_true",
+        help="analyse the released relative gain (KL0 - KLτ)/KL0 (the default)",
+    )
+    gain.add_argument(
+        "--absolute", action="store_true", help="analyse Eq. 1's absolute gain KL0 - KLτ"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
+    p.set_defaults(func=cmd_diagnose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taopd",
@@ -295,59 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser(
-        "compare",
-        help="selection strategies side by side over seeds",
-        description="Train one run per strategy × ratio × K × batch size × seed "
-        "with the same budget; resumable (finished arms are not rerun). Writes "
-        "results.csv, results.md, learning curves and report.html.",
-    )
-    _add_config_args(p)
-    p.add_argument(
-        "--strategies",
-        type=_csv(str),
-        default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
-        help="comma-separated strategy names; 'name+N' keeps at least N positions per rollout "
-        "(the released budget rule), e.g. teachability+1",
-    )
-    p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
-    p.add_argument("--k", type=_csv(int), default=None, help="teachability K values, e.g. 1,5,16")
-    p.add_argument("--batch-sizes", type=_csv(int), default=None, help="prompts per step")
-    p.add_argument("--parallel", type=int, default=1, help="arms running at once")
-    p.add_argument(
-        "--no-run",
-        action="store_true",
-        help="train nothing: write the tables and plots of the arms already finished",
-    )
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser(
-        "diagnose",
-        help="fixed-context diagnostic: which tokens' losses help",
-        description="Freeze a bank of student rollouts on held-out prompts, update "
-        "the student (short OPD run or single steps), and relate each position's "
-        "gain KL(p_T||p_θ0) - KL(p_T||p_θτ) to its signals (matched top-N, "
-        "regressions, correlations, plots, report.html).",
-    )
-    _add_config_args(p)
-    p.add_argument(
-        "--mode",
-        choices=["opd", "single-step"],
-        help="update: a short OPD run (default) or one SGD step per position",
-    )
-    p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
-    gain = p.add_mutually_exclusive_group()
-    gain.add_argument(
-        "--relative",
-        action="store_true",
-        help="analyse the released relative gain (KL0 - KLτ)/KL0 (the default)",
-    )
-    gain.add_argument(
-        "--absolute", action="store_true", help="analyse Eq. 1's absolute gain KL0 - KLτ"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
-    p.set_defaults(func=cmd_diagnose)
+    _add_compare(sub)
+    _add_diagnose(sub)
 
     p = sub.add_parser(
         "pilot",
