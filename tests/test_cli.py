@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import taopd.models as models
 import taopd.train as tr
 from taopd.cli import main
 from taopd.run_dir import write_marker
@@ -70,7 +71,7 @@ def no_tokenizers(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a tokenizer was loaded before the data was checked")
 
-    monkeypatch.setattr(tr, "load_tokenizer", refuse)
+    monkeypatch.setattr(models, "load_tokenizer", refuse)  # the trainer's checks load them
 
 
 def user_error(capsys, *argv: str) -> str:

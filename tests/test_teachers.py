@@ -138,4 +138,5 @@ def test_served_accuracy_scores_the_servers_completions(pair, tmp_path):
     server = FakeServer(pair.teacher, 4, answers=["<answer>3</answer>", "5"])
     assert ev.served_accuracy(server) == 0.5
     assert len(server.generated) == 2 and all(isinstance(i, int) for i in server.generated[0])
-    assert ev.heldout_kl(pair.student, ServedTeacher(server, pair.vocab), tmp_path, None, 1) is None
+    assert not ev.measures_heldout_kl(ServedTeacher(server, pair.vocab))
+    assert ev.measures_heldout_kl(LocalTeacher(pair.teacher, "t"))

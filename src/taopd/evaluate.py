@@ -183,22 +183,14 @@ class Evaluator:
         return self.bank
 
     @torch.no_grad()
-    def heldout_kl(
-        self,
-        student: Any,
-        teacher: Teacher,
-        path: Path,
-        sample: Callable[[list[str], int], Rollout],
-        vocab_size: int,
-    ) -> float | None:
-        """Mean KL(p_S‖p_T) (Eq. 6) over the held-out bank's response positions.
-
-        None without held-out prompts or with a teacher that gives no full distribution.
-        """
+    def measures_heldout_kl(self, teacher: Teacher) -> bool:
+        """Whether there is a held-out KL: held-out prompts and a teacher's full distribution."""
         n = min(self.cfg.eval.heldout_kl_prompts, len(self.examples))
-        if n == 0 or not teacher.full_distribution:
-            return None
-        roll = self.heldout_bank(path, sample).to(self.group.device)
+        return n > 0 and teacher.full_distribution
+
+    def heldout_kl(self, student: Any, teacher: Teacher, bank: Rollout, vocab_size: int) -> float:
+        """Mean KL(p_S‖p_T) (Eq. 6) over the response positions of the held-out `bank`."""
+        roll = bank.to(self.group.device)
         sub = roll.rows(list(range(len(roll)))[self.group.rank :: self.group.world])
         if not len(sub):  # more processes than bank rollouts: this rank adds nothing
             return self.group.all_reduce_sum(0.0) / max(1.0, self.group.all_reduce_sum(0))

@@ -401,14 +401,12 @@ class Trainer:
 
     def heldout_kl(self) -> float | None:
         """Mean KL(p_S‖p_T) over the held-out bank (evaluate.py)."""
+        if not self.evaluator.measures_heldout_kl(self.teacher):
+            return None
         with self.engine.whole():
-            return self.evaluator.heldout_kl(
-                self.acc.unwrap_model(self.student),
-                self.teacher,
-                self.out / "heldout_bank.pt",
-                self._sample,
-                self.vocab_size,
-            )
+            bank = self.evaluator.heldout_bank(self.out / "heldout_bank.pt", self._sample)
+            student = self.acc.unwrap_model(self.student)
+            return self.evaluator.heldout_kl(student, self.teacher, bank, self.vocab_size)
 
     # ----------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict[str, Any]:
