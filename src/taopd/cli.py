@@ -173,7 +173,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         cfg,
         mode=args.mode,
         bank_path=args.bank,
-        relative=True if args.relative else None,
+        relative=True if args.relative else False if args.absolute else None,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -184,6 +184,23 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     )
     print(Path(s["output_dir"], "diagnose.md").read_text().split("## Standardized")[0].rstrip())
     print(f"\nrun folder: {s['output_dir']} (diagnose.md, report.html)")
+    return 0
+
+
+def cmd_pilot(args: argparse.Namespace) -> int:
+    from .pilot import pilot
+
+    cfg = _load(args)
+    rows = pilot(cfg, steps=args.steps, progress=not args.no_progress)
+    print(f"\ntaopd pilot: {cfg.task.name or cfg.task.path}, {cfg.train.batch_size} prompts a step")
+    print("step  positions  solved (KL<0.05)  KL held by top 5%  mean reverse KL  kept")
+    for r in rows:
+        print(
+            f"{r['step']:>4}  {r['n_valid']:>9}  {_pct(r['solved_share']):>16}  "
+            f"{_pct(r['kl_top5_share']):>17}  {r['kl_all']:>15.3f}  {r['n_selected']:>4}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
@@ -290,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         type=_csv(str),
         default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
-        help="comma-separated strategy names",
+        help="comma-separated strategy names; 'name+N' keeps at least N positions per rollout "
+        "(the released budget rule), e.g. teachability+1",
     )
     p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
@@ -319,9 +337,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="update: a short OPD run (default) or one SGD step per position",
     )
     p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
-    p.add_argument("--relative", action="store_true", help="gain (KL0 - KLτ) / KL0")
+    gain = p.add_mutually_exclusive_group()
+    gain.add_argument(
+        "--relative",
+        action="store_true",
+        help="analyse the released relative gain (KL0 - KLτ)/KL0 (the default)",
+    )
+    gain.add_argument(
+        "--absolute", action="store_true", help="analyse Eq. 1's absolute gain KL0 - KLτ"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser(
+        "pilot",
+        help="does a setting leave room for selection? the first steps' KL spread",
+        description="Run the first training step(s) of CONFIG into a scratch folder (no "
+        "evaluation, nothing saved) and print the share of response positions the student "
+        "already solves (reverse KL < 0.05) and the share of the total KL held by the top 5%.",
+    )
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=1, help="steps to run (default 1)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_pilot)
 
     p = sub.add_parser(
         "report",
