@@ -44,7 +44,8 @@ def run_diagnose(
     write_marker(out, "diagnose")
     (out / "config.yaml").write_text(cfg.model_copy(update={"diagnose": dcfg}).to_yaml())
     models = Models(trainer.student, trainer.teacher.model, trainer.tokenizer, trainer.vocab_size)
-    bank, meta = _bank(trainer, models, cfg, dcfg, loaded, progress)
+    sample = (trainer.task, trainer.render, trainer.sampler)
+    bank, meta = _bank(sample, models, cfg, dcfg, loaded, progress)
     save_bank(out / BANK_FILE, bank, meta.pop("prompts"), meta)
     valid = bank.response_mask[:, bank.prompt_len :]
     if not bool(valid.any()):
@@ -111,7 +112,7 @@ def _prepare(
 
 
 def _bank(
-    trainer: Any,
+    sample: tuple[Any, Any, Any],
     models: Models,
     cfg: Config,
     dcfg: Any,
@@ -119,7 +120,8 @@ def _bank(
     progress: bool,
 ) -> tuple[Any, dict[str, Any]]:
     """The bank: `loaded` (its path, (rollout, prompts, meta)) or sampled from the θ0 student on
-    test prompts. Returns it and its meta, with the prompts under "prompts"."""
+    test prompts (`sample`: the task, its prompt renderer, the sampler). Returns it and its
+    meta, with the prompts under "prompts"."""
     max_new = dcfg.max_new_tokens or cfg.rollout.max_new_tokens
     bank_path, given = loaded
     if given is not None:
@@ -127,12 +129,13 @@ def _bank(
         if int(bank.input_ids.max()) >= models.vocab_size:
             raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
     else:
-        examples = trainer.task.examples("test", dcfg.n_contexts, seed=cfg.task.seed)
+        task, render, sampler = sample
+        examples = task.examples("test", dcfg.n_contexts, seed=cfg.task.seed)
         if not examples:
             raise UserError("the task gave no test examples for the bank")
-        prompts = [trainer.render(ex.question) for ex in examples]
+        prompts = [render(ex.question) for ex in examples]
         bank = make_bank(
-            trainer.sampler, models.student, models.tokenizer, prompts, max_new,
+            sampler, models.student, models.tokenizer, prompts, max_new,
             dcfg.batch_size, dcfg.seed, progress,
         )  # fmt: skip
         meta = bank_meta(cfg, examples, max_new, dcfg.seed)
