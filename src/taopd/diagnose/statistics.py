@@ -156,6 +156,8 @@ def analysis_table(
 
     t["D_raw"] = t[DIVERGENCES[divergence]]
     h, d, c = norm("student_entropy"), norm("D_raw"), norm("compatibility")
+    sig = _token_signals(t, None)  # the selectors' own formulas, with D = the analysis D
+    scores = {s: strategy_scores(s, sig, valid).numpy() for s in ("teachability", "tip")}
     t.update(
         {
             "H": h,
@@ -164,14 +166,13 @@ def analysis_table(
             "Ht": norm("teacher_entropy"),
             "pos": norm("position"),
             "H*D": h * d,
-            "D_L": d * c,
-            "D_I": d * (1 - c),
-            "teachability": d * c,
-            "incompatible": d * (1 - c),
-            "tip": h + d - h * d,
+            "D_L": scores["teachability"],
+            "D_I": strategy_scores("incompatible", sig, valid).numpy(),
+            **scores,
             "q3": ((h <= np.median(h)) & (d >= np.median(d))).astype(float),
         }
     )
+    t["incompatible"] = t["D_I"]
     return t
 
 
