@@ -116,6 +116,8 @@ def _save_ckpt(folder: Path, weights: dict[str, torch.Tensor]) -> Path:
 
 def test_engine_names():
     assert ENGINES == ("replicated", "fsdp", "deepspeed")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        make_engine("ddp", _net(), Group(_Acc(0, 1)), _cfg(), None)
 
 
 def test_replicated_step_is_clipped_adamw():

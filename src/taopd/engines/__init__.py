@@ -60,6 +60,8 @@ def make_engine(
     Sharded engines take a checkpoint's whole weights before sharding (`resume_from`); the
     replicated one loads them with its optimizer state (`StudentEngine.load_state`).
     """
+    if kind not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {kind!r}")
     o = cfg.optim
 
     def optimizer() -> torch.optim.Optimizer:
