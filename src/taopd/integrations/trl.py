@@ -227,7 +227,8 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
         out["tool_mask"] = keep_local.to(out["completion_mask"].dtype)
-        out["num_items_in_batch"] = keep_local.new_tensor(metrics["taopd/kept_positions"]).long()
+        kept = int(metrics["taopd/kept_positions"])  # global: every rank's kept positions
+        out["num_items_in_batch"] = torch.tensor(kept, dtype=torch.long, device=valid.device)
         if args.selection_cache_teacher:
             out[_TEACHER_KEY] = h_t
         return out
