@@ -24,7 +24,8 @@ import. It relies on two private methods of `trl.DistillationTrainer`:
   teacher's, so the step does not run the teacher twice (`selection_cache_teacher=False` turns
   this off, trading a second teacher forward for memory).
 
-Evaluation keeps TRL's loss over all positions. Strategy "full" or ratio 1 skips the scoring
+Evaluation keeps TRL's loss over all positions; TRL's own `entropy` metric becomes the mean
+over the kept positions (the positions its loss sees). Strategy "full" or ratio 1 skips the scoring
 pass: the run is vanilla TRL. Refused: multimodal batches, a teacher without local weights
 (TRL's server trainers), an lm_head that is not `torch.nn.Linear`.
 """
