@@ -25,6 +25,34 @@ def test_plan_runs_full_once_and_k_only_where_it_matters():
         plan_arms(["nope"], [0.1], 1, [16], [16])
 
 
+def test_plus_n_arms_are_the_released_budget_rule():
+    (arm,) = plan_arms(["teachability+1"], [0.05], 1, [16], [64])
+    assert (arm.strategy, arm.min_per_sequence, arm.label) == ("teachability", 1, "teachability+1")
+    assert arm.name == "teachability+1-r0.05-k16-b64-s0"
+    assert "selection.min_per_sequence=1" in arm.overrides()
+    assert Arm.from_row({**arm.__dict__, "strategy": arm.label}) == arm
+    for bad in ("teachability+0", "teachability+x", "full+1"):
+        with pytest.raises(UserError):
+            plan_arms([bad], [0.05], 1, [16], [16])
+
+
+def test_plus_one_rule_counts():
+    """64 rollouts of 3 response tokens at 5%: ⌈0.05·192⌉ = 10 by the paper's rule; the released
+    rule then adds each rollout's best position where it has none: 64 kept (33%)."""
+    import torch
+
+    from taopd import select
+
+    scores = torch.rand(64, 3, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(64, 3, dtype=torch.bool)
+    paper = select(scores, valid, 0.05)
+    assert int(paper.sum()) == 10
+    plus = select(scores, valid, 0.05, min_per_sequence=1)
+    rows_with_any = int(paper.any(1).sum())
+    assert int(plus.sum()) == 10 + (64 - rows_with_any)  # 64 when the 10 sit in 10 rows
+    assert bool((plus.sum(1) >= 1).all()) and bool((plus >= paper).all())
+
+
 def test_aggregate_interval_over_seeds():
     rows = [
         dict(
@@ -63,7 +91,7 @@ def test_two_arm_comparison_end_to_end_and_resumable(
         "compare",
         str(path),
         "--strategies",
-        "full,teachability",
+        "full,teachability,teachability+1",
         "--ratios",
         "0.25",
         "--seeds",
@@ -75,11 +103,20 @@ def test_two_arm_comparison_end_to_end_and_resumable(
     assert main(argv) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["strategy"] for r in rows} == {"full", "teachability"}
+    assert {r["strategy"] for r in rows} == {"full", "teachability", "teachability+1"}
     assert set(CSV_FIELDS) <= set(rows[0])
     by = {r["strategy"]: r for r in rows}
     assert int(by["teachability"]["tokens_trained"]) < int(by["full"]["tokens_trained"])
-    assert (out / "results.md").read_text().count("| teachability | 0.25 |") == 1
+    # the released rule keeps at least one position per rollout: never fewer, and 4 a step here
+    plus = by["teachability+1"]
+    assert int(plus["tokens_trained"]) >= int(by["teachability"]["tokens_trained"])
+    assert float(plus["kept_per_step"]) >= 4
+    for r in rows:  # the effective share is what was trained on, next to the nominal ratio
+        share = int(r["tokens_trained"]) / (int(r["steps"]) * float(r["kept_per_step"]) or 1)
+        assert share == pytest.approx(1.0, abs=0.05)
+    md = (out / "results.md").read_text()
+    assert md.count("| teachability | 0.25 |") == 1 and "| teachability+1 | 0.25 |" in md
+    assert "effective share" in md and "| full | 1 | 100.0% |" in md
     assert (out / "plots" / "learning_curves.png").exists()
     assert (out / "report.html").exists()
     # a second call reruns nothing: the finished arms' summaries stay untouched
@@ -89,9 +126,11 @@ def test_two_arm_comparison_end_to_end_and_resumable(
     assert arm.stat().st_mtime_ns == stamp
     assert json.loads(arm.read_text())["steps"] == 2
     # --no-run with a wider plan trains nothing new and tables only the finished arms
-    wider = [a if a != "full,teachability" else "full,teachability,random" for a in argv]
+    plan = "full,teachability,teachability+1"
+    wider = [a if a != plan else f"{plan},random" for a in argv]
     assert main([*wider, "--no-run"]) == 0
     assert not (out / "arms" / Arm("random", 0.25, 16, 4, 0).name).exists()
     with open(out / "results.csv") as f:
-        assert {r["strategy"] for r in csv.DictReader(f)} == {"full", "teachability"}
-    assert "2 of 3 runs finished" in capsys.readouterr().out
+        got = {r["strategy"] for r in csv.DictReader(f)}
+    assert got == {"full", "teachability", "teachability+1"}
+    assert "3 of 4 runs finished" in capsys.readouterr().out

@@ -266,3 +266,36 @@ def test_file_task_scores_math_and_gsm8k_answers(tmp_path) -> None:
     assert task.score(r"so it is \boxed{\frac{1}{3}}", half) == 0.0
     assert task.score("4 + 3 = 7\n#### 7", apples) == 1.0
     assert task.score("#### 8", apples) == 0.0
+
+
+def test_worked_chain_sum_solutions_pass_reasoning_gym_scorer() -> None:
+    """The CoT setting's targets: one partial sum per line, '#### answer' last; the final answer
+    extracted from every solution is what reasoning-gym's own scorer accepts."""
+    from taopd.data import worked_chain_sum
+
+    assert worked_chain_sum("12 + 34 - 5") == "12 + 34 = 46\n46 - 5 = 41\n#### 41"
+    assert worked_chain_sum("4 - 1 - 7") == "4 - 1 = 3\n3 - 7 = -4\n#### -4"
+    params = {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 2}
+    task = make_task({"name": "chain_sum", "params": params, "solution": "worked"})
+    examples = task.examples("train", 300, seed=0) + task.examples("test", 100, seed=0)
+    for ex in examples:
+        lines = ex.solution.splitlines()
+        assert len(lines) == ex.entry["metadata"]["num_terms"]  # terms − 1 sums + the answer
+        assert lines[-1] == f"#### {ex.answer}"
+        assert ex.target == ex.solution
+        assert task.score(ex.solution, ex) == 1.0
+    wrong = examples[0].solution.rsplit("#### ", 1)[0] + "#### 100000"
+    assert task.score(wrong, examples[0]) == 0.0
+    plain = make_task({"name": "chain_sum", "params": params}).examples("train", 3)
+    assert all(ex.solution is None and ex.target == ex.answer for ex in plain)
+
+
+def test_worked_solution_errors() -> None:
+    from taopd.data import worked_chain_sum
+
+    with pytest.raises(UserError, match="chain_sum"):
+        make_task({"name": "basic_arithmetic", "solution": "worked"})
+    with pytest.raises(UserError, match="'answer' or 'worked'"):
+        make_task({"name": "chain_sum", "solution": "steps"})
+    with pytest.raises(ValueError):
+        worked_chain_sum("3 * 4")

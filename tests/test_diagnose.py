@@ -16,17 +16,22 @@ import yaml
 from taopd.cli import main
 from taopd.config import load_config
 from taopd.diagnose import (
+    INTERACTION_MODEL,
+    REGRESSION_MODELS,
     SIGNAL_FIELDS,
     analysis_table,
     bootstrap_draws,
     correlations,
     load_bank,
+    matched_count,
     matched_topn,
     rankdata,
     regressions,
+    relative_gain,
     run_diagnose,
     single_step_gain,
     spearman,
+    winsorize,
 )
 from taopd.loss import per_token_loss
 from taopd.models import load_model, position_ids
@@ -41,7 +46,16 @@ def tiny_diag_yaml(student: Path, teacher: Path, path: Path, **diagnose) -> Path
         "rollout": {"max_new_tokens": 5},
         "optim": {"lr": 3e-3},
         "train": {"steps": 2, "batch_size": 8, "tensorboard": False, "threads": 1},
-        "diagnose": {"n_contexts": 12, "bootstrap": 20, "batch_size": 5, **diagnose},
+        # the update from optim/train (null): the released 150 steps at 1e-6 are too slow here
+        "diagnose": {
+            "n_contexts": 12,
+            "bootstrap": 20,
+            "batch_size": 5,
+            "update_lr": None,
+            "update_steps": None,
+            "update_batch_size": None,
+            **diagnose,
+        },
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -108,11 +122,21 @@ def test_cli_writes_every_output(opd_run):
     }
     n_pos = len(read_positions(out / "positions.csv"))
     for per in topn.values():
-        assert set(per) == {"0.03", "0.05"}
-        assert per["0.03"]["n"] == math.ceil(0.03 * n_pos)
+        assert set(per) == {"0.03", "0.05", "0.1"}
+        assert per["0.1"]["n"] == max(1, math.floor(0.1 * n_pos + 0.5))  # round(ρ·N)
         assert per["0.05"]["low"] <= per["0.05"]["high"]
+        assert {"lift", "share_of_gain", "q3_fraction"} <= set(per["0.05"])
+    other = json.loads((out / "matched_topn_absolute.json").read_text())
+    assert set(other) == set(topn)
     reg = json.loads((out / "regression.json").read_text())
-    assert set(reg) == {"base", "+C", "split"} and {"D_L", "D_I"} <= set(reg["split"])
+    # the released design: split = [H, D_L, D_I, pos, Ht], no H̃·D̃ term
+    assert reg["split"].keys() == {"H", "D_L", "D_I", "pos", "Ht"}
+    assert list(reg["base"]) == ["H", "D", "H*D", "pos", "Ht"]
+    assert set(reg) == {"base", "+C", "split"}
+    assert json.loads((out / "regression_absolute.json").read_text()).keys() == reg.keys()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["gain_kind"] == "relative" and summary["divergence"] == "forward_kl"
+    assert summary["regression_terms"]["split"] == ["H", "D_L", "D_I", "pos", "Ht"]
     corr = json.loads((out / "correlations.json").read_text())
     assert {"spearman", "spearman_low", "spearman_high"} <= set(corr["teachability"])
     page = (out / "report.html").read_text()
@@ -152,7 +176,10 @@ def test_recorded_gain_equals_direct_recomputation(
         assert float(r["forward_kl"]) == pytest.approx(float(r["kl0"]))
         assert float(r["kl_tau"]) == pytest.approx(float(kl_tau[b, j]), abs=1e-5, rel=1e-5)
         direct = float(kl0[b, j] - kl_tau[b, j])
-        assert float(r["gain"]) == pytest.approx(direct, abs=2e-5)
+        assert float(r["gain_absolute"]) == pytest.approx(direct, abs=2e-5)
+        k0, kt = float(r["kl0"]), float(r["kl_tau"])  # the released relative gain, the default
+        assert float(r["gain_relative"]) == pytest.approx((k0 - kt) / (k0 + 1e-12), abs=1e-7)
+        assert float(r["gain"]) == pytest.approx(float(r["gain_relative"]))
         gains.append(direct)
     assert max(abs(g) for g in gains) > 1e-3  # the update really moved the student
 
@@ -197,7 +224,7 @@ def test_single_step_mode_matches_a_manual_step(
             q -= 0.05 * q.grad
     kl_tau = full_forward_kl(model, teacher, ids, att, p, vocab)
     direct = float((kl0 - kl_tau)[valid].mean())
-    assert float(r["gain"]) == pytest.approx(direct, abs=1e-5, rel=1e-3)
+    assert float(r["gain_absolute"]) == pytest.approx(direct, abs=1e-5, rel=1e-3)
     assert float(r["gain_self"]) == pytest.approx(float(kl0[b, j] - kl_tau[b, j]), abs=1e-5)
     assert abs(direct) > 1e-6
     assert math.isfinite(float(r["first_order"]))
@@ -281,8 +308,8 @@ def test_regression_recovers_the_learnable_vs_incompatible_ratio():
         "H*D": h * d,
         "D_L": d * c,
         "D_I": d * (1 - c),
-        "position": raw["position"],
-        "teacher_entropy": raw["teacher_entropy"],
+        "pos": raw["position"],
+        "Ht": raw["teacher_entropy"],
     }
     gain = 2 * d * c + 1 * d * (1 - c) + rng.normal(0, 0.05, n)
     reg, r2 = regressions(table, gain, clusters, n_boot=100)
@@ -305,7 +332,7 @@ def test_matched_topn_and_correlations_on_a_known_answer():
     n = len(clusters)
     for sel in sels:
         for r, e in topn[sel].items():
-            assert e["n"] == math.ceil(float(r) * n)
+            assert e["n"] == round(float(r) * n)
             assert e["low"] < e["high"]
     for e in topn["teachability"].values():  # a smooth top-N mean: the interval brackets it
         assert e["low"] <= e["mean"] <= e["high"]
@@ -318,3 +345,67 @@ def test_matched_topn_and_correlations_on_a_known_answer():
     e = corr["student_entropy"]
     assert e["spearman_low"] <= e["spearman"] <= e["spearman_high"]
     assert e["spearman_low"] < 0.1
+
+
+def test_split_model_without_the_interaction_term_gives_the_released_conclusion():
+    """The released split fit has no H̃·D̃: with D_L + D_I = D̃, adding H̃·D̃ is nearly collinear
+    with the split. On data whose gain follows 2·D^L + D^I the released design recovers ≈ 2×,
+    and the interaction variant is only fitted when asked for, under its own name."""
+    raw, clusters, rng = _synthetic(n_prompts=300)
+    table = analysis_table(raw)
+    gain = 2 * table["D_L"] + table["D_I"] + rng.normal(0, 0.02, len(clusters))
+    reg, _ = regressions(table, gain, clusters, n_boot=50)
+    assert "H*D" not in reg["split"] and "split+H*D" not in reg
+    ratio = reg["split"]["D_L"]["coef"] / reg["split"]["D_I"]["coef"]
+    assert 1.5 < ratio < 3.0
+    both, _ = regressions(table, gain, clusters, {**REGRESSION_MODELS, **INTERACTION_MODEL}, 20)
+    assert list(both["split+H*D"]) == ["H", "D_L", "D_I", "H*D", "pos", "Ht"]
+
+
+def test_analysis_divergence_is_the_full_vocabulary_kl_by_default():
+    raw, _, rng = _synthetic()
+    raw["forward_kl"] = rng.exponential(1.0, len(raw["forward_kl"]))
+    t = analysis_table(raw)
+    assert np.array_equal(t["D_raw"], raw["forward_kl"])
+    assert np.array_equal(analysis_table(raw, "union")["D_raw"], raw["disagreement"])
+    assert t["D"].min() == 0 and t["D"].max() == 1  # Eq. 11 over the bank
+    assert np.allclose(t["D_L"] + t["D_I"], t["D"])
+    q3 = (t["H"] <= np.median(t["H"])) & (t["D"] >= np.median(t["D"]))
+    assert np.array_equal(t["q3"].astype(bool), q3)
+    # selectors rank by the same D: divergence's top positions are forward_kl's
+    top = matched_topn(t, t["D"], np.arange(len(t["D"])), ["divergence"], [0.01], n_boot=0)
+    n = round(0.01 * len(t["D"]))
+    assert top["divergence"]["0.01"]["n"] == n
+    # every kept position sits in forward_kl's clipped top (D̃ = 1: at or above its Q0.95)
+    assert top["divergence"]["0.01"]["mean"] == pytest.approx(1.0)
+
+
+def test_relative_gain_and_winsorization():
+    kl0 = np.array([2.0, 1.0, 0.5, 1e-3])
+    kl_tau = np.array([1.0, 1.0, 0.75, 0.0])
+    assert np.allclose(relative_gain(kl0, kl_tau), [0.5, 0.0, -0.5, 1.0])
+    x = np.concatenate([np.arange(100.0), [1e6, np.nan]])
+    w = winsorize(x, 0.01)
+    lo, hi = np.quantile(x[:101], [0.01, 0.99])
+    assert w[:101].min() == pytest.approx(lo) and w[:101].max() == pytest.approx(hi)
+    assert np.isnan(w[-1]) and w[50] == 50.0  # the middle untouched, NaN kept
+    assert np.array_equal(winsorize(x[:101], 0.0), x[:101])
+    with pytest.raises(ValueError):
+        winsorize(x, 0.5)
+
+
+def test_matched_count_is_round_half_up():
+    assert [matched_count(0.05, n) for n in (10, 30, 50, 57600)] == [1, 2, 3, 2880]
+    assert matched_count(0.001, 10) == 1 and matched_count(1.0, 7) == 7
+
+
+def test_default_update_is_the_released_local_one(tmp_path):
+    from taopd.diagnose import _update_config
+
+    cfg = load_config("diagnose")
+    upd = _update_config(cfg, tmp_path)
+    assert (upd.optim.lr, upd.train.steps, upd.train.batch_size) == (1e-6, 150, 2)
+    assert upd.selection.strategy == "full"
+    old = load_config("diagnose", ["diagnose.update_lr=null", "diagnose.update_steps=null"])
+    upd = _update_config(old, tmp_path)
+    assert (upd.optim.lr, upd.train.steps) == (cfg.optim.lr, cfg.train.steps)

@@ -185,6 +185,23 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pilot(args: argparse.Namespace) -> int:
+    from .pilot import pilot
+
+    cfg = _load(args)
+    rows = pilot(cfg, steps=args.steps, progress=not args.no_progress)
+    print(f"\ntaopd pilot: {cfg.task.name or cfg.task.path}, {cfg.train.batch_size} prompts a step")
+    print("step  positions  solved (KL<0.05)  KL held by top 5%  mean reverse KL  kept")
+    for r in rows:
+        print(
+            f"{r['step']:>4}  {r['n_valid']:>9}  {_pct(r['solved_share']):>16}  "
+            f"{_pct(r['kl_top5_share']):>17}  {r['kl_all']:>15.3f}  {r['n_selected']:>4}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import render_report
 
@@ -309,6 +326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative", action="store_true", help="gain (KL0 - KLτ) / KL0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser(
+        "pilot",
+        help="does a setting leave room for selection? the first steps' KL spread",
+        description="Run the first training step(s) of CONFIG into a scratch folder (no "
+        "evaluation, nothing saved) and print the share of response positions the student "
+        "already solves (reverse KL < 0.05) and the share of the total KL held by the top 5%.",
+    )
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=1, help="steps to run (default 1)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_pilot)
 
     p = sub.add_parser(
         "report",

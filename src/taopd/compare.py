@@ -40,6 +40,7 @@ CSV_FIELDS = [
     "heldout_kl",
     "heldout_kl_before",
     "selected_fraction",
+    "kept_per_step",
 ]
 
 # two-sided 95% Student-t quantiles by degrees of freedom (1..30); normal beyond
@@ -79,50 +80,81 @@ _T95 = [
 
 @dataclass(frozen=True)
 class Arm:
+    """One run of the comparison. `min_per_sequence` > 0 is the released budget rule (at least
+    that many kept positions per rollout), labelled `strategy+N` (e.g. `teachability+1`)."""
+
     strategy: str
     ratio: float
     k: int
     batch_size: int
     seed: int
+    min_per_sequence: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.strategy + (f"+{self.min_per_sequence}" if self.min_per_sequence else "")
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}-r{self.ratio:g}-k{self.k}-b{self.batch_size}-s{self.seed}"
+        return f"{self.label}-r{self.ratio:g}-k{self.k}-b{self.batch_size}-s{self.seed}"
 
     @property
     def group(self) -> tuple[str, float, int, int]:
-        return (self.strategy, self.ratio, self.k, self.batch_size)
+        return (self.label, self.ratio, self.k, self.batch_size)
 
     def overrides(self) -> list[str]:
         return [
             f"selection.strategy={self.strategy}",
             f"selection.ratio={self.ratio}",
             f"selection.k={self.k}",
+            f"selection.min_per_sequence={self.min_per_sequence}",
             f"train.batch_size={self.batch_size}",
             f"train.seed={self.seed}",
         ]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Arm:
+        strategy, minimum = parse_arm_label(row["strategy"])
+        return cls(strategy, row["ratio"], row["k"], row["batch_size"], row["seed"], minimum)
+
+
+def parse_arm_label(label: str) -> tuple[str, int]:
+    """'teachability+1' → ('teachability', 1): a strategy and the released at-least-N-per-
+    rollout rule (`selection.min_per_sequence`); a bare name → (name, 0)."""
+    from .selection import STRATEGIES
+
+    name, plus, count = label.strip().partition("+")
+    if name not in STRATEGIES:
+        raise UserError(
+            f"unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))} "
+            "(a '+N' suffix, e.g. teachability+1, keeps at least N positions per rollout)"
+        )
+    if not plus:
+        return name, 0
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"strategy {label!r}: the suffix must be '+N' with N >= 1 (e.g. +1)")
+    if name == "full":
+        raise UserError(f"strategy {label!r}: full already keeps every position")
+    return name, int(count)
 
 
 def plan_arms(
     strategies: list[str], ratios: list[float], seeds: int, ks: list[int], batch_sizes: list[int]
 ) -> list[Arm]:
-    """All arms; `full` keeps every position, so it runs once at ratio 1 (and one K)."""
-    from .selection import STRATEGIES
-
-    arms: list[Arm] = []
-    for s in strategies:
-        if s not in STRATEGIES:
-            raise UserError(f"unknown strategy {s!r}; choose from {', '.join(sorted(STRATEGIES))}")
+    """All arms; `full` keeps every position, so it runs once at ratio 1 (and one K).
+    A strategy `name+N` keeps at least N positions per rollout (the released rule)."""
+    parsed = [parse_arm_label(s) for s in strategies]
     for r in ratios:
         if not 0 < r <= 1:
             raise UserError(f"--ratios: each ratio must be in (0, 1], got {r}")
+    arms: list[Arm] = []
     for bs in batch_sizes:
         for seed in range(seeds):
-            for s in strategies:
+            for s, minimum in parsed:
                 uses_k = s not in ("full", "random", "entropy", "reverse_kl")
                 for k in ks if uses_k else ks[:1]:
                     for r in [1.0] if s == "full" else ratios:
-                        arms.append(Arm(s, r, k, bs, seed))
+                        arms.append(Arm(s, r, k, bs, seed, minimum))
     return arms
 
 
@@ -179,11 +211,14 @@ def run_compare(
         pending.append((arm, folder, cfg_path))
     if not run:
         pending = []
-    if pending and cfg.teacher_sft is not None:
-        # fine-tune (and cache) the shared teacher once here, not once per parallel arm
-        from .sft import prepare_teacher
+    if pending:
+        # fine-tune (and cache) the shared teacher and warm start once, not once per arm
+        from .sft import prepare_student, prepare_teacher
 
-        prepare_teacher(cfg, progress=progress)
+        if cfg.teacher_sft is not None:
+            prepare_teacher(cfg, progress=progress)
+        if cfg.student_sft is not None:
+            prepare_student(cfg, progress=progress)
     running: list[tuple[Arm, subprocess.Popen]] = []
     failed: list[str] = []
     bar = tqdm(
@@ -229,7 +264,7 @@ def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
         base = shared.get((arm.seed, arm.batch_size), {})
         rows.append(
             {
-                "strategy": arm.strategy,
+                "strategy": arm.label,
                 "ratio": arm.ratio,
                 "k": arm.k,
                 "batch_size": arm.batch_size,
@@ -244,6 +279,7 @@ def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
                 "heldout_kl": s.get("heldout_kl"),
                 "heldout_kl_before": s.get("heldout_kl_before"),
                 "selected_fraction": s.get("selected_fraction"),
+                "kept_per_step": round(s["tokens_trained"] / max(1, s["steps"]), 1),
             }
         )
     return rows
@@ -254,6 +290,11 @@ def _ci95(values: list[float]) -> float:
         return float("nan")
     t = _T95[min(len(values) - 1, len(_T95)) - 1] if len(values) - 1 <= len(_T95) else 1.96
     return t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    return statistics.mean(values) if values else float("nan")
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -275,6 +316,8 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracy": statistics.mean(acc),
                 "accuracy_ci95": _ci95(acc),
                 "tokens_trained": statistics.mean(r["tokens_trained"] for r in rs),
+                "selected_fraction": _mean_of(rs, "selected_fraction"),
+                "kept_per_step": _mean_of(rs, "kept_per_step"),
                 "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
                 "heldout_kl": statistics.mean(kls) if kls else float("nan"),
             }
@@ -295,17 +338,27 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         )
         lines.append("")
     lines.append(
-        "| strategy | ratio | K | batch | seeds | accuracy (mean ± 95% CI) "
-        "| tokens trained | wall time (s) | held-out KL |"
+        "| strategy | ratio | effective share | kept / step | K | batch | seeds "
+        "| accuracy (mean ± 95% CI) | tokens trained | wall time (s) | held-out KL |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         ci = "" if math.isnan(r["accuracy_ci95"]) else f" ± {100 * r['accuracy_ci95']:.1f}"
+        share = r.get("selected_fraction", float("nan"))
+        kept = r.get("kept_per_step", float("nan"))
         lines.append(
-            f"| {r['strategy']} | {r['ratio']:g} | {r['k']} | {r['batch_size']} | {r['seeds']} | "
-            f"{100 * r['accuracy']:.1f}%{ci} | {r['tokens_trained']:.0f} | "
+            f"| {r['strategy']} | {r['ratio']:g} | "
+            f"{'n/a' if math.isnan(share) else f'{100 * share:.1f}%'} | "
+            f"{'n/a' if math.isnan(kept) else f'{kept:.1f}'} | {r['k']} | {r['batch_size']} | "
+            f"{r['seeds']} | {100 * r['accuracy']:.1f}%{ci} | {r['tokens_trained']:.0f} | "
             f"{r['wall_seconds']:.0f} | {r['heldout_kl']:.4f} |"
         )
+    lines.append("")
+    lines.append(
+        "ratio: the nominal share; effective share: the share of response positions actually "
+        "trained on (mean over steps; `+N` arms keep at least N per rollout, so more); "
+        "kept / step: positions trained on per step."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -318,13 +371,13 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
 
     groups: dict[str, list[list[list[float]]]] = {}
     for r in rows:
-        arm = Arm(r["strategy"], r["ratio"], r["k"], r["batch_size"], r["seed"])
+        arm = Arm.from_row(r)
         s = json.loads((out / "arms" / arm.name / "summary.json").read_text())
         curve = s.get("accuracy_curve") or []
         if curve and r.get("accuracy_before") is not None:
             curve = [[0, 0, r["accuracy_before"], r.get("heldout_kl_before")], *curve]
         if curve:
-            label = f"{arm.strategy} {arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
+            label = f"{arm.label} {arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
             label += f" b{arm.batch_size}" if len({x["batch_size"] for x in rows}) > 1 else ""
             groups.setdefault(label, []).append(curve)
     if not groups:

@@ -23,7 +23,8 @@ class _Strict(BaseModel):
 
 
 class TeacherSFT(_Strict):
-    """Fine-tune the teacher on the task's train split before distilling (cached by content)."""
+    """Fine-tune a model on the task's train split before distilling (cached by content): the
+    teacher (`teacher_sft`), or the student as a warm start on the answer format (`student_sft`)."""
 
     steps: int = Field(60, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -45,6 +46,9 @@ class TaskCfg(_Strict):
     system_prompt: str | None = None
     chat_template: bool = True
     prompt_suffix: str = ""
+    # fine-tuning target: "answer" (the bare answer) or "worked" (a worked solution ending in
+    # '#### answer'; chain_sum only); evaluation always scores the final answer
+    solution: Literal["answer", "worked"] = "answer"
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskCfg:
@@ -61,7 +65,10 @@ class TaskCfg(_Strict):
                 "prompt_field": self.prompt_field,
                 "answer_field": self.answer_field,
             }
-        return {"name": self.name, "params": dict(self.params)}
+        out: dict[str, Any] = {"name": self.name, "params": dict(self.params)}
+        if self.solution != "answer":  # absent by default: keeps the demo's teacher cache key
+            out["solution"] = self.solution
+        return out
 
 
 class VLLMCfg(_Strict):
@@ -223,12 +230,25 @@ class DiagnoseCfg(_Strict):
     max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
     mode: Literal["opd", "single-step"] = "opd"
     update_strategy: str | None = "full"  # OPD update's selection.strategy (None: `selection`)
-    relative: bool = False  # gain (KL0 - KLτ) / KL0 instead of KL0 - KLτ
+    # The OPD update, as released: a small move around θ0 (the local regime of Eq. 1 and
+    # Proposition 1): Adam at lr 1e-6 for 150 steps of 2 prompts. None: optim.lr /
+    # train.steps / train.batch_size (e.g. the former 8 steps of 16 at 5e-5)
+    update_lr: float | None = Field(1e-6, gt=0)
+    update_steps: int | None = Field(150, ge=1)
+    update_batch_size: int | None = Field(2, ge=1)
+    # gain for the statistics: the released relative reduction (KL0 - KLτ) / (KL0 + 1e-12);
+    # false: Eq. 1's absolute KL0 - KLτ (both are always written and tabled)
+    relative: bool = True
+    winsorize: float = Field(0.01, ge=0, lt=0.5)  # gains clipped at these quantiles (1/99)
+    # D of the analysis: "forward_kl" = full-vocabulary KL(p_T‖p_θ0) (released), "union" =
+    # Eq. 9's union KL that training uses
+    divergence: Literal["forward_kl", "union"] = "forward_kl"
+    split_interaction: bool = False  # also fit the split model with H̃·D̃ ("split+H*D")
     n_single: int = Field(16, ge=0)  # single-step: positions updated one at a time (0: all)
     single_lr: float = Field(1e-5, gt=0)  # single-step: SGD step size η (keep η‖∇ℓ_t‖² ≪ ℓ_t)
-    ratios: list[float] = Field(default_factory=lambda: [0.03, 0.05])
+    ratios: list[float] = Field(default_factory=lambda: [0.03, 0.05, 0.1])
     selectors: list[str] = Field(default_factory=lambda: list(DIAGNOSE_SELECTORS))
-    bootstrap: int = Field(200, ge=0)  # prompt-clustered bootstrap draws
+    bootstrap: int = Field(1000, ge=0)  # prompt-clustered bootstrap draws
     batch_size: int = Field(32, ge=1)  # contexts per forward pass when sampling / scoring
     seed: int = 0
     save_student: bool = False  # also save θτ (OPD mode) under update/student
@@ -266,6 +286,7 @@ class Config(_Strict):
     student: str = "smollm2"
     teacher: str = "smollm2"
     teacher_sft: TeacherSFT | None = None
+    student_sft: TeacherSFT | None = None  # warm start: the student fine-tuned on the format
     teacher_server: TeacherServerCfg | None = None
     task: TaskCfg = Field(default_factory=TaskCfg)
     rollout: RolloutCfg = Field(default_factory=RolloutCfg)

@@ -28,6 +28,7 @@ __all__ = [
     "parse_number",
     "reference_answer",
     "render_prompt",
+    "worked_chain_sum",
 ]
 
 SPLITS = ("train", "test")
@@ -35,11 +36,20 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Example:
-    """One problem: the question shown to the model, its reference answer, and the raw entry."""
+    """One problem: the question shown to the model, its reference answer, and the raw entry.
+
+    `solution` is the full target text for supervised fine-tuning (a worked solution ending in
+    the answer); None means the bare answer is the target."""
 
     question: str
     answer: str
     entry: dict[str, Any] | None = field(default=None, repr=False)  # reasoning-gym entry / row
+    solution: str | None = None
+
+    @property
+    def target(self) -> str:
+        """What supervised fine-tuning trains on: the worked solution, else the answer."""
+        return self.answer if self.solution is None else self.solution
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +157,39 @@ def answers_match(got: str, ref: str) -> bool:
         return numbers_equal(got, ref)
     if got == ref:
         return True
-    if not _MATHY.search(got) or not _MATHY.search(
-        ref
-    ):  # words compare exactly ('paris' ≠ 'Paris')
+    if not (_MATHY.search(got) and _MATHY.search(ref)):  # words: exact ('paris' ≠ 'Paris')
         return False
     return _math_verify(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worked solutions
+
+_TERM = re.compile(r"\s*([+-])\s*(\d+)")
+
+
+def worked_chain_sum(expression: str) -> str:
+    """A chain-of-thought solution of a reasoning-gym `chain_sum` expression ('12 + 34 - 5'):
+    one running partial sum per line, then '#### answer' (what `extract_answer` reads)."""
+    text = expression.strip()
+    head = re.match(r"-?\d+", text)
+    if head is None:
+        raise ValueError(f"not a chain_sum expression: {expression!r}")
+    total = int(head.group())
+    rest = text[head.end() :]
+    terms = _TERM.findall(rest)
+    if "".join(f"{op}{n}" for op, n in terms) != re.sub(r"\s", "", rest):
+        raise ValueError(f"not a chain_sum expression: {expression!r}")
+    lines = []
+    for op, n in terms:
+        new = total + int(n) if op == "+" else total - int(n)
+        lines.append(f"{total} {op} {n} = {new}")
+        total = new
+    return "\n".join([*lines, f"#### {total}"])
+
+
+WORKED_SOLUTIONS = {"chain_sum": lambda entry: worked_chain_sum(entry["metadata"]["expression"])}
+"""reasoning-gym tasks with a worked-solution writer (`task.solution: worked`)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,13 +238,22 @@ class ReasoningGymTask(Task):
         params: dict[str, Any] | None = None,
         suffix: str | None = None,
         holdout: int = 1000,
+        solution: str = "answer",
     ) -> None:
         import reasoning_gym
 
+        if solution not in ("answer", "worked"):
+            raise UserError(f"task.solution must be 'answer' or 'worked', got {solution!r}")
+        if solution == "worked" and name not in WORKED_SOLUTIONS:
+            raise UserError(
+                f"task.solution 'worked': taopd writes worked solutions only for "
+                f"{', '.join(sorted(WORKED_SOLUTIONS))}, not {name!r}"
+            )
         self.name = name
         self.params = dict(params or {})
         self.suffix = suffix
         self.holdout = holdout
+        self.solution = solution
         try:
             self._scorer = reasoning_gym.create_dataset(name, size=1, seed=0, **self.params)
         except Exception as err:  # unknown name -> ValueError, bad params -> TypeError / assert
@@ -232,7 +279,10 @@ class ReasoningGymTask(Task):
         question = entry["question"]
         if self.suffix:
             question = f"{question} {self.suffix}"
-        return Example(question=question, answer=str(entry["answer"]), entry=entry)
+        solution = WORKED_SOLUTIONS[self.name](entry) if self.solution == "worked" else None
+        return Example(
+            question=question, answer=str(entry["answer"]), entry=entry, solution=solution
+        )
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` examples of `split`; test ones never repeat a question of the train split's head."""
@@ -394,7 +444,8 @@ def make_task(cfg: dict[str, Any]) -> Task:
     """A task from a config dict: {'name': ..., 'params': {...}} or {'path': ..., fields...}.
 
     Both accept 'suffix', an instruction appended to every question (e.g. 'Answer with only
-    the number.'); reasoning-gym tasks also take 'holdout' (train questions kept out of test).
+    the number.'); reasoning-gym tasks also take 'holdout' (train questions kept out of test)
+    and 'solution' ('worked': examples carry a worked solution as their fine-tuning target).
     """
     cfg = dict(cfg)
     suffix = cfg.pop("suffix", None)
@@ -416,12 +467,13 @@ def make_task(cfg: dict[str, Any]) -> Task:
         name = cfg.pop("name")
         params = cfg.pop("params", None) or {}
         holdout = cfg.pop("holdout", 1000)
+        solution = cfg.pop("solution", "answer")
         if cfg:
             raise UserError(
                 f"reasoning-gym task: unknown keys {sorted(cfg)} "
-                "(allowed: name, params, suffix, holdout)"
+                "(allowed: name, params, suffix, holdout, solution)"
             )
-        return ReasoningGymTask(name, params, suffix=suffix, holdout=holdout)
+        return ReasoningGymTask(name, params, suffix=suffix, holdout=holdout, solution=solution)
     raise UserError("a task config needs 'name' (a reasoning-gym task) or 'path' (a local file)")
 
 

@@ -56,7 +56,7 @@ from .loss import per_token_loss, selective_head_loss
 from .models import lm_head
 from .rollout import Rollout, response_hidden
 from .scores import TokenSignals, normalize, signals_from_hidden
-from .selection import select, strategy_scores
+from .selection import select, strategy_scores, top_n
 
 N_TOKEN_VIEW = 8  # bank contexts shown in the report's token view
 
@@ -81,14 +81,32 @@ __all__ = [
 
 BANK_FILE = "bank.pt"
 SIGNAL_FIELDS = tuple(f.name for f in fields(TokenSignals))
-REL_EPS = 1e-6  # relative gain: (KL0 − KLτ) / max(KL0, REL_EPS)
+REL_EPS = 1e-12  # relative gain (KL0 − KLτ) / (KL0 + REL_EPS), as released
 REGRESSION_MODELS: dict[str, list[str]] = {
-    "base": ["H", "D", "H*D", "position", "teacher_entropy"],
-    "+C": ["H", "D", "H*D", "position", "teacher_entropy", "C"],
-    "split": ["H", "D_L", "D_I", "H*D", "position", "teacher_entropy"],
+    "base": ["H", "D", "H*D", "pos", "Ht"],
+    "+C": ["H", "D", "H*D", "pos", "Ht", "C"],
+    "split": ["H", "D_L", "D_I", "pos", "Ht"],
 }
-"""Predictors of each regression: H, D, C are the Eq. 11-normalized H̃, D̃, C̃; D_L = D̃C̃ and
-D_I = D̃(1−C̃); position is the index in the response; teacher_entropy is raw (all z-scored)."""
+"""The released regressions. Terms: H, D, C, Ht, pos are H̃ (student entropy), D̃ (the analysis
+divergence, full-vocabulary KL(p_T‖p_θ0) by default), C̃ (exact compatibility mass), teacher
+entropy and response position, each normalized (Eq. 11, 5/95) over the bank; D_L = D̃C̃ and
+D_I = D̃(1−C̃). The split model has no H̃·D̃ term: D_L + D_I = D̃, so H̃·D̃ beside them is nearly
+collinear with the split and can flip its conclusion (all columns z-scored for the fit)."""
+INTERACTION_MODEL = {"split+H*D": ["H", "D_L", "D_I", "H*D", "pos", "Ht"]}
+"""taopd's earlier split model, kept as an option (`diagnose.split_interaction`)."""
+REGRESSION_TERMS = {
+    "H": "student entropy H̃ (full vocabulary), Eq. 11-normalized over the bank",
+    "D": "analysis divergence D̃ (diagnose.divergence), Eq. 11-normalized",
+    "C": "compatibility mass C̃ = Σ_{v∈S^S} p_T(v) (exact), Eq. 11-normalized",
+    "Ht": "teacher entropy, Eq. 11-normalized",
+    "pos": "position in the response, Eq. 11-normalized",
+    "H*D": "H̃·D̃",
+    "D_L": "learnable disagreement D^L = D̃·C̃",
+    "D_I": "incompatible disagreement D^I = D̃·(1 − C̃)",
+}
+DIVERGENCES = {"forward_kl": "forward_kl", "union": "disagreement"}
+"""diagnose.divergence → the signal used as D in the analysis: the released full-vocabulary
+KL(p_T‖p_θ0), or taopd's training signal, Eq. 9's union KL."""
 CORRELATION_SIGNALS = (
     "student_entropy", "teacher_entropy", "disagreement", "compatibility", "compatibility_lb",
     "overlap", "reverse_kl", "forward_kl", "log_ratio", "teachability", "incompatible", "tip",
@@ -411,7 +429,7 @@ def _single_step(
         g_mean = float(gains[valid].mean())
         lt = l0 - g_mean
         out["gain_absolute"][b, j] = g_mean
-        out["gain_relative"][b, j] = (l0 - lt) / max(l0, REL_EPS)
+        out["gain_relative"][b, j] = (l0 - lt) / (l0 + REL_EPS)
         out["gain_self"][b, j] = float(gains[b, j])
         dot = sum(
             float((gf.double() * g.double()).sum()) for gf, g in zip(g_fix, grads, strict=True)
@@ -499,41 +517,100 @@ def _num(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def analysis_table(signals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Raw signals of the analysed positions plus the derived columns the statistics use.
+def relative_gain(kl0: np.ndarray, kl_tau: np.ndarray) -> np.ndarray:
+    """The released gain: the relative forward-KL reduction (KL0 − KLτ) / (KL0 + 1e-12)."""
+    kl0 = np.asarray(kl0, dtype=float)
+    return (kl0 - np.asarray(kl_tau, dtype=float)) / (kl0 + REL_EPS)
 
-    Adds H, D, C (Eq. 11-normalized over these positions), teachability = D^L = D̃C̃,
-    incompatible = D^I = D̃(1−C̃), tip = H̃+D̃−H̃D̃, and the regression columns.
+
+def winsorize(x: np.ndarray, q: float = 0.01) -> np.ndarray:
+    """`x` clipped to its [q, 1 − q] quantiles (linear interpolation; NaNs kept); q = 0: as is."""
+    x = np.asarray(x, dtype=float)
+    if not 0.0 <= q < 0.5:
+        raise ValueError(f"winsorize: q must be in [0, 0.5), got {q}")
+    finite = np.isfinite(x)
+    if q == 0 or not finite.any():
+        return x.copy()
+    lo, hi = np.quantile(x[finite], [q, 1.0 - q])
+    return np.where(finite, np.clip(x, lo, hi), x)
+
+
+def analysis_table(
+    signals: dict[str, np.ndarray], divergence: str = "forward_kl"
+) -> dict[str, np.ndarray]:
+    """Raw signals of the analysed positions plus the columns the statistics use.
+
+    D is the analysis divergence (`DIVERGENCES`: full-vocabulary KL(p_T‖p_θ0) as released, or
+    Eq. 9's union KL). Adds H, D, C, Ht, pos (Eq. 11-normalized over these positions),
+    D_L = teachability = D̃C̃, D_I = incompatible = D̃(1−C̃), tip = H̃+D̃−H̃D̃, H*D, and q3
+    (H̃ ≤ median and D̃ ≥ median, TIP's confident-but-wrong quadrant).
     """
+    if divergence not in DIVERGENCES:
+        raise UserError(f"diagnose.divergence must be one of {', '.join(DIVERGENCES)}")
     t = {k: np.asarray(v, dtype=float) for k, v in signals.items()}
-    valid = torch.ones(len(t["disagreement"]), dtype=torch.bool)
+    n = len(t["student_entropy"])
+    valid = torch.ones(n, dtype=torch.bool)
 
     def norm(name: str) -> np.ndarray:
+        if name not in t:
+            return np.zeros(n)
         return normalize(torch.as_tensor(t[name], dtype=torch.float64), valid).numpy()
 
-    h, d, c = norm("student_entropy"), norm("disagreement"), norm("compatibility")
+    t["D_raw"] = t[DIVERGENCES[divergence]]
+    h, d, c = norm("student_entropy"), norm("D_raw"), norm("compatibility")
     t.update(
         {
             "H": h,
             "D": d,
             "C": c,
+            "Ht": norm("teacher_entropy"),
+            "pos": norm("position"),
             "H*D": h * d,
             "D_L": d * c,
             "D_I": d * (1 - c),
             "teachability": d * c,
             "incompatible": d * (1 - c),
             "tip": h + d - h * d,
+            "q3": ((h <= np.median(h)) & (d >= np.median(d))).astype(float),
         }
     )
     return t
 
 
 def _token_signals(table: dict[str, np.ndarray], idx: np.ndarray | None) -> TokenSignals:
+    """The table's raw signals as TokenSignals, with `disagreement` = the analysis divergence,
+    so every selector ranks by the same D the statistics use."""
+
     def col(name: str) -> Tensor:
+        name = "D_raw" if name == "disagreement" and "D_raw" in table else name
         x = table[name] if idx is None else table[name][idx]
         return torch.as_tensor(x, dtype=torch.float64)
 
     return TokenSignals(**{n: col(n) for n in SIGNAL_FIELDS if n in table})
+
+
+def matched_count(ratio: float, n_positions: int) -> int:
+    """The released matched count n = round(ratio·N) (half up), at least 1."""
+    return max(1, min(n_positions, math.floor(ratio * n_positions + 0.5)))
+
+
+def _topn_masks(
+    table: dict[str, np.ndarray],
+    selectors: Sequence[str],
+    ratios: Sequence[float],
+    idx: np.ndarray | None,
+    seed: int,
+) -> dict[str, dict[float, np.ndarray]]:
+    """selector → ratio → bool mask of its top round(ratio·N) positions (of the rows `idx`)."""
+    sig = _token_signals(table, idx)
+    n_rows = len(sig.student_entropy)
+    valid = torch.ones(n_rows, dtype=torch.bool)
+    out: dict[str, dict[float, np.ndarray]] = {}
+    for sel in selectors:
+        gen = torch.Generator().manual_seed(seed)
+        scores = strategy_scores(sel, sig, valid, gen)
+        out[sel] = {r: top_n(scores, valid, matched_count(r, n_rows)).numpy() for r in ratios}
+    return out
 
 
 def _topn_means(
@@ -544,46 +621,69 @@ def _topn_means(
     idx: np.ndarray | None,
     seed: int,
 ) -> dict[str, dict[float, tuple[float, int]]]:
-    sig = _token_signals(table, idx)
     g = gain if idx is None else gain[idx]
-    valid = torch.ones(len(g), dtype=torch.bool)
-    out: dict[str, dict[float, tuple[float, int]]] = {}
-    for sel in selectors:
-        gen = torch.Generator().manual_seed(seed)
-        scores = strategy_scores(sel, sig, valid, gen)
-        out[sel] = {}
-        for r in ratios:
-            mask = select(scores, valid, r).numpy()
-            n = int(mask.sum())
-            out[sel][r] = (float(g[mask].mean()) if n else float("nan"), n)
-    return out
+    masks = _topn_masks(table, selectors, ratios, idx, seed)
+    return {
+        sel: {
+            r: (float(g[m].mean()) if m.any() else float("nan"), int(m.sum()))
+            for r, m in per.items()
+        }
+        for sel, per in masks.items()
+    }
 
 
 def matched_topn(
     table: dict[str, np.ndarray],
-    gain: np.ndarray,
+    gains: np.ndarray | dict[str, np.ndarray],
     clusters: np.ndarray,
     selectors: Sequence[str],
     ratios: Sequence[float],
     n_boot: int = 200,
     seed: int = 0,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """selector → ratio ("0.03") → {mean, low, high, n}: mean gain of each selector's top
-    N = ⌈ratio·|I|⌉ positions. Each bootstrap draw resamples prompts and recomputes the
-    normalization and the selection on the resampled bank; 95% percentile interval."""
-    point = _topn_means(table, gain, selectors, ratios, None, seed)
-    draws = [
-        _topn_means(table, gain, selectors, ratios, idx, seed + 1 + i)
-        for i, idx in enumerate(bootstrap_draws(clusters, n_boot, seed))
-    ]
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for sel in selectors:
-        out[sel] = {}
-        for r in ratios:
-            lo, hi = _interval([d[sel][r][0] for d in draws])
-            mean, n = point[sel][r]
-            out[sel][f"{r:g}"] = {"mean": _num(mean), "low": lo, "high": hi, "n": n}
-    return out
+) -> Any:
+    """Matched top-N: every selector keeps its top n = round(ratio·N) positions.
+
+    For each gain (one array, or {name: array} sharing the selections): selector → ratio ("0.05")
+    → {mean, low, high, n, share_of_gain, lift, q3_fraction}: the mean gain of the kept
+    positions with a 95% prompt-clustered bootstrap interval (each draw resamples prompts and
+    recomputes the normalization and the selection), the kept share of the total gain, the gain
+    per kept share (lift = kept mean / bank mean) and the share of kept positions in Q3."""
+    single = not isinstance(gains, dict)
+    named = {"gain": gains} if single else gains
+    named = {k: np.asarray(v, dtype=float) for k, v in named.items()}
+    point = _topn_masks(table, selectors, ratios, None, seed)
+    boot: dict[str, dict[str, dict[float, list[float]]]] = {
+        k: {sel: {r: [] for r in ratios} for sel in selectors} for k in named
+    }
+    for i, idx in enumerate(bootstrap_draws(clusters, n_boot, seed)):
+        masks = _topn_masks(table, selectors, ratios, idx, seed + 1 + i)
+        for k, g in named.items():
+            gi = g[idx]
+            for sel in selectors:
+                for r in ratios:
+                    m = masks[sel][r]
+                    boot[k][sel][r].append(float(gi[m].mean()) if m.any() else float("nan"))
+    q3 = table.get("q3")
+    out: dict[str, Any] = {}
+    for k, g in named.items():
+        total, mean_all = float(g.sum()), float(g.mean())
+        out[k] = {}
+        for sel in selectors:
+            out[k][sel] = {}
+            for r in ratios:
+                m = point[sel][r]
+                mean = float(g[m].mean()) if m.any() else float("nan")
+                lo, hi = _interval(boot[k][sel][r])
+                out[k][sel][f"{r:g}"] = {
+                    "mean": _num(mean),
+                    "low": lo,
+                    "high": hi,
+                    "n": int(m.sum()),
+                    "share_of_gain": _num(float(g[m].sum()) / total) if total else None,
+                    "lift": _num(mean / mean_all) if mean_all else None,
+                    "q3_fraction": _num(float(q3[m].mean())) if q3 is not None else None,
+                }
+    return out["gain"] if single else out
 
 
 def ols_standardized(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -665,10 +765,52 @@ def _ci_text(e: dict[str, Any], key: str = "mean", fmt: str = ".4g") -> str:
     return text
 
 
-def _markdown(summary: dict[str, Any], topn: dict, reg: dict, r2: dict, corr: dict) -> str:
+def _topn_markdown(topn: dict) -> str:
+    from .report import write_markdown_table
+
+    ratios = list(next(iter(topn.values())).keys())
+    rows = []
+    for sel, per in topn.items():
+        row = {"selector": sel}
+        for r in ratios:
+            e = per[r]
+            lift = "n/a" if e.get("lift") is None else f"{e['lift']:.2f}"
+            q3 = "n/a" if e.get("q3_fraction") is None else f"{e['q3_fraction']:.2f}"
+            row[f"ρ = {r}"] = f"{_ci_text(e)}; lift {lift}; Q3 {q3}"
+        row["n"] = ", ".join(str(per[r]["n"]) for r in ratios)
+        rows.append(row)
+    return write_markdown_table(rows, ["selector", *[f"ρ = {r}" for r in ratios], "n"])
+
+
+def _regression_markdown(reg: dict, r2: dict) -> list[str]:
+    from .report import write_markdown_table
+
+    lines = []
+    for model, coefs in reg.items():
+        lines.append(f"### {model}: [{', '.join(coefs)}] (R² = {r2[model]:.3f})\n")
+        rows = [
+            {"term": c, "coef": e["coef"], "low": e["low"], "high": e["high"]}
+            for c, e in coefs.items()
+        ]
+        lines.append(write_markdown_table(rows, ["term", "coef", "low", "high"]))
+    return lines
+
+
+def _markdown(
+    summary: dict[str, Any],
+    topn: dict,
+    reg: dict,
+    r2: dict,
+    corr: dict,
+    others: dict[str, tuple[dict, dict, dict]] | None = None,
+) -> str:
     from .report import write_markdown_table
 
     s = summary
+    gain_text = {
+        "relative": "relative reduction (KL0 − KLτ)/(KL0 + 1e-12)",
+        "absolute": "absolute reduction KL0 − KLτ (Eq. 1)",
+    }
     lines = [
         "# Fixed-context diagnostic\n",
         f"- bank: {s['n_contexts']} held-out {s['task']} prompts × ≤{s['max_new_tokens']} "
@@ -680,31 +822,26 @@ def _markdown(summary: dict[str, Any], topn: dict, reg: dict, r2: dict, corr: di
             if s["mode"] == "opd"
             else f" (one SGD step, η = {s['single_lr']:g}, per updated position)"
         ),
-        f"- gain: {'relative (KL0 − KLτ)/KL0' if s['relative'] else 'KL0 − KLτ'} of "
-        "KL(p_T‖p_θ) over the full vocabulary; mean KL0 "
-        f"{s['kl0_mean']:.4g}, mean gain {s['gain_mean']:.4g}",
+        f"- gain: {gain_text[s['gain_kind']]} of KL(p_T‖p_θ) over the full vocabulary, "
+        f"winsorized at {s['winsorize']:g}/{1 - s['winsorize']:g}; mean KL0 {s['kl0_mean']:.4g}, "
+        f"mean gain {s['gain_mean']:.4g} ({100 * s['gain_positive_share']:.0f}% of positions > 0)",
+        f"- analysis D: {s['divergence']}; signals Eq. 11-normalized (5/95) over the bank",
         f"- intervals: 95% prompt-clustered bootstrap, {s['bootstrap']} draws",
         "",
-        "## Matched top-N (mean gain of each selector's top ⌈ρ·|I|⌉ positions)\n",
+        "## Matched top-N (every selector keeps n = round(ρ·N) positions)\n",
+        "Mean gain of the kept positions [95% interval]; lift = kept mean / bank mean (gain per "
+        "kept share); Q3 = share of kept positions in TIP's low-entropy/high-D quadrant.\n",
+        _topn_markdown(topn),
+        "## Standardized regressions of the gain (z-scored OLS)\n",
+        *_regression_markdown(reg, r2),
     ]
-    ratios = list(next(iter(topn.values())).keys())
-    rows = []
-    for sel, per in topn.items():
-        row = {"selector": sel}
-        for r in ratios:
-            row[f"ρ = {r}"] = _ci_text(per[r])
-        row["n"] = ", ".join(str(per[r]["n"]) for r in ratios)
-        rows.append(row)
-    lines.append(write_markdown_table(rows, ["selector", *[f"ρ = {r}" for r in ratios], "n"]))
-    lines.append("## Standardized regressions of the gain\n")
-    for model, coefs in reg.items():
-        lines.append(f"### {model} (R² = {r2[model]:.3f})\n")
-        rows = [
-            {"coefficient": c, "coef": e["coef"], "low": e["low"], "high": e["high"]}
-            for c, e in coefs.items()
+    for kind, (t_o, reg_o, r2_o) in (others or {}).items():
+        lines += [
+            f"## The same with the {gain_text[kind]}\n",
+            _topn_markdown(t_o),
+            *_regression_markdown(reg_o, r2_o),
         ]
-        lines.append(write_markdown_table(rows, ["coefficient", "coef", "low", "high"]))
-    lines.append("## Spearman correlation with the gain\n")
+    lines.append("## Spearman correlation with the gain (taopd's extra; not in the paper)\n")
     rows = [{"signal": n, **e} for n, e in corr.items()]
     lines.append(
         write_markdown_table(rows, ["signal", "spearman", "spearman_low", "spearman_high"])
@@ -852,6 +989,14 @@ def _update_config(cfg: Config, out: Path) -> Config:
         tensorboard=False,
     )
     data["eval"]["heldout_kl_prompts"] = 0
+    d = cfg.diagnose
+    for value, section, key in (
+        (d.update_lr, "optim", "lr"),
+        (d.update_steps, "train", "steps"),
+        (d.update_batch_size, "train", "batch_size"),
+    ):
+        if value is not None:
+            data[section][key] = value
     return Config.model_validate(data)
 
 
@@ -971,7 +1116,7 @@ def run_diagnose(
         )
         kl_tau = sig_tau.forward_kl.double().numpy()
         g_abs = kl0 - kl_tau
-        g_rel = g_abs / np.maximum(kl0, REL_EPS)
+        g_rel = relative_gain(kl0, kl_tau)
         gains = {
             "kl_tau": kl_tau,
             "gain": g_rel if dcfg.relative else g_abs,
@@ -1005,9 +1150,9 @@ def run_diagnose(
     columns["kl0"] = kl0.reshape(-1)[rows_idx]
     for name, g in gains.items():
         columns[name] = np.asarray(g, dtype=float).reshape(-1)[rows_idx]
-    full_norm = analysis_table({**raw, "position": pos.astype(float)})
-    for name in ("H", "D", "C", "teachability", "incompatible", "tip"):
-        columns[name if len(name) > 1 else f"{name}_norm"] = full_norm[name]
+    full_norm = analysis_table({**raw, "position": pos.astype(float)}, dcfg.divergence)
+    for name in ("H", "D", "C", "Ht", "pos", "teachability", "incompatible", "tip", "q3"):
+        columns[f"{name}_norm" if name in ("H", "D", "C", "Ht", "pos") else name] = full_norm[name]
     _write_positions(out / "positions.csv", columns)
     gain_grid = np.asarray(gains["gain"], dtype=float).reshape(valid.shape)
     with open(out / "samples.jsonl", "w") as f:
@@ -1016,25 +1161,36 @@ def run_diagnose(
             rec["signals"]["gain"] = [None if not np.isfinite(x) else float(x) for x in g]
             f.write(json.dumps(rec) + "\n")
 
-    # statistics over the positions with a gain
+    # statistics over the positions with a gain, each gain winsorized (released: 1/99)
     keep = np.isfinite(columns["gain"])
     table = analysis_table(
         {
             **{n: v[keep] for n, v in raw.items()},
             "position": pos[keep].astype(float),
             "kl0": columns["kl0"][keep],
-        }
+        },
+        dcfg.divergence,
     )
-    gain = columns["gain"][keep]
+    primary = "relative" if dcfg.relative else "absolute"
+    other = "absolute" if dcfg.relative else "relative"
+    stat_gains = {
+        kind: winsorize(columns[f"gain_{kind}"][keep], dcfg.winsorize) for kind in (primary, other)
+    }
+    gain = stat_gains[primary]
     clusters = prompt_id[keep]
     if keep.sum() < 3:
         raise UserError(f"only {int(keep.sum())} positions have a gain; nothing to analyse")
     bar = tqdm(total=3, desc="statistics (bootstrap)", disable=not progress)
-    topn = matched_topn(
-        table, gain, clusters, dcfg.selectors, dcfg.ratios, dcfg.bootstrap, dcfg.seed
+    topn_all = matched_topn(
+        table, stat_gains, clusters, dcfg.selectors, dcfg.ratios, dcfg.bootstrap, dcfg.seed
     )
+    topn, topn_other = topn_all[primary], topn_all[other]
     bar.update(1)
-    reg, r2 = regressions(table, gain, clusters, n_boot=dcfg.bootstrap, seed=dcfg.seed)
+    models = {**REGRESSION_MODELS, **(INTERACTION_MODEL if dcfg.split_interaction else {})}
+    reg, r2 = regressions(table, gain, clusters, models, n_boot=dcfg.bootstrap, seed=dcfg.seed)
+    reg_other, r2_other = regressions(
+        table, stat_gains[other], clusters, models, n_boot=dcfg.bootstrap, seed=dcfg.seed
+    )
     bar.update(1)
     corr = correlations(table, gain, clusters, n_boot=dcfg.bootstrap, seed=dcfg.seed)
     bar.update(1)
@@ -1053,18 +1209,30 @@ def run_diagnose(
         "kl0_mean": float(kl0.reshape(-1)[vflat].mean()),
         "gain_mean": float(gain.mean()),
         "gain_positive_share": float((gain > 0).mean()),
+        "gain_kind": primary,
+        "winsorize": dcfg.winsorize,
+        "divergence": dcfg.divergence,
+        "gain_absolute_mean": float(np.nanmean(columns["gain_absolute"][keep])),
+        "gain_relative_mean_winsorized": float(stat_gains["relative"].mean()),
         "bootstrap": dcfg.bootstrap,
         **info,
         "r2": r2,
+        f"r2_{other}": r2_other,
+        "regression_terms": {m: cols for m, cols in models.items()},
+        "term_meanings": REGRESSION_TERMS,
     }
     if dcfg.mode == "opd":
         summary["kl_tau_mean"] = float(columns["kl_tau"].mean())
     summary["wall_seconds"] = time.perf_counter() - start
     (out / "matched_topn.json").write_text(json.dumps(topn, indent=2))
+    (out / f"matched_topn_{other}.json").write_text(json.dumps(topn_other, indent=2))
     (out / "regression.json").write_text(json.dumps(reg, indent=2))
+    (out / f"regression_{other}.json").write_text(json.dumps(reg_other, indent=2))
     (out / "correlations.json").write_text(json.dumps(corr, indent=2))
     _plots(out, table, gain, reg, topn)
-    (out / "diagnose.md").write_text(_markdown(summary, topn, reg, r2, corr))
+    (out / "diagnose.md").write_text(
+        _markdown(summary, topn, reg, r2, corr, {other: (topn_other, reg_other, r2_other)})
+    )
     summary["wall_seconds"] = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     render_report(out)

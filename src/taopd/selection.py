@@ -22,6 +22,7 @@ __all__ = [
     "select",
     "select_tokens",
     "count_for",
+    "top_n",
 ]
 
 ScoreFn = Callable[[TokenSignals, Tensor, torch.Generator | None], Tensor]
@@ -160,6 +161,15 @@ def _top_n(scores: Tensor, eligible: Tensor, n: int) -> Tensor:
     n = min(n, int(eligible.sum()))
     mask[order[:n]] = True
     return mask
+
+
+def top_n(scores: Tensor, valid: Tensor | None, n: int) -> Tensor:
+    """Mask of the `n` highest valid scores of the whole tensor, ties to the earlier position
+    (`select` with an explicit count, e.g. the diagnostic's matched n = round(ρ·N))."""
+    valid = _valid_like(scores, valid)
+    scores = scores.float() if not scores.is_floating_point() else scores
+    eligible = valid & ~torch.isnan(scores) & (scores != -math.inf)
+    return _top_n(scores.reshape(-1), eligible.reshape(-1), n).reshape(scores.shape)
 
 
 def select(

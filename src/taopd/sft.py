@@ -1,7 +1,9 @@
-"""Supervised fine-tuning of a teacher on a task's train split (the demo's cached preparation step).
+"""Supervised fine-tuning on a task's train split (the embedded settings' cached preparation).
 
 The CPU demo needs a teacher that clearly beats the student on the task; with only the 135M model
-available offline, the teacher is a copy fine-tuned on reference answers, cached by content hash.
+available offline, the teacher is a copy fine-tuned on reference answers (or worked solutions),
+cached by content hash. The chain-of-thought setting also warm-starts the student with a short
+fine-tune on the same format (`student_sft`), so teacher and student share it.
 """
 
 from __future__ import annotations
@@ -17,31 +19,55 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, TeacherSFT
 from .data import make_task, render_prompt
 from .models import cache_dir, hidden_states, lm_head, load_model, load_tokenizer
 
-__all__ = ["teacher_cache_key", "prepare_teacher", "sft_batch", "answer_loss"]
+__all__ = [
+    "answer_loss",
+    "prepare_student",
+    "prepare_teacher",
+    "sft_batch",
+    "sft_cache_key",
+    "teacher_cache_key",
+]
+
+ROLES = ("teacher", "student")
+
+
+def _role(cfg: Config, role: str) -> tuple[str, TeacherSFT]:
+    """The base model and the fine-tune settings of `role`."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    sft = cfg.teacher_sft if role == "teacher" else cfg.student_sft
+    if sft is None:
+        raise ValueError(f"the config has no {role}_sft section")
+    return (cfg.teacher if role == "teacher" else cfg.student), sft
+
+
+def sft_cache_key(cfg: Config, role: str = "teacher") -> str:
+    """Content hash of everything that determines the fine-tuned `role` model."""
+    base, sft = _role(cfg, role)
+    fields: dict[str, Any] = {
+        # the teacher's key predates student warm starts: unchanged, so caches stay valid
+        "teacher": base,
+        "task": cfg.task.as_task_dict(),
+        "suffix": cfg.task.prompt_suffix,
+        "system_prompt": cfg.task.system_prompt,
+        "chat_template": cfg.task.chat_template,
+        "n_train": cfg.task.n_train,
+        "seed": cfg.task.seed,
+        "sft": sft.model_dump(),
+        "version": 1,
+    }
+    if role != "teacher":
+        fields["role"] = role
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def teacher_cache_key(cfg: Config) -> str:
     """Content hash of everything that determines the fine-tuned teacher."""
-    assert cfg.teacher_sft is not None
-    blob = json.dumps(
-        {
-            "teacher": cfg.teacher,
-            "task": cfg.task.as_task_dict(),
-            "suffix": cfg.task.prompt_suffix,
-            "system_prompt": cfg.task.system_prompt,
-            "chat_template": cfg.task.chat_template,
-            "n_train": cfg.task.n_train,
-            "seed": cfg.task.seed,
-            "sft": cfg.teacher_sft.model_dump(),
-            "version": 1,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return sft_cache_key(cfg, "teacher")
 
 
 def sft_batch(tokenizer: Any, prompts: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
@@ -76,15 +102,25 @@ def answer_loss(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.T
 
 
 def prepare_teacher(cfg: Config, progress: bool = True) -> Path:
-    """Fine-tune `cfg.teacher` on the task's reference answers once; return the cached folder."""
-    assert cfg.teacher_sft is not None
-    sft = cfg.teacher_sft
-    out = cache_dir() / "teachers" / teacher_cache_key(cfg)
+    """Fine-tune `cfg.teacher` on the task's targets once (`teacher_sft`); the cached folder."""
+    return prepare_sft(cfg, "teacher", progress)
+
+
+def prepare_student(cfg: Config, progress: bool = True) -> Path:
+    """Warm-start `cfg.student` on the task's targets once (`student_sft`); the cached folder."""
+    return prepare_sft(cfg, "student", progress)
+
+
+def prepare_sft(cfg: Config, role: str, progress: bool = True) -> Path:
+    """Fine-tune the `role` model on the task's targets (worked solution or answer) once;
+    return the cached model folder."""
+    base, sft = _role(cfg, role)
+    out = cache_dir() / f"{role}s" / sft_cache_key(cfg, role)
     if (out / "config.json").exists():
         return out
     torch.manual_seed(sft.seed)
-    tokenizer = load_tokenizer(cfg.teacher)
-    model = load_model(cfg.teacher, dtype=cfg.train.dtype)
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, dtype=cfg.train.dtype)
     model.train()
     task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
     examples = task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
@@ -92,7 +128,7 @@ def prepare_teacher(cfg: Config, progress: bool = True) -> Path:
     gen = torch.Generator().manual_seed(sft.seed)
     order = torch.randperm(len(examples), generator=gen).tolist()
     start = time.perf_counter()
-    bar = tqdm(range(sft.steps), desc="teacher fine-tune", disable=not progress)
+    bar = tqdm(range(sft.steps), desc=f"{role} fine-tune", disable=not progress)
     for step in bar:
         idx = [order[(step * sft.batch_size + j) % len(order)] for j in range(sft.batch_size)]
         batch = [examples[i] for i in idx]
@@ -100,7 +136,7 @@ def prepare_teacher(cfg: Config, progress: bool = True) -> Path:
             render_prompt(tokenizer, ex.question, cfg.task.system_prompt, cfg.task.chat_template)
             for ex in batch
         ]
-        enc = sft_batch(tokenizer, prompts, [ex.answer for ex in batch])
+        enc = sft_batch(tokenizer, prompts, [ex.target for ex in batch])
         loss = answer_loss(model, enc)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -112,8 +148,8 @@ def prepare_teacher(cfg: Config, progress: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"seconds": time.perf_counter() - start, "config": cfg.teacher_sft.model_dump()}
-    (tmp / "taopd_teacher.json").write_text(json.dumps(meta, indent=2))
+    meta = {"seconds": time.perf_counter() - start, "role": role, "config": sft.model_dump()}
+    (tmp / f"taopd_{role}.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

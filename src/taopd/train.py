@@ -111,6 +111,22 @@ def _mean(x: Tensor, m: Tensor) -> float:
     return float(x[m].mean()) if bool(m.any()) else float("nan")
 
 
+def kl_concentration(kl: Tensor, valid: Tensor, solved: float = 0.05) -> dict[str, float]:
+    """How a batch's reverse KL is spread (the CoT pilot gate): the share of valid positions
+    already solved (KL < `solved` nats) and the share of the total KL held by the top 5%."""
+    x = kl[valid].double()
+    x = x[torch.isfinite(x)]
+    if x.numel() == 0:
+        return {"solved_share": float("nan"), "kl_top5_share": float("nan")}
+    n = math.ceil(0.05 * x.numel())
+    total = float(x.clamp_min(0).sum())
+    top = float(x.clamp_min(0).topk(n).values.sum())
+    return {
+        "solved_share": float((x < solved).double().mean()),
+        "kl_top5_share": top / total if total > 0 else float("nan"),
+    }
+
+
 def _candidates(tokenizer: Any, ids: Tensor, probs: Tensor) -> list[list[list[Any]]]:
     """Per position, [[decoded token, probability], ...] of the given top ids."""
     return [
@@ -320,6 +336,12 @@ class Trainer:
 
             with acc.main_process_first():
                 teacher_name = str(prepare_teacher(cfg, progress=self.progress))
+        student_name = cfg.student
+        if cfg.student_sft is not None:  # warm start on the task's format (cached)
+            from .sft import prepare_student
+
+            with acc.main_process_first():
+                student_name = str(prepare_student(cfg, progress=self.progress))
         self.teacher_path = teacher_name if self.server is None else repr(self.server)
         device = acc.device
         self.teacher: torch.nn.Module | None = None  # None: the teacher is self.server
@@ -327,7 +349,7 @@ class Trainer:
             t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
             self.teacher = load_model(teacher_name, dtype=t_dtype, device=device).eval()
             self.teacher.requires_grad_(False)
-        student = load_model(cfg.student, dtype=cfg.train.dtype, device=device)
+        student = load_model(student_name, dtype=cfg.train.dtype, device=device)
         if cfg.lora is not None:
             student = self._apply_lora(student)
         self.student = student
@@ -736,6 +758,7 @@ class Trainer:
             out[f"{name}_all"] = _mean(x, valid)
             out[f"{name}_selected"] = _mean(x, mask)
         out["overlap_all"] = _mean(sig.overlap, valid)
+        out.update(kl_concentration(sig.reverse_kl, valid))
         return out
 
     def _write_samples(
