@@ -134,7 +134,7 @@ def test_trl_step_benchmark_prints_ratios(tmp_path):
          "--threads", "1", "--batch", "4", "--completion", "16", "--json", str(out)],
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| arm | step s (median) | × vanilla TRL |" in proc.stdout
+    assert "| arm | step s (median) | × vanilla TRL | step s (min) |" in proc.stdout
     assert "| signals_from_hidden |" in proc.stdout
     data = json.loads(out.read_text())
     assert set(data["ratio"]) == {"vanilla", "taopd", "nocache"}
