@@ -58,7 +58,12 @@ def main() -> None:
     teacher_dir = prepare_teacher(cfg)  # cached by content hash, shared with `taopd demo`
     tok = load_tokenizer(cfg.student)
     tok.padding_side = "left"
-    student = load_model(cfg.student)
+    student_name = cfg.student
+    if getattr(cfg, "student_sft", None) is not None:  # a warm-started student, as taopd does
+        from taopd.sft import prepare_student
+
+        student_name = str(prepare_student(cfg))
+    student = load_model(student_name)
     teacher = load_model(str(teacher_dir))
     task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
     train = task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
