@@ -14,6 +14,7 @@ import yaml
 
 import taopd.train as tr
 from taopd.cli import main
+from taopd.run_dir import write_marker
 
 
 @pytest.fixture(autouse=True)
@@ -226,6 +227,7 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(
 ):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
+    write_marker(out, "train")
     msg = user_error(capsys, "train", str(cfg_file))
     assert msg.strip() == (
         f"output_dir {out} already holds a run; pass --resume to continue it or --overwrite "
@@ -237,6 +239,7 @@ def test_overwrite_keeps_the_old_run_when_the_input_is_bad(capsys, cfg_file, tmp
     out = tmp_path / "run"
     (out / "checkpoints" / "step-000001").mkdir(parents=True)
     (out / "config.yaml").write_text("old run\n")
+    write_marker(out, "train")
     msg = user_error(capsys, "train", str(cfg_file), "--overwrite", "--set", "selection.k=1000")
     assert "exceeds the vocabulary size" in msg
     assert (out / "config.yaml").read_text() == "old run\n"
@@ -247,6 +250,7 @@ def test_overwrite_replaces_an_old_run(capsys, cfg_file, tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints" / "step-000009").mkdir(parents=True)
     (out / "config.yaml").write_text("old run\n")
+    write_marker(out, "train")
     (out / "metrics.jsonl").write_text('{"step": 9, "loss": 1.0}\n')
     assert main(["train", str(cfg_file), "--overwrite", "--no-progress"]) == 0
     assert "old run" not in (out / "config.yaml").read_text()

@@ -409,3 +409,13 @@ def test_default_update_is_the_released_local_one(tmp_path):
     old = load_config("diagnose", ["diagnose.update_lr=null", "diagnose.update_steps=null"])
     upd = _update_config(old, tmp_path)
     assert (upd.optim.lr, upd.train.steps) == (cfg.optim.lr, cfg.train.steps)
+
+
+def test_gain_flags_choose_the_primary_gain():
+    from taopd.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["diagnose", "diagnose", "--absolute"])
+    assert args.absolute and not args.relative
+    with pytest.raises(SystemExit):
+        parser.parse_args(["diagnose", "diagnose", "--absolute", "--relative"])

@@ -496,3 +496,473 @@ def test_a_second_trainer_on_a_busy_folder_is_refused(
     summary = first.run()  # the holder is unaffected, and lets go when its run ends
     assert summary["steps"] == 6
     assert Trainer(cfg(), resume=True, progress=False).step == 6
+
+
+# ------------------------------------------------------------------------------- bad input
+# Each refusal: exit 2, one line `taopd: error: ...`, no traceback, and the output folder
+# byte-for-byte as it was (or still absent).
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`: what a crafted .pt file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_malicious(path: Path, marker: Path) -> None:
+    torch.save({"step": 2, "input_ids": _Payload(marker)}, path)
+
+
+def snapshot(folder: Path) -> dict[str, bytes] | None:
+    """Every file's bytes (folders as '<dir>'), or None when the folder does not exist."""
+    if not folder.exists():
+        return None
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def one_line_error(stderr: str) -> str:
+    """The message of a stderr that is exactly one `taopd: error: ...` line."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taopd: error: "), stderr
+    return lines[0].removeprefix("taopd: error: ")
+
+
+def cli(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "taopd", *argv],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def refused_cli(cwd: Path, *argv: str) -> str:
+    """Run the real CLI in a subprocess; expect a refusal and return its message."""
+    proc = cli(cwd, *argv)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stdout == ""
+    return one_line_error(proc.stderr)
+
+
+def refused(capsys, *argv: str) -> str:
+    """Run the CLI in this process; expect a refusal and return its message."""
+    capsys.readouterr()
+    rc = main([*argv, "--no-progress"] if argv[0] != "report" else list(argv))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    return one_line_error(err)
+
+
+def write_cfg(path: Path, cfg: Config) -> Path:
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copied by the tests)."""
+    out = tmp_path_factory.mktemp("small") / "run"
+    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file, "train.steps=4")
+    n = torch.get_num_threads()
+    try:
+        train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    assert ckpt_names(out) == ["step-000002", "step-000004"]
+    return out
+
+
+@pytest.fixture
+def run_copy(small_run, tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file):
+    """(copy of the small run, its config file) in this test's tmp_path."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(small_run, out)
+    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file, "train.steps=4")
+    return out, write_cfg(tmp_path / "cfg.yaml", cfg)
+
+
+@pytest.fixture
+def fresh_cfg(tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file):
+    """(output folder that does not exist yet, config file writing there)."""
+    out = tmp_path / "new-run"
+    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file)
+    return out, write_cfg(tmp_path / "fresh.yaml", cfg)
+
+
+# --- 1. no code from crafted files
+
+
+def test_a_crafted_heldout_bank_runs_nothing(tmp_path, fresh_cfg):
+    out, cfg_path = fresh_cfg
+    out.mkdir()
+    marker = tmp_path / "PWNED"
+    write_malicious(out / "heldout_bank.pt", marker)
+    msg = refused_cli(tmp_path, "train", str(cfg_path), "--no-progress", "--set",
+                      "eval.heldout_kl_prompts=2")  # fmt: skip
+    assert not marker.exists()
+    assert msg == (
+        f"held-out bank {out / 'heldout_bank.pt'} holds more than tensors and plain data (not "
+        "written by this taopd); refused to load it (nothing in it was run): delete it or "
+        "restore a good copy"
+    )
+
+
+def test_a_crafted_trainer_state_runs_nothing_and_changes_nothing(tmp_path, run_copy):
+    out, cfg_path = run_copy
+    marker = tmp_path / "PWNED"
+    for step in ("step-000002", "step-000004"):
+        write_malicious(out / "checkpoints" / step / "trainer_state.pt", marker)
+    before = snapshot(out)
+    msg = refused_cli(tmp_path, "train", str(cfg_path), "--resume", "--no-progress")
+    assert not marker.exists()
+    bad = out / "checkpoints" / "step-000004" / "trainer_state.pt"
+    assert msg.startswith(f"no checkpoint in {out / 'checkpoints'} can be loaded; the newest: ")
+    assert f"checkpoint file {bad} holds more than tensors and plain data" in msg
+    assert snapshot(out) == before
+
+
+def test_a_crafted_diagnose_bank_runs_nothing(capsys, tmp_path, fresh_cfg):
+    out, cfg_path = fresh_cfg
+    marker = tmp_path / "PWNED"
+    bank = tmp_path / "bank.pt"
+    write_malicious(bank, marker)
+    msg = refused(capsys, "diagnose", str(cfg_path), "--bank", str(bank))
+    assert not marker.exists()
+    assert msg.startswith(f"bank {bank} holds more than tensors and plain data")
+    assert not out.exists()
+
+
+def test_checkpoints_and_banks_are_plain_data(small_run):
+    """What taopd writes loads with weights_only=True (RNG states included)."""
+    state = torch.load(
+        small_run / "checkpoints" / "step-000004" / "trainer_state.pt", weights_only=True
+    )
+    assert isinstance(state["rng"]["python"], torch.Tensor)
+    assert isinstance(state["rng"]["numpy"], torch.Tensor)
+    src = Path(tr.__file__).parent
+    assert not [p for p in src.rglob("*.py") if "weights_only=False" in p.read_text()]
+
+
+# --- 2. never delete what taopd did not write
+
+
+def _project(folder: Path) -> Path:
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "config.yaml").write_text("stray: 1\n")
+    (folder / "src").mkdir()
+    (folder / "src" / "main.py").write_text("print('hi')\n")
+    return folder
+
+
+def test_overwrite_refuses_a_folder_taopd_did_not_create(tmp_path, fresh_cfg):
+    _, cfg_path = fresh_cfg
+    proj = _project(tmp_path / "project")
+    before = snapshot(proj)
+    msg = refused_cli(tmp_path, "train", str(cfg_path), "--output-dir", str(proj), "--overwrite")
+    assert msg == (
+        f"output_dir {proj} was not created by taopd (no taopd-run.json) and holds .git/, "
+        "config.yaml, src/; refusing to delete it: choose another output_dir"
+    )
+    assert snapshot(proj) == before
+    msg = refused_cli(tmp_path, "train", str(cfg_path), "--output-dir", str(proj))
+    assert "refusing to write into it" in msg
+    assert snapshot(proj) == before
+
+
+def test_a_bad_task_file_leaves_no_folder_behind(capsys, tmp_path, fresh_cfg):
+    out, cfg_path = fresh_cfg
+    missing = tmp_path / "missing.jsonl"
+    msg = refused(capsys, "train", str(cfg_path), "--set", f"task.path={missing}")
+    assert msg == f"task file {missing} does not exist"
+    assert not out.exists()  # no folder, no lock file
+
+
+def _corrupt_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    w = dst / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    return dst
+
+
+def test_a_corrupt_teacher_does_not_cost_the_old_run(
+    capsys, tmp_path, run_copy, tiny_model_dir_same_tokenizer
+):
+    out, cfg_path = run_copy
+    bad = _corrupt_copy(tiny_model_dir_same_tokenizer, tmp_path / "teacher")
+    before = snapshot(out)
+    msg = refused(capsys, "train", str(cfg_path), "--overwrite", "--set", f"teacher={bad}")
+    assert msg.startswith(f"model folder {bad}: model.safetensors is corrupt (")
+    assert msg.endswith("re-save the model with save_pretrained or copy it again")
+    assert snapshot(out) == before
+
+
+def test_prompts_longer_than_the_context_are_refused_up_front(
+    capsys, tmp_path, run_copy, tiny_model_dir_same_tokenizer
+):
+    import shutil
+
+    out, cfg_path = run_copy
+    short = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir_same_tokenizer, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 24}))
+    before = snapshot(out)
+    msg = refused(capsys, "train", str(cfg_path), "--overwrite", "--set", f"teacher={short}")
+    assert msg.startswith("training prompts of up to ")
+    assert "exceed the teacher's context (24 positions, max_position_embeddings)" in msg
+    assert snapshot(out) == before
+
+
+def test_diagnose_checks_its_bank_before_loading_models(capsys, tmp_path, fresh_cfg, monkeypatch):
+    out, cfg_path = fresh_cfg
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bank was checked")
+
+    monkeypatch.setattr(tr, "load_model", refuse)
+    missing = tmp_path / "missing.pt"
+    msg = refused(capsys, "diagnose", str(cfg_path), "--bank", str(missing))
+    assert msg.startswith(f"bank {missing} does not exist")
+    assert not out.exists()
+
+
+def test_diagnose_into_a_training_run_and_report_on_a_non_run_are_refused(
+    capsys, tmp_path, run_copy
+):
+    out, cfg_path = run_copy
+    before = snapshot(out)
+    msg = refused(capsys, "diagnose", str(cfg_path), "--output-dir", str(out), "--overwrite")
+    assert msg == f"output_dir {out} holds a training run; give taopd diagnose its own --output-dir"
+    assert snapshot(out) == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("x\n")
+    msg = refused(capsys, "report", str(notes))
+    assert msg == (
+        f"report: {notes} is not a taopd run folder (no taopd-run.json, summary.json or "
+        "metrics.jsonl); nothing written"
+    )
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+
+def test_saving_a_step_again_replaces_it_only_once_the_new_one_is_in(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import taopd.checkpoint as ck
+
+    def save_model(d: Path) -> None:
+        d.mkdir()
+        save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))
+
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 6, save_model, {"step": 6, "v": 1}, keep_last=1)
+    real, calls = os.replace, []
+
+    def dies_on_the_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between moving the old one aside and the new one in
+        real(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", dies_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 6, save_model, {"step": 6, "v": 2}, keep_last=1)
+    monkeypatch.setattr(ck.os, "replace", real)
+    kept = ck.resume_checkpoint(root)  # the old step 6, under its moved-aside name
+    assert kept is not None and ck.load_trainer_state(kept)["v"] == 1
+    save_checkpoint(root, 6, save_model, {"step": 6, "v": 3}, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006"]
+    assert ck.load_trainer_state(root / "step-000006")["v"] == 3
+
+
+@pytest.mark.parametrize("damage", ["weights", "state"])
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(capsys, run_copy, damage):
+    out, cfg_path = run_copy
+    newest = out / "checkpoints" / "step-000004"
+    if damage == "weights":
+        w = newest / "model" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:5000])
+    else:
+        (newest / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert main(["train", str(cfg_path), "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"taopd: checkpoint {newest} cannot be loaded (" in err
+    assert "resuming from step-000002, the newest one that can" in err
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert ckpt_names(out) == ["step-000002", "step-000004"]  # step 4 saved again, complete
+    assert weights(newest)  # and loadable
+
+
+def test_resume_with_no_loadable_checkpoint_names_the_file(capsys, run_copy):
+    out, cfg_path = run_copy
+    for step in ("step-000002", "step-000004"):
+        (out / "checkpoints" / step / "trainer_state.pt").write_bytes(b"\x00" * 10)
+    before = snapshot(out)
+    msg = refused(capsys, "train", str(cfg_path), "--resume")
+    bad = out / "checkpoints" / "step-000004" / "trainer_state.pt"
+    assert msg.startswith(f"no checkpoint in {out / 'checkpoints'} can be loaded; the newest: ")
+    assert msg.endswith(f"checkpoint file {bad} cannot be read (not a file written by taopd)")
+    assert snapshot(out) == before
+
+
+# --- 3. one line, exit 2, nothing changed
+
+
+def test_resume_refusals(capsys, run_copy, tmp_path, tiny_model_dir_same_tokenizer):
+    out, cfg_path = run_copy
+    before = snapshot(out)
+    msg = refused(capsys, "train", str(cfg_path), "--resume", "--overwrite")
+    assert msg.startswith("--resume and --overwrite contradict each other")
+    msg = refused(
+        capsys,
+        "train",
+        str(cfg_path),
+        "--resume",
+        "--set",
+        f"student={tiny_model_dir_same_tokenizer}",
+    )
+    assert msg.startswith(
+        f"checkpoint {out / 'checkpoints' / 'step-000004'} does not match the student ("
+    )
+    assert snapshot(out) == before
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    before = snapshot(out)
+    msg = refused(capsys, "train", str(cfg_path), "--resume")
+    assert msg == (
+        f"--resume: output_dir {out} holds no checkpoint to resume from; run without --resume "
+        "to start (add --overwrite to replace what is there)"
+    )
+    assert snapshot(out) == before
+    nowhere = tmp_path / "nowhere"
+    refused(capsys, "train", str(cfg_path), "--resume", "--output-dir", str(nowhere))
+    assert not nowhere.exists()
+
+
+def test_an_empty_config_file_is_refused(capsys, tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    msg = refused(capsys, "train", str(empty))
+    assert msg == (
+        f"config {empty} is empty; write the keys to set (e.g. student, teacher, task), or `{{}}` "
+        "for all defaults"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("inf", "a finite number"), ("nan", "a finite number"), ("0", "greater than 0"),
+     ("-1e-4", "greater than 0")],
+)  # fmt: skip
+def test_a_learning_rate_that_cannot_train_is_refused(capsys, fresh_cfg, value, why):
+    out, cfg_path = fresh_cfg
+    msg = refused(capsys, "train", str(cfg_path), "--set", f"optim.lr={value}")
+    assert msg == f"invalid config ({cfg_path}): optim.lr: Input should be {why}"
+    assert not out.exists()
+
+
+def test_set_with_an_empty_key_is_refused(capsys, fresh_cfg):
+    out, cfg_path = fresh_cfg
+    msg = refused(capsys, "train", str(cfg_path), "--set", "=1")
+    assert msg.startswith("--set =1: the key is empty")
+    assert not out.exists()
+
+
+def test_a_batch_larger_than_the_data_is_refused(capsys, fresh_cfg):
+    out, cfg_path = fresh_cfg
+    msg = refused(capsys, "train", str(cfg_path), "--set", "train.batch_size=1000000000")
+    assert msg == (
+        "train.batch_size=1000000000 exceeds the task's 24 training examples; lower it or "
+        "raise task.n_train"
+    )
+    assert not out.exists()
+
+
+def test_out_of_memory_in_a_step_names_the_knob_and_keeps_the_checkpoint(
+    capsys, fresh_cfg, monkeypatch
+):
+    out, cfg_path = fresh_cfg
+    real = Trainer._forward_backward
+
+    def oom_in_step_3(self, step, t0):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return real(self, step, t0)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", oom_in_step_3)
+    msg = refused(capsys, "train", str(cfg_path))
+    ckpt = out / "checkpoints" / "step-000002"
+    assert msg == (
+        f"out of memory in step 3; the last checkpoint, {ckpt}, is kept: lower "
+        "train.micro_batch_size (or train.batch_size, rollout.max_new_tokens, "
+        "selection.chunk_size), then --resume"
+    )
+    assert ckpt_names(out) == ["step-000002"] and weights(ckpt)
+
+
+@pytest.mark.parametrize("kind", ["empty-parquet", "bad-parquet", "non-utf8"])
+def test_unreadable_data_files_are_named(capsys, tmp_path, fresh_cfg, kind):
+    out, cfg_path = fresh_cfg
+    if kind == "non-utf8":
+        data = tmp_path / "data.jsonl"
+        data.write_bytes(b'{"question": "1 + 1?", "answer": "2"}\n{"question": "caf\xe9"}\n')
+        expected = f"{data}, line 2: not UTF-8 text (byte 0xe9); re-save the file as UTF-8"
+    else:
+        data = tmp_path / "data.parquet"
+        data.write_bytes(b"" if kind == "empty-parquet" else b"PAR1 this is not parquet")
+        expected = (
+            f"task file {data} is empty (0 bytes), not a parquet file"
+            if kind == "empty-parquet"
+            else f"task file {data} is not a readable parquet file ("
+        )
+    msg = refused(capsys, "train", str(cfg_path), "--set", f"task.path={data}")
+    assert msg.startswith(expected)
+    assert not out.exists()
+
+
+def test_a_corrupt_student_names_its_folder(capsys, tmp_path, fresh_cfg, tiny_model_dir):
+    out, cfg_path = fresh_cfg
+    bad = _corrupt_copy(tiny_model_dir, tmp_path / "student")
+    msg = refused(capsys, "train", str(cfg_path), "--set", f"student={bad}")
+    assert msg.startswith(f"model folder {bad}: model.safetensors is corrupt (")
+    assert not out.exists()
+    assert refused(capsys, "eval", str(cfg_path), "--model", str(bad)) == msg
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--strategies", ""], "--strategies is empty: give at least one value (comma-separated)"),
+        (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+        (["--parallel", "0"], "--parallel must be at least 1, got 0"),
+    ],
+)
+def test_compare_refuses_empty_sweeps(capsys, tmp_path, fresh_cfg, args, expected):
+    _, cfg_path = fresh_cfg
+    sweep = tmp_path / "sweep"
+    assert refused(capsys, "compare", str(cfg_path), "--output-dir", str(sweep), *args) == expected
+    assert not sweep.exists()
+
+
+@pytest.mark.parametrize("n", ["-1", "0"])
+def test_eval_refuses_a_non_positive_n(capsys, fresh_cfg, monkeypatch, n):
+    _, cfg_path = fresh_cfg
+    msg = refused(capsys, "eval", str(cfg_path), "--n", n)
+    assert msg == f"--n must be a positive number of test problems, got {n}"

@@ -1,15 +1,24 @@
-"""Atomic checkpoints: write into a temp folder, fsync, rename; never pick up a half-written one."""
+"""Atomic checkpoints: write into a temp folder, fsync, rename; never pick up a half-written one.
+
+Everything here is stored as tensors and plain data (ints, floats, strings, lists, dicts) and
+read back with `torch.load(weights_only=True)`: a crafted file cannot run code.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .errors import UserError
 
 __all__ = [
     "save_checkpoint",
@@ -18,9 +27,13 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "atomic_write_text",
+    "load_plain",
+    "resume_checkpoint",
+    "safetensors_problem",
 ]
 
 PREFIX = "step-"
+OLD = ".old-"  # a replaced checkpoint of the same step, until its successor is in place
 DONE = "COMPLETE"
 
 
@@ -35,20 +48,78 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) generator states as tensors and numbers."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": torch.tensor(mt, dtype=torch.int64),
+        "python_version": int(version),
+        "python_gauss": gauss,
+        "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+        "numpy_pos": int(pos),
+        "numpy_gauss": [int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what `rng_state` returned."""
+    mt = tuple(int(x) for x in state["python"].tolist())
+    random.setstate((state["python_version"], mt, state["python_gauss"]))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_plain(path: Path, what: str = "file") -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain data only, never code.
+
+    Any failure is a UserError of one line naming the file (a pickle that asks for other
+    objects is refused before anything in it runs).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # garbage bytes rather than a pickle asking for objects
+            raise UserError(f"{what} {path} cannot be read (not a file written by taopd)") from None
+        raise UserError(
+            f"{what} {path} holds more than tensors and plain data (not written by this taopd); "
+            "refused to load it (nothing in it was run): delete it or restore a good copy"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a corrupt file of any kind: one line, not a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{what} {path} cannot be read ({first})") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (None when its header and size agree).
+
+    Reads only the header: cheap, and catches empty, truncated or foreign files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a safetensors file"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return "its header runs past the end of the file (truncated or not safetensors)"
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not valid safetensors"
+    if 8 + n + end != size:
+        return f"{size} bytes where its header needs {8 + n + end} (truncated or damaged)"
+    return None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -80,24 +151,40 @@ def save_checkpoint(
     torch.save(trainer_state, tmp / "trainer_state.pt")
     (tmp / DONE).write_text(str(step))
     _fsync_tree(tmp)
-    if final.exists():  # a checkpoint of the same step (e.g. saved on exit after a step save)
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # a checkpoint of the same step (e.g. saved on exit after a step save):
+        # moved aside first and deleted only once the new one is in place, so a kill between
+        # the two renames still leaves a complete checkpoint (found under its .old- name)
+        replaced = ckpt_root / f"{OLD}{final.name}-{os.getpid()}"
+        os.replace(final, replaced)
     os.replace(tmp, final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     for old in _complete(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in ckpt_root.glob(".tmp-*"):  # leftovers of killed writers
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_root.glob(f"{OLD}*"):  # moved aside by a writer killed mid-replace
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
+def _step_of(p: Path) -> int | None:
+    digits = p.name.removeprefix(OLD).removeprefix(PREFIX).split("-")[0]
+    return int(digits) if digits.isdigit() else None
+
+
 def _complete(ckpt_root: Path) -> list[Path]:
-    found = [
-        p
-        for p in ckpt_root.glob(f"{PREFIX}*")
-        if p.is_dir() and (p / DONE).exists() and (p / "trainer_state.pt").exists()
-    ]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+    """Complete checkpoints, oldest first (a moved-aside `.old-` one only if its step has none)."""
+    by_step: dict[int, Path] = {}
+    for p in [*ckpt_root.glob(f"{PREFIX}*"), *ckpt_root.glob(f"{OLD}{PREFIX}*")]:
+        step = _step_of(p)
+        if step is None or not (p / DONE).exists() or not (p / "trainer_state.pt").exists():
+            continue
+        if step not in by_step or not p.name.startswith(OLD):
+            by_step[step] = p
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -108,8 +195,60 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+_LOADED: dict[Path, dict[str, Any]] = {}  # states read by resume_checkpoint, handed to the load
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    """The trainer state of a checkpoint (tensors and plain data only, see `load_plain`)."""
+    state = _LOADED.pop(ckpt, None)
+    if state is None:
+        state = load_plain(ckpt / "trainer_state.pt", "checkpoint file")
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"checkpoint file {ckpt / 'trainer_state.pt'} holds no trainer state")
+    return state
+
+
+def _checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (None when its state and weights load)."""
+    files = sorted((ckpt / "model").glob("*.safetensors"))
+    if not files:
+        return f"{ckpt / 'model'} holds no *.safetensors weights"
+    for f in files:
+        problem = safetensors_problem(f)
+        if problem:
+            return f"{f}: {problem}"
+    try:
+        _LOADED[ckpt] = load_trainer_state(ckpt)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def resume_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint that loads; says so when newer ones were skipped.
+
+    None when there is no complete checkpoint at all; a UserError naming the newest one's bad
+    file when checkpoints exist but none loads.
+    """
+    done = _complete(ckpt_root) if ckpt_root.exists() else []
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(done):
+        problem = _checkpoint_problem(ckpt)
+        if problem is None:
+            if skipped and os.environ.get("RANK", "0") == "0":
+                bad, why = skipped[0]
+                print(
+                    f"taopd: checkpoint {bad} cannot be loaded ({why}); resuming from "
+                    f"{ckpt.name}, the newest one that can",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return ckpt
+        skipped.append((ckpt, problem))
+    if skipped:
+        bad, why = skipped[0]
+        raise UserError(f"no checkpoint in {ckpt_root} can be loaded; the newest: {why}")
+    return None
 
 
 LOCK_NAME = ".taopd.lock"
@@ -156,3 +295,61 @@ def clear_folder(folder: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def check_checkpoint_student(ckpt: Path, model: Any) -> None:
+    """Refuse a checkpoint whose saved weights (names, shapes) are not this student's.
+
+    Reads only the safetensors headers, so a resume with another student stops before the run
+    folder is touched."""
+    from safetensors import safe_open
+
+    saved: dict[str, tuple[int, ...]] = {}
+    for f in sorted((ckpt / "model").glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+                saved[k] = tuple(sf.get_slice(k).get_shape())
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in own if k not in saved and "lm_head" not in k]  # tied heads: not saved
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} {saved[k]} vs {own[k]}" for k in saved if k in own and saved[k] != own[k]]
+    if missing or unexpected or shapes:
+        what = shapes[:2] or [f"missing {k}" for k in missing[:2]] or unexpected[:2]
+        raise UserError(
+            f"checkpoint {ckpt} does not match the student ({'; '.join(what)}): resume with "
+            "the student the run was started with"
+        )
+
+
+def save_rollout(path: Path, roll: Any, **extra: Any) -> None:
+    """Write a Rollout (and plain `extra` entries) as tensors + plain data, atomically."""
+    roll = roll.to("cpu")
+    data = {
+        "input_ids": roll.input_ids,
+        "attention_mask": roll.attention_mask,
+        "response_mask": roll.response_mask,
+        "prompt_len": int(roll.prompt_len),
+        "texts": list(roll.texts),
+        **extra,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
+def load_rollout(path: Path, what: str = "rollout bank") -> tuple[Any, dict[str, Any]]:
+    """(Rollout, the whole plain dict) of a file written by `save_rollout`; never runs code."""
+    from .rollout import Rollout
+
+    data = load_plain(path, what)
+    try:
+        roll = Rollout(
+            data["input_ids"],
+            data["attention_mask"],
+            data["response_mask"],
+            int(data["prompt_len"]),
+            [str(t) for t in data["texts"]],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{what} {path} is not a rollout bank written by taopd ({e!r})") from None
+    return roll, data

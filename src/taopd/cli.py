@@ -133,13 +133,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .models import load_model, load_tokenizer
 
+    if args.n is not None and args.n < 1:
+        raise UserError(f"--n must be a positive number of test problems, got {args.n}")
     cfg = _load(args)
     name = args.model or cfg.student
     ckpt = Path(name)
     if (ckpt / "model" / "config.json").exists():  # a checkpoint folder
         name = str(ckpt / "model")
     task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
-    n = args.n or cfg.task.n_test
+    n = args.n if args.n is not None else cfg.task.n_test
     examples = task.examples("test", n, seed=cfg.task.seed)
     tok = load_tokenizer(name)
     model = load_model(name, dtype=cfg.train.dtype)
@@ -171,7 +173,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         cfg,
         mode=args.mode,
         bank_path=args.bank,
-        relative=True if args.relative else None,
+        relative=True if args.relative else False if args.absolute else None,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -204,7 +206,9 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import render_report
+    from .run_dir import check_report_folder
 
+    check_report_folder(Path(args.run_dir))
     path = render_report(Path(args.run_dir), signal=args.signal)
     print(f"report: {path}")
     return 0
@@ -224,6 +228,15 @@ def _csv(kind: type) -> Any:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import plan_arms, run_compare
 
+    for flag, value in (("--seeds", args.seeds), ("--parallel", args.parallel)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    for flag, values in (("--strategies", args.strategies), ("--ratios", args.ratios)):
+        if not values:
+            raise UserError(f"{flag} is empty: give at least one value (comma-separated)")
+    for flag, values in (("--k", args.k), ("--batch-sizes", args.batch_sizes)):
+        if values is not None and not values:
+            raise UserError(f"{flag} is empty: give at least one value (comma-separated)")
     cfg = _load(args)
     out = Path(args.output_dir or cfg.output_dir)
     arms = plan_arms(
@@ -294,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategies",
         type=_csv(str),
         default=["full", "random", "entropy", "reverse_kl", "teachability", "tip"],
-        help="comma-separated strategy names",
+        help="comma-separated strategy names; 'name+N' keeps at least N positions per rollout "
+        "(the released budget rule), e.g. teachability+1",
     )
     p.add_argument("--ratios", type=_csv(float), default=[0.05, 0.2], help="e.g. 0.05,0.2")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
@@ -323,7 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="update: a short OPD run (default) or one SGD step per position",
     )
     p.add_argument("--bank", help="reuse this bank.pt instead of sampling a new bank")
-    p.add_argument("--relative", action="store_true", help="gain (KL0 - KLτ) / KL0")
+    gain = p.add_mutually_exclusive_group()
+    gain.add_argument(
+        "--relative",
+        action="store_true",
+        help="analyse the released relative gain (KL0 - KLτ)/KL0 (the default)",
+    )
+    gain.add_argument(
+        "--absolute", action="store_true", help="analyse Eq. 1's absolute gain KL0 - KLτ"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing diagnostic")
     p.set_defaults(func=cmd_diagnose)
 
@@ -353,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_progress", False):  # the libraries' bars too (loading weights, ...)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         return args.func(args)
     except UserError as e:

@@ -186,7 +186,12 @@ def run_compare(
     """
     from tqdm.auto import tqdm
 
+    from .run_dir import marker_kind, write_marker
+
+    if marker_kind(out) not in (None, "compare"):
+        raise UserError(f"{out} holds a taopd {marker_kind(out)} run; give compare its own folder")
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "compare")
     (out / "arms").mkdir(exist_ok=True)
     atomic_write_text(out / "base_config.yaml", cfg.to_yaml())
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))

@@ -19,7 +19,7 @@ __all__ = ["Config", "load_config", "apply_overrides", "recipe_path", "list_reci
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TeacherSFT(_Strict):
@@ -345,6 +345,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         lines.append(f"  {where}: {msg}")
+    if len(lines) == 2:  # one problem: one line
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 
@@ -352,6 +354,11 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"--set expects key=value (e.g. selection.ratio=0.1), got {item!r}")
     key, raw = item.split("=", 1)
+    if any(not part.strip() for part in key.split(".")):
+        raise UserError(
+            f"--set {item}: the key is empty or has an empty part (expected key=value, e.g. "
+            "selection.ratio=0.1)"
+        )
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -408,9 +415,16 @@ def load_config(
         path = recipe_path(source)
         label = str(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise UserError(f"config {path} is not valid YAML: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"config {path} cannot be read ({e})") from None
+        if data is None:  # more likely a mistake (wrong or unsaved file) than all defaults
+            raise UserError(
+                f"config {path} is empty; write the keys to set (e.g. student, teacher, task), "
+                "or `{}` for all defaults"
+            )
         if not isinstance(data, dict):
             raise UserError(f"config {path} must be a mapping of keys to values")
     data = apply_overrides(data, overrides)

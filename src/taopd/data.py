@@ -320,11 +320,29 @@ class ReasoningGymTask(Task):
 def _read_records(path: Path) -> list[dict[str, Any]]:
     """Rows of a .jsonl / .json / .parquet file as dicts."""
     suffix = path.suffix.lower()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read task file {path}: {e.strerror}") from None
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+        if not raw:
+            raise UserError(f"task file {path} is empty (0 bytes), not a parquet file")
+        try:
+            return pq.read_table(pa.BufferReader(raw)).to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"task file {path} is not a readable parquet file ({first})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file "
+            "as UTF-8"
+        ) from None
     if suffix == ".json":
         try:
             data = json.loads(text)

@@ -50,10 +50,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checkpoint import load_rollout, save_rollout
 from .config import Config
 from .errors import UserError
 from .loss import per_token_loss, selective_head_loss
-from .models import lm_head
+from .models import lm_head, load_tokenizer
 from .rollout import Rollout, response_hidden
 from .scores import TokenSignals, normalize, signals_from_hidden
 from .selection import select, strategy_scores, top_n
@@ -124,37 +125,15 @@ DECILE_SIGNALS = (
 
 def save_bank(path: Path, roll: Rollout, prompts: list[str], meta: dict[str, Any]) -> None:
     """Write the frozen bank: the Rollout tensors, texts, prompts and `meta` (a plain dict)."""
-    roll = roll.to("cpu")
-    torch.save(
-        {
-            "input_ids": roll.input_ids,
-            "attention_mask": roll.attention_mask,
-            "response_mask": roll.response_mask,
-            "prompt_len": roll.prompt_len,
-            "texts": list(roll.texts),
-            "prompts": list(prompts),
-            "meta": meta,
-        },
-        path,
-    )
+    save_rollout(path, roll, prompts=list(prompts), meta=meta)
 
 
 def load_bank(path: str | Path) -> tuple[Rollout, list[str], dict[str, Any]]:
-    """(rollout, prompts, meta) of a bank written by `save_bank`."""
+    """(rollout, prompts, meta) of a bank written by `save_bank` (tensors and plain data only)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"bank {path} does not exist (a bank.pt written by `taopd diagnose`)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        roll = Rollout(
-            data["input_ids"],
-            data["attention_mask"],
-            data["response_mask"],
-            int(data["prompt_len"]),
-            list(data["texts"]),
-        )
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise UserError(f"cannot read the bank {path}: {e}") from None
+    roll, data = load_rollout(path, "bank")
     return roll, list(data.get("prompts", [])), dict(data.get("meta", {}))
 
 
@@ -1046,6 +1025,7 @@ def run_diagnose(
     a saved bank instead of sampling one.
     """
     from .report import render_report
+    from .run_dir import check_diagnose_output, write_marker
     from .train import Trainer
 
     if cfg.teacher_server is not None:
@@ -1060,18 +1040,18 @@ def run_diagnose(
     if dcfg.mode not in ("opd", "single-step"):
         raise UserError(f"mode must be 'opd' or 'single-step', got {dcfg.mode!r}")
     out = Path(cfg.output_dir)
-    if (out / "positions.csv").exists() and not overwrite:
-        raise UserError(
-            f"{out} already holds a diagnostic; pass --overwrite or another --output-dir"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    full_cfg = cfg.model_copy(update={"diagnose": dcfg})
-    (out / "config.yaml").write_text(full_cfg.to_yaml())
+    check_diagnose_output(out, overwrite)  # and the bank: before any model or file is touched
+    loaded = load_bank(bank_path) if bank_path is not None else None
+    if loaded is not None and int(loaded[0].input_ids.max()) >= len(load_tokenizer(cfg.student)):
+        raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
 
     trainer = Trainer(_update_config(cfg, out), overwrite=True, progress=progress)
+    write_marker(out, "diagnose")
+    full_cfg = cfg.model_copy(update={"diagnose": dcfg})
+    (out / "config.yaml").write_text(full_cfg.to_yaml())
     max_new = dcfg.max_new_tokens or cfg.rollout.max_new_tokens
-    if bank_path is not None:
-        bank, prompts, meta = load_bank(bank_path)
+    if loaded is not None:
+        bank, prompts, meta = loaded
         if int(bank.input_ids.max()) >= trainer.vocab_size:
             raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
     else:

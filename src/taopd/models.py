@@ -28,7 +28,9 @@ __all__ = [
     "body",
     "bundled_smollm2",
     "cache_dir",
+    "check_context",
     "check_tokenizers",
+    "check_weight_files",
     "convert_gguf",
     "hidden_states",
     "lm_head",
@@ -247,12 +249,21 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(name)
+    check_weight_files(resolved)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_as_dtype(dtype))
     except OSError as err:
         if _is_local(resolved):
             raise UserError(f"could not load a model from {resolved}: {err}") from err
         raise _hub_error(name, err) from err
+    except Exception as err:  # e.g. SafetensorError: damaged weights a header check missed
+        if not (_is_local(resolved) and "safetensor" in type(err).__name__.lower()):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"model folder {resolved}: its weights cannot be read ({first}); re-save the model "
+            "with save_pretrained or copy it again"
+        ) from None
     model.to(device)
     model.eval()
     gen = getattr(model, "generation_config", None)
@@ -260,6 +271,70 @@ def load_model(
         eos = gen.eos_token_id
         gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def check_weight_files(resolved: str) -> None:
+    """Refuse a local model folder whose *.safetensors files are empty, cut short or foreign."""
+    from .checkpoint import safetensors_problem
+
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return
+    for f in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise UserError(
+                f"model folder {folder}: {f.name} is corrupt ({problem}); re-save the model "
+                "with save_pretrained or copy it again"
+            )
+
+
+def max_context(model: Any) -> int | None:
+    """The longest sequence a model's position embeddings cover (None: not stated)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(
+    models: dict[str, Any], tokenizer: Any, render: Any, cfg: Any, train_qs: list, test_qs: list
+) -> None:
+    """Refuse, before any rollout, prompts + new tokens longer than a model's context.
+
+    Training prompts are cut at rollout.max_prompt_tokens; test prompts (evaluation and the
+    held-out bank) are used whole.
+    """
+
+    def longest(questions: list[str]) -> int:
+        if not questions:
+            return 0
+        ids = tokenizer([render(q) for q in questions], add_special_tokens=False)["input_ids"]
+        return max(len(x) for x in ids)
+
+    ro = cfg.rollout
+    train_need = min(ro.max_prompt_tokens, longest(train_qs)) + ro.max_new_tokens
+    new_test = max(ro.max_new_tokens, cfg.eval.max_new_tokens)
+    test_need = longest(test_qs) + new_test
+    for role, model in models.items():  # a served teacher (None) states no context here
+        limit = max_context(model) if model is not None else None
+        if limit is None:
+            continue
+        if train_need > limit:
+            raise UserError(
+                f"training prompts of up to {train_need - ro.max_new_tokens} tokens + "
+                f"rollout.max_new_tokens={ro.max_new_tokens} exceed the {role}'s context "
+                f"({limit} positions, max_position_embeddings); lower rollout.max_prompt_tokens "
+                "or rollout.max_new_tokens"
+            )
+        if test_need > limit:
+            raise UserError(
+                f"test prompts of up to {test_need - new_test} tokens + {new_test} new tokens "
+                f"exceed the {role}'s context ({limit} positions, max_position_embeddings); "
+                "lower eval.max_new_tokens / rollout.max_new_tokens or use shorter prompts"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

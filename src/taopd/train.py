@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 from . import zero
 from .checkpoint import (
     atomic_write_text,
-    clear_folder,
+    check_checkpoint_student,
     latest_checkpoint,
+    load_rollout,
     load_trainer_state,
-    lock_holder,
-    lock_run_folder,
     rng_state,
     save_checkpoint,
+    save_rollout,
     set_rng_state,
 )
 from .config import Config
@@ -43,6 +43,7 @@ from .errors import UserError
 from .evaluate import evaluate, is_correct
 from .loss import selective_head_loss
 from .models import (
+    check_context,
     check_tokenizers,
     lm_head,
     load_model,
@@ -51,6 +52,7 @@ from .models import (
     shared_vocab_size,
 )
 from .rollout import Rollout, make_sampler, response_hidden, tokenize_left
+from .run_dir import check_output, claim, out_of_memory
 from .scores import (
     TokenSignals,
     signals_from_hidden,
@@ -253,51 +255,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- set-up
     def _prepare_output(self, resume: bool, overwrite: bool) -> Path | None:
-        """Check the output folder before any heavy work; return the checkpoint to resume."""
-        out = self.out
-        has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
-        if out.exists() and not out.is_dir():
-            raise UserError(f"output_dir {out} exists and is not a folder")
-        if has_run and not (resume or overwrite):
-            raise UserError(
-                f"output_dir {out} already holds a run; pass --resume to continue it or "
-                "--overwrite to replace it (or choose another output_dir)"
-            )
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                probe = out / ".write-test"
-                probe.write_text("ok")
-                probe.unlink()
-            except OSError as e:
-                raise UserError(f"cannot write to output_dir {out}: {e.strerror}") from None
-            self._lock = lock_run_folder(out)  # held until this process ends
-            if self._lock is None:
-                raise UserError(
-                    f"output_dir {out} is in use by another taopd process (pid "
-                    f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
-                )
-        self.acc.wait_for_everyone()
-        ckpt = latest_checkpoint(out / "checkpoints") if resume else None
-        # Deleting an old run (--overwrite) and writing config.yaml wait for _commit_output,
-        # after the cheap input checks: a run that fails them leaves the folder as it was.
-        self._replace_run = overwrite and has_run and not resume
-        self._fresh_start = not (resume and ckpt is not None)
-        self._resume_from_scratch = resume and ckpt is None
+        """Check the output folder, writing nothing; return the checkpoint to resume."""
+        ckpt, has_run = check_output(self.out, resume, overwrite)
+        # Creating, locking and clearing the folder (--overwrite) and writing config.yaml wait
+        # for _commit_output, after every input check: a run that fails one leaves it as it was.
+        self._replace_run = overwrite and has_run
+        self._fresh_start = ckpt is None
         return ckpt
 
     def _commit_output(self) -> None:
-        """Claim the output folder: remove a run replaced by --overwrite, write config.yaml."""
-        out = self.out
+        """Claim the output folder: create and lock it, remove a run replaced by --overwrite,
+        write the taopd marker and config.yaml."""
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            if self._replace_run:
-                clear_folder(out)  # keeps the lock this process holds
-            if self._fresh_start:
-                (out / "config.yaml").write_text(self.cfg.to_yaml())
-            if self._resume_from_scratch:  # logs of a run killed before its first checkpoint
-                for stale in ("metrics.jsonl", "samples.jsonl"):
-                    (out / stale).unlink(missing_ok=True)
+            files = {"config.yaml": self.cfg.to_yaml()} if self._fresh_start else {}
+            self._lock = claim(self.out, "train", self._replace_run, files)
         self.acc.wait_for_everyone()
 
     def _setup(self) -> None:
@@ -307,6 +279,11 @@ class Trainer:
         self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
         if not self.train_examples:
             raise UserError("the task gave no training examples")
+        if cfg.train.batch_size > len(self.train_examples):
+            raise UserError(
+                f"train.batch_size={cfg.train.batch_size} exceeds the task's "
+                f"{len(self.train_examples)} training examples; lower it or raise task.n_train"
+            )
         teacher_name = cfg.teacher
         roles = [("student", cfg.student)]
         if self.server is None:  # a served teacher: `teacher` names only its tokenizer
@@ -330,7 +307,6 @@ class Trainer:
                 import peft  # noqa: F401
             except ImportError:
                 raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
-        self._commit_output()  # inputs look sound: only now touch the output folder
         if cfg.teacher_sft is not None:
             from .sft import prepare_teacher
 
@@ -354,6 +330,13 @@ class Trainer:
             student = self._apply_lora(student)
         self.student = student
         self.vocab_size = shared_vocab_size(self.tokenizer, self.student, self.teacher)
+        check_context(
+            {"student": student, "teacher": self.teacher}, self.tokenizer, self.render, cfg,
+            [e.question for e in self.train_examples], [e.question for e in self.test_examples],
+        )  # fmt: skip
+        if self.resume_from is not None and cfg.lora is None:
+            check_checkpoint_student(self.resume_from, student)
+        self._commit_output()  # inputs look sound: only now touch the output folder
         if (self.fsdp or self.deepspeed) and self.resume_from is not None:
             self._load_weights(self.resume_from)  # whole weights go in before sharding
         if self.fsdp:  # the optimizer sees the shards
@@ -861,15 +844,13 @@ class Trainer:
                 saved = self._sum(float(saved)) == self.world
                 self.acc.wait_for_everyone()
             if saved:
-                self._bank = torch.load(path, weights_only=False)
+                self._bank = load_rollout(path, "held-out bank")[0]
             else:
                 prompts = [self.render(ex.question) for ex in self.test_examples[:n]]
                 roll = self._sample(prompts, seed=self.cfg.train.seed + 12345).to("cpu")
                 self._bank = roll
                 if self.acc.is_main_process:
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    torch.save(roll, tmp)
-                    tmp.replace(path)
+                    save_rollout(path, roll)
         roll = self._bank.to(self.acc.device)
         rows = list(range(len(roll)))[self.rank :: self.world]
         if not rows:  # more processes than bank rollouts: this rank adds nothing
@@ -967,7 +948,11 @@ class Trainer:
 
             set_peft_model_state_dict(model, weights)
         else:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
+            try:
+                missing, unexpected = model.load_state_dict(weights, strict=False)
+            except RuntimeError as e:  # shapes differ
+                first = str(e).strip().splitlines()[-1].strip()
+                raise UserError(f"checkpoint {ckpt} does not match the student: {first}") from None
             missing = [m for m in missing if "lm_head" not in m]  # tied heads are not saved
             if missing or unexpected:
                 raise UserError(f"checkpoint {ckpt} does not match the student: {missing[:3]}")
@@ -1090,7 +1075,12 @@ class Trainer:
                 disable=not (self.progress and self.acc.is_main_process),
             )
             while self.step < cfg.train.steps and not self.stop_requested:
-                metrics = self.train_step()
+                try:
+                    metrics = self.train_step()
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if (oom := out_of_memory(e, self.step + 1, self.out)) is None:
+                        raise
+                    raise TrainingError(oom) from None
                 if metrics is None:  # every prompt of the batch was skipped (too long)
                     bar.update(1)
                     if cfg.train.save_every and self.step % cfg.train.save_every == 0:
