@@ -125,3 +125,18 @@ def test_sharding_benchmark_halves_state_on_two_processes():
         assert ratio(cells[1]) == 0.5, (key, cells)
         if len(cells) == 3:  # deepspeed installed
             assert abs(ratio(cells[2]) - zero3[key]) < 0.015, (key, cells)
+
+
+def test_trl_step_benchmark_prints_ratios(tmp_path):
+    out = tmp_path / "trl.json"
+    proc = _run(
+        ["benchmarks/trl_step.py", "--shape", "tiny", "--repeats", "1", "--warmup", "0",
+         "--threads", "1", "--batch", "4", "--completion", "16", "--json", str(out)],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| arm | step s (median) | × vanilla TRL | step s (min) |" in proc.stdout
+    assert "| signals_from_hidden |" in proc.stdout
+    data = json.loads(out.read_text())
+    assert set(data["ratio"]) == {"vanilla", "taopd", "nocache"}
+    assert data["ratio"]["vanilla"] == 1.0
+    assert 0 < data["kept"] < data["valid"]

@@ -11,6 +11,7 @@ from taopd.data import (
     Example,
     FileTask,
     ReasoningGymTask,
+    answers_match,
     extract_answer,
     make_task,
     numbers_equal,
@@ -224,6 +225,47 @@ def test_boxed_answers_for_math_style_data():
     assert extract_answer(r"so we get \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
     assert extract_answer(r"first \boxed{1}, then \boxed{x^{2}}") == "x^{2}"
     assert reference_answer(r"Hence the answer is $\boxed{12}$.") == "12"
+
+
+@pytest.mark.parametrize(
+    ("got", "ref"),
+    [
+        (r"\frac{1}{2}", "0.5"),
+        ("0.5", r"\frac{1}{2}"),
+        (r"\sqrt{2}/2", r"\frac{\sqrt{2}}{2}"),
+        ("x=3", "3"),
+        ("(1,2)", "(1, 2)"),
+        (r"\{1,2\}", r"\{2,1\}"),
+        ("1,000", "1000"),
+    ],
+)
+def test_answers_match_equivalent_pairs(got: str, ref: str) -> None:
+    assert answers_match(got, ref)
+
+
+@pytest.mark.parametrize(
+    ("got", "ref"),
+    [(r"\frac{1}{3}", "0.5"), (r"\pi", "3.14"), ("Paris", "London"), ("", "0"), ("42", "43")],
+)
+def test_answers_match_non_equivalent_pairs(got: str, ref: str) -> None:
+    assert not answers_match(got, ref)
+
+
+def test_file_task_scores_math_and_gsm8k_answers(tmp_path) -> None:
+    rows = [
+        {"question": "half?", "answer": r"The answer is $\boxed{\frac{1}{2}}$.", "split": "test"},
+        {"question": "apples?", "answer": "3 + 4 = 7\n#### 7", "split": "test"},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = FileTask(path)
+    half, apples = task.examples("test", 2)
+    half, apples = sorted((half, apples), key=lambda e: e.question != "half?")
+    assert task.score(r"so it is \boxed{0.5}", half) == 1.0
+    assert task.score(r"so it is \boxed{\frac{2}{4}}", half) == 1.0
+    assert task.score(r"so it is \boxed{\frac{1}{3}}", half) == 0.0
+    assert task.score("4 + 3 = 7\n#### 7", apples) == 1.0
+    assert task.score("#### 8", apples) == 0.0
 
 
 def test_worked_chain_sum_solutions_pass_reasoning_gym_scorer() -> None:

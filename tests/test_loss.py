@@ -191,3 +191,59 @@ def test_zero_student_mass_where_teacher_has_mass_gives_infinite_forward_kl():
     t = torch.tensor([[0.0, 1.0, 0.0]])
     assert torch.isinf(taopd.opd_loss(s, t, kind="forward_kl"))
     assert torch.isfinite(taopd.opd_loss(s, t, kind="reverse_kl"))
+
+
+def _head_logits(h, w, head):
+    z = h @ w.T
+    if head.bias is not None:
+        z = z + head.bias
+    z = z * head.scale
+    return head.softcap * torch.tanh(z / head.softcap) if head.softcap is not None else z
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("variant", ["bias", "scale", "softcap", "all"])
+def test_selective_head_with_bias_scale_softcap_equals_dense_path(kind, variant):
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(40, 16, generator=g, dtype=torch.float64) * 0.5).requires_grad_(True)
+    b = torch.randn(40, generator=g, dtype=torch.float64).requires_grad_(True)
+    ht = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    wt = torch.randn(40, 12, generator=g, dtype=torch.float64) * 0.5
+    bt = torch.randn(40, generator=g, dtype=torch.float64)
+    specs = {
+        "bias": ({"bias": b}, {"bias": bt}),
+        "scale": ({"scale": 0.3}, {"scale": 2.0}),
+        "softcap": ({"softcap": 1.5}, {"softcap": 4.0}),
+        "all": (
+            {"bias": b, "scale": 1.3, "softcap": 2.0},
+            {"bias": bt, "scale": 0.7, "softcap": 3.0},
+        ),
+    }[variant]
+    head_s, head_t = taopd.HeadSpec(**specs[0]), taopd.HeadSpec(**specs[1])
+    tokens = torch.randint(0, 40, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    mask[0, 0] = True
+    params = (h, w, b) if head_s.bias is not None else (h, w)
+    kw = dict(kind=kind, tokens=tokens, temperature=0.9)
+    dense = taopd.opd_loss(_head_logits(h, w, head_s), _head_logits(ht, wt, head_t), mask, **kw)
+    g_dense = torch.autograd.grad(dense, params)
+    sel = taopd.selective_head_loss(
+        h, w, mask, teacher_hidden=ht, teacher_weight=wt, chunk_size=3,
+        student_head=head_s, teacher_head=head_t, **kw,
+    )  # fmt: skip
+    g_sel = torch.autograd.grad(sel, params)
+    assert float(sel) == pytest.approx(float(dense), rel=1e-6)  # the sum is float32
+    for a, c in zip(g_sel, g_dense):
+        torch.testing.assert_close(a, c, rtol=1e-8, atol=1e-10)
+    plain = taopd.opd_loss(h @ w.T, ht @ wt.T, mask, **kw)
+    assert float(plain) != pytest.approx(float(dense), rel=1e-3)  # the head mattered
+
+
+def test_selective_head_refuses_a_teacher_head_with_final_logits():
+    h, w = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="teacher_head applies to teacher_hidden"):
+        taopd.selective_head_loss(
+            h, w, torch.ones(2, dtype=torch.bool), teacher_logits=torch.randn(2, 10),
+            teacher_head=taopd.HeadSpec(scale=2.0),
+        )  # fmt: skip

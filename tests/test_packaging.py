@@ -36,5 +36,6 @@ def test_wheel_ships_configs_and_templates(tmp_path):
     ]
     assert any(w.endswith("demo.yaml") for w in wanted)
     assert any(w.endswith("accelerate/fsdp.yaml") for w in wanted)
+    assert "taopd/integrations/trl.py" in names  # the `taopd[trl]` integration
     missing = [w for w in wanted if w not in names]
     assert not missing, f"not in the wheel: {missing}"

@@ -197,3 +197,89 @@ def test_bf16_projections_approximate_the_float32_signals():
     keep_full = taopd.select_tokens(full, ratio=0.1)
     keep_half = taopd.select_tokens(half, ratio=0.1)
     assert (keep_full & keep_half).sum() >= 0.7 * keep_full.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# lm_head bias, logit scale, final-logit softcapping (HeadSpec); teacher top-k from logits
+
+HEADS = {
+    "bias": lambda b: taopd.HeadSpec(bias=b),
+    "scale": lambda b: taopd.HeadSpec(scale=0.37),
+    "softcap": lambda b: taopd.HeadSpec(softcap=2.5),
+    "all": lambda b: taopd.HeadSpec(bias=b, scale=1.7, softcap=3.0),
+}
+
+
+def _dense_logits(h, w, head):
+    z = h @ w.T
+    if head.bias is not None:
+        z = z + head.bias
+    z = z * head.scale
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    return z
+
+
+@pytest.mark.parametrize("variant", sorted(HEADS))
+def test_signals_from_hidden_head_variants_equal_dense(variant):
+    g = torch.Generator().manual_seed(7)
+    h_s, h_t = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 12, generator=g)
+    w_s, w_t = torch.randn(50, 8, generator=g), torch.randn(50, 12, generator=g)
+    b_s, b_t = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    head_s, head_t = HEADS[variant](b_s), HEADS[variant](b_t)
+    if variant == "all":  # different transforms on the two sides
+        head_t = taopd.HeadSpec(bias=b_t, scale=0.5, softcap=1.5)
+    tokens = torch.randint(0, 50, (2, 6), generator=g)
+    valid = torch.rand(2, 6, generator=g) > 0.2
+    kw = dict(tokens=tokens, k=5, valid=valid, temperature=0.8)
+    got = taopd.signals_from_hidden(
+        h_s, w_s, h_t, w_t, chunk_size=4, student_head=head_s, teacher_head=head_t, **kw
+    )
+    dense_s, dense_t = _dense_logits(h_s, w_s, head_s), _dense_logits(h_t, w_t, head_t)
+    want = taopd.token_signals(dense_s, dense_t, **kw)
+    plain = taopd.signals_from_hidden(h_s, w_s, h_t, w_t, **kw)
+    for name, value in want.items():
+        torch.testing.assert_close(getattr(got, name), value, rtol=1e-5, atol=1e-5, msg=name)
+    assert not torch.allclose(plain.disagreement, want.disagreement)  # the head mattered
+
+
+def test_head_spec_refuses_bad_values_by_name():
+    with pytest.raises(ValueError, match="scale"):
+        taopd.HeadSpec(scale=0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        taopd.HeadSpec(softcap=-1.0)
+    with pytest.raises(ValueError, match="bias"):
+        taopd.HeadSpec(bias=torch.zeros(3, 4))
+    h, w = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="student head bias has 9 entries"):
+        taopd.signals_from_hidden(h, w, h, w, k=2, student_head=taopd.HeadSpec(torch.zeros(9)))
+
+
+@pytest.mark.parametrize("k", [3, 40])
+def test_topk_signals_equal_exact_when_teacher_returns_every_id(k):
+    s, t = distinct_logits((2, 5, 40), 11).float(), distinct_logits((2, 5, 40), 12).float()
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1, 3:] = False
+    lt = torch.log_softmax(t, -1)
+    order = lt.argsort(-1, descending=True)  # all V ids, in the server's (descending) order
+    got = taopd.topk_signals(s, order, lt.gather(-1, order), k=k, valid=valid)
+    exact = taopd.token_signals(s, t, k=k, valid=valid)
+    torch.testing.assert_close(got.disagreement, exact.disagreement, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.compatibility, exact.compatibility, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.compatibility_lb, exact.compatibility, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.student_entropy, exact.student_entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.overlap, exact.overlap)
+    assert torch.isnan(got.reverse_kl).all()
+
+
+def test_topk_signals_from_a_true_top_k_give_the_lower_bound():
+    s, t = distinct_logits((4, 30), 21).float(), distinct_logits((4, 30), 22).float()
+    lt = torch.log_softmax(t, -1)
+    top = lt.topk(4, -1)
+    got = taopd.topk_signals(s, top.indices, top.values, k=4)
+    exact = taopd.token_signals(s, t, k=4)
+    # With only the teacher's top-K, Ĉ is Eq. 17's bound: Σ p_T over S^S ∩ S^T.
+    torch.testing.assert_close(got.compatibility, exact.compatibility_lb, rtol=1e-5, atol=1e-6)
+    assert bool((got.compatibility <= exact.compatibility + 1e-6).all())
+    with pytest.raises(ValueError, match="fewer than k=5"):
+        taopd.topk_signals(s, top.indices, top.values, k=5)

@@ -6,6 +6,7 @@ can compute signals, pick a token mask and apply the loss on the kept positions.
 
 from .loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
 from .scores import (
+    HeadSpec,
     TokenSignals,
     normalize,
     quantile,
@@ -13,6 +14,7 @@ from .scores import (
     teachability,
     teachability_of,
     token_signals,
+    topk_signals,
     trim_vocab,
 )
 from .selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
@@ -20,6 +22,7 @@ from .selection import STRATEGIES, count_for, select, select_tokens, strategy_sc
 __version__ = "0.1.0"
 
 __all__ = [
+    "HeadSpec",
     "LOSS_KINDS",
     "STRATEGIES",
     "TokenSignals",
@@ -37,5 +40,6 @@ __all__ = [
     "teachability",
     "teachability_of",
     "token_signals",
+    "topk_signals",
     "trim_vocab",
 ]

@@ -18,6 +18,7 @@ from taopd.errors import UserError
 
 __all__ = [
     "Example",
+    "answers_match",
     "FileTask",
     "PromptStream",
     "ReasoningGymTask",
@@ -124,6 +125,42 @@ def reference_answer(answer: Any) -> str:
         if num is not None:
             text = re.sub(r"[,$\s]", "", text).rstrip(".")
     return text
+
+
+_MATHY = re.compile(r"[\d\\^{}=+\-*/()\[\]]")  # a digit, LaTeX or an operator: worth parsing
+
+
+def _math_verify(got: str, ref: str) -> bool:
+    r"""LaTeX-aware equivalence by math-verify (`\frac{1}{2}` = `0.5`, sets, intervals, ...).
+
+    Both sides are parsed as \boxed{...} answers; its signal-based timeout works only in the
+    main thread, so other threads parse without one.
+    """
+    import threading
+
+    from math_verify import parse, verify
+
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = parse(f"\\boxed{{{ref}}}", parsing_timeout=limit)
+        pred = parse(f"\\boxed{{{got}}}", parsing_timeout=limit)
+        return bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=limit))
+    except Exception:  # math-verify raises on unparsable or timed-out input: not a match
+        return False
+
+
+def answers_match(got: str, ref: str) -> bool:
+    """True if an extracted answer equals the reference: numbers by value (GSM8K's `#### N`),
+    then exact text, then math-verify's LaTeX-aware equivalence (MATH-style answers; plain words
+    are never sent to it, since it reads them as products of symbols)."""
+    got, ref = got.strip(), ref.strip()
+    if parse_number(ref) is not None and parse_number(got) is not None:
+        return numbers_equal(got, ref)
+    if got == ref:
+        return True
+    if not (_MATHY.search(got) and _MATHY.search(ref)):  # words: exact ('paris' ≠ 'Paris')
+        return False
+    return _math_verify(got, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,12 +455,8 @@ class FileTask(Task):
         return out
 
     def score(self, completion: str, ex: Example) -> float:
-        """1.0 if the extracted answer equals the reference (by value for numbers), else 0.0."""
-        got = extract_answer(completion)
-        ref = ex.answer
-        if parse_number(ref) is not None:
-            return 1.0 if numbers_equal(got, ref) else 0.0
-        return 1.0 if got.strip() == ref.strip() else 0.0
+        """1.0 if the extracted answer matches the reference (`answers_match`), else 0.0."""
+        return 1.0 if answers_match(extract_answer(completion), ex.answer) else 0.0
 
 
 def make_task(cfg: dict[str, Any]) -> Task:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .scores import trim_vocab
+from .scores import PLAIN_HEAD, HeadSpec, trim_vocab
 
 __all__ = ["LOSS_KINDS", "per_token_loss", "opd_loss", "selective_head_loss", "row_weights"]
 
@@ -205,53 +205,92 @@ def _reverse_kl_value_and_grad(
     return (per * w).sum(), grad.to(student_logits.dtype)
 
 
+def _head_jacobian(pre: Tensor, head: HeadSpec) -> Tensor | float:
+    """d logits / d (h·Wᵀ + b) elementwise for logits = softcap(scale · (h·Wᵀ + b))."""
+    if head.softcap is None:
+        return head.scale
+    t = torch.tanh(pre * (head.scale / head.softcap))
+    return head.scale * (1.0 - t * t)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Σ_i w_i ℓ_i over kept rows, projecting `chunk` rows at a time; gradients computed in the
-    forward pass, chunk by chunk, so no [n, V] logits with autograd history are ever kept."""
+    forward pass, chunk by chunk, so no [n, V] logits with autograd history are ever kept.
+
+    The head's bias, scale and softcap (`HeadSpec`) apply to each chunk's h·Wᵀ; the bias (an
+    input here, so it gets its gradient) is `bias`, the spec's own bias is ignored."""
 
     @staticmethod
     def forward(
         ctx,
         hidden: Tensor,
         weight: Tensor,
+        bias: Tensor | None,
+        head: HeadSpec,
         chunk_loss: Callable,
         chunk: int,
         chunk_value_and_grad: Callable | None = None,
     ) -> Tensor:
+        nobias = HeadSpec(None, head.scale, head.softcap)
         grad_h = torch.zeros_like(hidden)
         grad_w = None  # [V, d]: the first chunk's gradient, then summed into (no zeros copy)
+        grad_b = None
+        want_b = bias is not None and bias.requires_grad
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             if chunk_value_and_grad is not None:  # closed-form gradient wrt the logits
                 h, w = hidden[sl].detach(), weight.detach()
-                loss, g = chunk_value_and_grad(h @ w.T, sl)
+                pre = h @ w.T
+                if bias is not None:
+                    pre = pre + bias.detach().to(pre.dtype)
+                logits = pre if nobias.is_plain else nobias.apply(pre)
+                loss, g = chunk_value_and_grad(logits, sl)
+                if not nobias.is_plain:
+                    g = g * _head_jacobian(pre, nobias)
                 grads = [g @ w, g.T @ h if weight.requires_grad else None]
+                grads.append(g.sum(0) if want_b else None)
             else:
                 with torch.enable_grad():
                     h = hidden[sl].detach().requires_grad_(True)
                     w = weight.detach().requires_grad_(weight.requires_grad)
-                    loss = chunk_loss(h @ w.T, sl)
-                    inputs = [h, w] if weight.requires_grad else [h]
-                    grads = torch.autograd.grad(loss, inputs)
+                    b = bias.detach().requires_grad_(want_b) if bias is not None else None
+                    pre = h @ w.T
+                    if b is not None:
+                        pre = pre + b.to(pre.dtype)
+                    loss = chunk_loss(nobias.apply(pre), sl)
+                    inputs = [h] + ([w] if weight.requires_grad else []) + ([b] if want_b else [])
+                    got = list(torch.autograd.grad(loss, inputs))
+                    grads = [got.pop(0)]
+                    grads.append(got.pop(0) if weight.requires_grad else None)
+                    grads.append(got.pop(0) if want_b else None)
             grad_h[sl] = grads[0]
             if weight.requires_grad:
                 grad_w = grads[1] if grad_w is None else grad_w.add_(grads[1])
+            if want_b:
+                grad_b = grads[2] if grad_b is None else grad_b.add_(grads[2])
             total = total + loss.detach().float()
         if weight.requires_grad and grad_w is None:
             grad_w = torch.zeros_like(weight)
-        ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
-        ctx.has_w = grad_w is not None
+        if want_b:
+            grad_b = torch.zeros_like(bias) if grad_b is None else grad_b.to(bias.dtype)
+        saved = [grad_h] + ([grad_w] if grad_w is not None else [])
+        saved += [grad_b] if grad_b is not None else []
+        ctx.save_for_backward(*saved)
+        ctx.has_w, ctx.has_b = grad_w is not None, grad_b is not None
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        saved = ctx.saved_tensors
-        if bool(grad_out == 1):  # loss.backward(): no [V, d] copy of the lm_head's gradient
-            return saved[0], saved[1] if ctx.has_w else None, None, None, None
-        g_h = saved[0] * grad_out.to(saved[0].dtype)
-        g_w = saved[1] * grad_out.to(saved[1].dtype) if ctx.has_w else None
-        return g_h, g_w, None, None, None
+        saved = list(ctx.saved_tensors)
+        g_h = saved.pop(0)
+        g_w = saved.pop(0) if ctx.has_w else None
+        g_b = saved.pop(0) if ctx.has_b else None
+        if not bool(grad_out == 1):  # loss.backward() skips a [V, d] copy of the head's gradient
+            g_h = g_h * grad_out.to(g_h.dtype)
+            g_w = g_w * grad_out.to(g_w.dtype) if g_w is not None else None
+            g_b = g_b * grad_out.to(g_b.dtype) if g_b is not None else None
+        return g_h, g_w, g_b, None, None, None, None
 
 
 def selective_head_loss(
@@ -272,8 +311,13 @@ def selective_head_loss(
     old_logprobs: Tensor | None = None,
     vocab_size: int | None = None,
     chunk_size: int = 1024,
+    student_head: HeadSpec = PLAIN_HEAD,
+    teacher_head: HeadSpec = PLAIN_HEAD,
 ) -> Tensor:
     """The `opd_loss` of the kept positions from student hidden states [..., d] and lm_head [V, d].
+
+    `student_head` / `teacher_head` (`HeadSpec`) add each head's bias (the student's gets its
+    gradient), logit scale and final-logit softcapping, as the dense logits apply them.
 
     Only rows where `mask` is True are projected through the vocabulary (with gradient, in chunks
     of `chunk_size`). The teacher comes as hidden states + lm_head (projected at kept rows only, no
@@ -298,11 +342,16 @@ def selective_head_loss(
     if kind not in LOSS_KINDS:
         raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}; got {kind!r}")
     w_s = trim_vocab(student_weight, vocab_size, dim=0)
+    student_head = student_head.trimmed(vocab_size)
+    teacher_head = teacher_head.trimmed(vocab_size)
+    student_head.check(w_s.shape[0], "student")
+    b_s = student_head.bias
     rows, weights = row_weights(mask, reduction, normalizer)
     d = student_hidden.shape[-1]
     h_rows = student_hidden.reshape(-1, d)[rows]
     if rows.numel() == 0:
-        return student_hidden.reshape(-1)[:1].sum() * 0.0 + w_s.reshape(-1)[:1].sum() * 0.0
+        zero = student_hidden.reshape(-1)[:1].sum() * 0.0 + w_s.reshape(-1)[:1].sum() * 0.0
+        return zero + b_s[:1].sum() * 0.0 if b_s is not None else zero
     tok_rows = _rows(tokens, mask, rows)
     old_rows = _rows(old_logprobs, mask, rows)
     if teacher_token_logprobs is not None:
@@ -317,7 +366,11 @@ def selective_head_loss(
             per = _pg_loss(ls, lt_rows[sl], tok_rows[sl], old, CLIP_LOW, CLIP_HIGH)
             return (per * weights[sl].to(per.dtype)).sum()
 
-        return _FusedHeadLoss.apply(h_rows, w_s, token_chunk_loss, chunk_size, None)
+        return _FusedHeadLoss.apply(
+            h_rows, w_s, b_s, student_head, token_chunk_loss, chunk_size, None
+        )
+    if teacher_logits is not None and not teacher_head.is_plain:
+        raise ValueError("teacher_head applies to teacher_hidden; teacher_logits are final logits")
     if teacher_logits is not None:
         t_rows = _rows(trim_vocab(teacher_logits, vocab_size).detach(), mask, rows)
         if t_rows.shape[-1] != w_s.shape[0]:
@@ -335,11 +388,15 @@ def selective_head_loss(
                 f"teacher lm_head has {w_t.shape[0]} rows, student {w_s.shape[0]}; "
                 "pass vocab_size=len(tokenizer)"
             )
+        teacher_head.check(w_t.shape[0], "teacher")
         ht_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
 
         def teacher_chunk(sl: slice) -> Tensor:
             h = ht_rows[sl].to(w_t.device)
-            return (h @ w_t.T.to(h.dtype)).to(h_rows.device)
+            z = h @ w_t.T.to(h.dtype)
+            if not teacher_head.is_plain:
+                z = teacher_head.apply(z.to(torch.promote_types(z.dtype, torch.float32)), True)
+            return z.to(h_rows.device)
 
     def chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
         per = per_token_loss(
@@ -361,4 +418,6 @@ def selective_head_loss(
                 student_chunk_logits, teacher_chunk(sl), weights[sl], temperature
             )
 
-    return _FusedHeadLoss.apply(h_rows, w_s, chunk_loss, chunk_size, value_and_grad)
+    return _FusedHeadLoss.apply(
+        h_rows, w_s, b_s, student_head, chunk_loss, chunk_size, value_and_grad
+    )

@@ -14,10 +14,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "HeadSpec",
     "TokenSignals",
     "token_signals",
     "signals_from_hidden",
     "signals_from_teacher_topk",
+    "topk_signals",
     "TOPK_UNAVAILABLE",
     "normalize",
     "quantile",
@@ -72,6 +74,65 @@ def trim_vocab(x: Tensor, vocab_size: int | None, dim: int = -1) -> Tensor:
             f"vocab_size={vocab_size} exceeds the {x.shape[dim]} vocabulary entries present"
         )
     return x.narrow(dim, 0, vocab_size)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a model's head adds to h·Wᵀ: logits = softcap(scale · (h·Wᵀ + bias)).
+
+    bias: the lm_head bias [V] (GPT-J, Phi-2); scale: a logit multiplier (Cohere's `logit_scale`,
+    Granite's 1/`logits_scaling`); softcap: c·tanh(x/c) on the scaled logits (Gemma 2's
+    `final_logit_softcapping`). The order is the one transformers' models apply them in.
+    """
+
+    bias: Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ValueError(f"head scale must be a number, got {self.scale!r}")
+        if not math.isfinite(self.scale) or self.scale == 0:
+            raise ValueError(f"head scale must be finite and non-zero, got {self.scale}")
+        cap = self.softcap
+        if cap is not None and not (
+            isinstance(cap, (int, float)) and math.isfinite(cap) and cap > 0
+        ):
+            raise ValueError(f"head softcap must be a positive number or None, got {cap!r}")
+        if self.bias is not None and self.bias.dim() != 1:
+            raise ValueError(f"head bias must be [V], got shape {tuple(self.bias.shape)}")
+
+    @property
+    def is_plain(self) -> bool:
+        """True when logits are exactly h·Wᵀ."""
+        return self.bias is None and self.scale == 1.0 and self.softcap is None
+
+    def trimmed(self, vocab_size: int | None) -> HeadSpec:
+        """The spec with its bias cut to the first `vocab_size` ids (see `trim_vocab`)."""
+        if self.bias is None or vocab_size is None:
+            return self
+        return HeadSpec(trim_vocab(self.bias, vocab_size), self.scale, self.softcap)
+
+    def check(self, vocab: int, role: str) -> None:
+        if self.bias is not None and self.bias.shape[0] != vocab:
+            raise ValueError(
+                f"{role} head bias has {self.bias.shape[0]} entries, its lm_head {vocab} rows"
+            )
+
+    def apply(self, z: Tensor, inplace: bool = False) -> Tensor:
+        """The logits from z = h·Wᵀ [..., V] (in place when `inplace`; differentiable if not)."""
+        if self.bias is not None:
+            b = self.bias.to(device=z.device, dtype=z.dtype)
+            z = z.add_(b) if inplace else z + b
+        if self.scale != 1.0:
+            z = z.mul_(self.scale) if inplace else z * self.scale
+        if self.softcap is not None:
+            c = self.softcap
+            z = z.div_(c).tanh_().mul_(c) if inplace else torch.tanh(z / c) * c
+        return z
+
+
+PLAIN_HEAD = HeadSpec()
 
 
 def _check_pair(s_logits: Tensor, t_logits: Tensor, k: int) -> None:
@@ -274,8 +335,13 @@ def signals_from_hidden(
     vocab_size: int | None = None,
     chunk_size: int = 512,
     projection_dtype: torch.dtype | None = None,
+    student_head: HeadSpec = PLAIN_HEAD,
+    teacher_head: HeadSpec = PLAIN_HEAD,
 ) -> TokenSignals:
     """The signals of `token_signals`, from hidden states [..., d] and lm_head weights [V, d].
+
+    `student_head` / `teacher_head` add each model's lm_head bias, logit scale and final-logit
+    softcapping (`HeadSpec`), applied in float32 before the temperature, as the dense logits do.
 
     Projects `chunk_size` valid positions at a time, so at most [chunk_size, V] logits exist;
     hidden states are detached (scoring never carries gradient). `projection_dtype`
@@ -296,6 +362,10 @@ def signals_from_hidden(
         )
     if not 1 <= k <= w_s.shape[0]:
         raise ValueError(f"k must be in [1, vocabulary size {w_s.shape[0]}], got k={k}")
+    student_head = student_head.trimmed(vocab_size)
+    teacher_head = teacher_head.trimmed(vocab_size)
+    student_head.check(w_s.shape[0], "student")
+    teacher_head.check(w_t.shape[0], "teacher")
     if projection_dtype is not None:  # cast the heads once per call, not once per chunk
         w_s, w_t = w_s.to(projection_dtype), w_t.to(projection_dtype)
     lead = student_hidden.shape[:-1]
@@ -316,6 +386,10 @@ def signals_from_hidden(
         x = x_buf[: end - start]
         _project(h_s[start:end], w_s, x[:, 0], projection_dtype)
         _project(h_t[start:end], w_t, x[:, 1], projection_dtype)
+        if not student_head.is_plain:
+            student_head.apply(x[:, 0], inplace=True)
+        if not teacher_head.is_plain:
+            teacher_head.apply(x[:, 1], inplace=True)
         if temperature != 1.0:
             x.div_(temperature)
         rows.append(
@@ -430,6 +504,54 @@ def signals_from_teacher_topk(
     if not rows:
         sig.log_ratio = torch.zeros(lead, dtype=dtype, device=device)
     for name in TOPK_UNAVAILABLE:  # not available anywhere, valid or not
+        setattr(sig, name, torch.full(lead, math.nan, dtype=dtype, device=device))
+    return sig
+
+
+@torch.no_grad()
+def topk_signals(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    k: int = 16,
+    valid: Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> TokenSignals:
+    """D (Eq. 9) and the bound Ĉ (Eq. 17) from student logits and a teacher's top-k answer.
+
+    For servers that return only the teacher's top-k per position (verl, TRL's server paths):
+    student_logits [..., V]; teacher_ids / teacher_logprobs [..., R] (R >= k; -1 / -inf pad), the
+    teacher's log-probs as served (its own temperature). compatibility = compatibility_lb = Ĉ;
+    disagreement and Ĉ are exact when R = V (see `signals_from_teacher_topk` for the rule on ids
+    the teacher did not return). student_entropy and overlap are exact; teacher_entropy,
+    reverse_kl and forward_kl are NaN (TOPK_UNAVAILABLE); no log_ratio (no sampled tokens).
+    """
+    student_logits = trim_vocab(student_logits, vocab_size)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, vocabulary size {vocab}], got k={k}")
+    if teacher_ids.shape[:-1] != lead or teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"teacher ids {tuple(teacher_ids.shape)} and log-probs "
+            f"{tuple(teacher_logprobs.shape)} must be [{', '.join(map(str, lead))}, R]"
+        )
+    device = student_logits.device
+    valid = _valid_mask(lead, valid, device)
+    flat_valid = valid.reshape(-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    r = teacher_ids.shape[-1]
+    t_ids = teacher_ids.to(device).reshape(-1, r)[flat_valid].long()
+    if bool((t_ids >= vocab).any()):
+        raise ValueError(f"teacher ids must be < the vocabulary size {vocab} (or -1 as padding)")
+    t_lp = teacher_logprobs.to(device=device, dtype=dtype).reshape(-1, r)[flat_valid]
+    t_lp = t_lp.masked_fill(t_ids < 0, -math.inf)
+    s = student_logits.reshape(-1, vocab)[flat_valid].to(dtype) / temperature
+    rows = []
+    if s.shape[0]:
+        rows.append(_topk_rows(torch.log_softmax(s, dim=-1), t_ids, t_lp, k, vocab))
+    sig = _assemble(lead, valid, rows, device, dtype)
+    for name in TOPK_UNAVAILABLE:
         setattr(sig, name, torch.full(lead, math.nan, dtype=dtype, device=device))
     return sig
 
