@@ -337,6 +337,23 @@ class Config(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def training_only(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
+    """`cfg` as a dict for a trainer that only trains (the diagnostic's update, the pilot):
+    no evaluation, checkpoints, samples, TensorBoard or held-out KL, into `output_dir`."""
+    data = cfg.model_dump(mode="json")
+    data["output_dir"] = str(output_dir)
+    data["train"].update(
+        eval_before=False,
+        eval_teacher=False,
+        eval_every=0,
+        save_every=0,
+        samples_every=0,
+        tensorboard=False,
+    )
+    data["eval"]["heldout_kl_prompts"] = 0
+    return data
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():

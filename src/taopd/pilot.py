@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from .config import Config
+from .config import Config, training_only
 
 __all__ = ["PILOT_KEYS", "pilot"]
 
@@ -31,18 +31,8 @@ def pilot(cfg: Config, steps: int = 1, progress: bool = True) -> list[dict[str, 
     from .train import Trainer
 
     with tempfile.TemporaryDirectory(prefix="taopd-pilot-") as tmp:
-        data = cfg.model_dump(mode="json")
-        data["output_dir"] = tmp
-        data["train"].update(
-            steps=steps,
-            eval_before=False,
-            eval_teacher=False,
-            eval_every=0,
-            save_every=0,
-            samples_every=0,
-            tensorboard=False,
-        )
-        data["eval"]["heldout_kl_prompts"] = 0
+        data = training_only(cfg, tmp)
+        data["train"]["steps"] = steps
         trainer = Trainer(Config.model_validate(data), overwrite=True, progress=progress)
         out: list[dict[str, Any]] = []
         try:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..config import Config
+from ..config import Config, training_only
 from ..errors import UserError
 from ..models import load_tokenizer
 from ..run_dir import check_diagnose_output, write_marker
@@ -187,19 +187,9 @@ def _summary(
 
 def _update_config(cfg: Config, out: Path) -> Config:
     """The trainer's config: the diagnose config with its update strategy, no evaluation."""
-    data = cfg.model_dump(mode="json")
-    data["output_dir"] = str(out / "update")
+    data = training_only(cfg, out / "update")
     if cfg.diagnose.update_strategy is not None:
         data["selection"]["strategy"] = cfg.diagnose.update_strategy
-    data["train"].update(
-        eval_before=False,
-        eval_teacher=False,
-        eval_every=0,
-        save_every=0,
-        samples_every=0,
-        tensorboard=False,
-    )
-    data["eval"]["heldout_kl_prompts"] = 0
     d = cfg.diagnose
     for value, section, key in (
         (d.update_lr, "optim", "lr"),
