@@ -293,6 +293,76 @@ class _FusedHeadLoss(torch.autograd.Function):
         return g_h, g_w, g_b, None, None, None, None
 
 
+def _check_teacher_inputs(
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_token_logprobs: Tensor | None,
+    kind: str,
+    chunk_size: int,
+) -> None:
+    """`selective_head_loss` takes exactly one teacher form, a known kind and a positive chunk."""
+    given = [
+        teacher_logits is not None,
+        teacher_hidden is not None and teacher_weight is not None,
+        teacher_token_logprobs is not None,
+    ]
+    if sum(given) != 1:
+        raise ValueError(
+            "pass exactly one teacher: teacher_logits, both teacher_hidden and teacher_weight, "
+            "or teacher_token_logprobs (kind 'pg')"
+        )
+    if teacher_token_logprobs is not None and kind != "pg":
+        raise ValueError(f"teacher_token_logprobs serves kind 'pg' only, not {kind!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}; got {kind!r}")
+
+
+def _teacher_chunks(
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_head: HeadSpec,
+    mask: Tensor,
+    rows: Tensor,
+    vocab_size: int | None,
+    n_vocab: int,
+    device: torch.device,
+) -> Callable[[slice], Tensor]:
+    """The teacher's logits of a chunk of kept rows: sliced from given logits, or projected
+    from its hidden states through its lm_head (and head spec) at those rows only, no grad."""
+    if teacher_logits is not None and not teacher_head.is_plain:
+        raise ValueError("teacher_head applies to teacher_hidden; teacher_logits are final logits")
+    if teacher_logits is not None:
+        t_rows = _rows(trim_vocab(teacher_logits, vocab_size).detach(), mask, rows)
+        if t_rows.shape[-1] != n_vocab:
+            raise ValueError(
+                f"teacher logits have {t_rows.shape[-1]} columns, student lm_head {n_vocab} "
+                "rows; pass vocab_size=len(tokenizer)"
+            )
+        return lambda sl: t_rows[sl]
+    assert teacher_hidden is not None and teacher_weight is not None
+    w_t = trim_vocab(teacher_weight, vocab_size, dim=0).detach()
+    if w_t.shape[0] != n_vocab:
+        raise ValueError(
+            f"teacher lm_head has {w_t.shape[0]} rows, student {n_vocab}; "
+            "pass vocab_size=len(tokenizer)"
+        )
+    teacher_head.check(w_t.shape[0], "teacher")
+    ht_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
+
+    def teacher_chunk(sl: slice) -> Tensor:
+        h = ht_rows[sl].to(w_t.device)
+        z = h @ w_t.T.to(h.dtype)
+        if not teacher_head.is_plain:
+            z = teacher_head.apply(z.to(torch.promote_types(z.dtype, torch.float32)), True)
+        return z.to(device)
+
+    return teacher_chunk
+
+
 def selective_head_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -325,22 +395,9 @@ def selective_head_loss(
     For kind 'pg' the teacher may instead come as `teacher_token_logprobs`, log p_T(y) of the
     sampled tokens [...] (a teacher served over HTTP), taken as given (no temperature applied).
     """
-    given = [
-        teacher_logits is not None,
-        teacher_hidden is not None and teacher_weight is not None,
-        teacher_token_logprobs is not None,
-    ]
-    if sum(given) != 1:
-        raise ValueError(
-            "pass exactly one teacher: teacher_logits, both teacher_hidden and teacher_weight, "
-            "or teacher_token_logprobs (kind 'pg')"
-        )
-    if teacher_token_logprobs is not None and kind != "pg":
-        raise ValueError(f"teacher_token_logprobs serves kind 'pg' only, not {kind!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}; got {kind!r}")
+    _check_teacher_inputs(
+        teacher_logits, teacher_hidden, teacher_weight, teacher_token_logprobs, kind, chunk_size
+    )
     w_s = trim_vocab(student_weight, vocab_size, dim=0)
     student_head = student_head.trimmed(vocab_size)
     teacher_head = teacher_head.trimmed(vocab_size)
@@ -369,34 +426,17 @@ def selective_head_loss(
         return _FusedHeadLoss.apply(
             h_rows, w_s, b_s, student_head, token_chunk_loss, chunk_size, None
         )
-    if teacher_logits is not None and not teacher_head.is_plain:
-        raise ValueError("teacher_head applies to teacher_hidden; teacher_logits are final logits")
-    if teacher_logits is not None:
-        t_rows = _rows(trim_vocab(teacher_logits, vocab_size).detach(), mask, rows)
-        if t_rows.shape[-1] != w_s.shape[0]:
-            raise ValueError(
-                f"teacher logits have {t_rows.shape[-1]} columns, student lm_head {w_s.shape[0]} "
-                "rows; pass vocab_size=len(tokenizer)"
-            )
-
-        def teacher_chunk(sl: slice) -> Tensor:
-            return t_rows[sl]
-    else:
-        w_t = trim_vocab(teacher_weight, vocab_size, dim=0).detach()
-        if w_t.shape[0] != w_s.shape[0]:
-            raise ValueError(
-                f"teacher lm_head has {w_t.shape[0]} rows, student {w_s.shape[0]}; "
-                "pass vocab_size=len(tokenizer)"
-            )
-        teacher_head.check(w_t.shape[0], "teacher")
-        ht_rows = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
-
-        def teacher_chunk(sl: slice) -> Tensor:
-            h = ht_rows[sl].to(w_t.device)
-            z = h @ w_t.T.to(h.dtype)
-            if not teacher_head.is_plain:
-                z = teacher_head.apply(z.to(torch.promote_types(z.dtype, torch.float32)), True)
-            return z.to(h_rows.device)
+    teacher_chunk = _teacher_chunks(
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_head,
+        mask,
+        rows,
+        vocab_size,
+        w_s.shape[0],
+        h_rows.device,
+    )
 
     def chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
         per = per_token_loss(
