@@ -134,3 +134,15 @@ def test_two_arm_comparison_end_to_end_and_resumable(
         got = {r["strategy"] for r in csv.DictReader(f)}
     assert got == {"full", "teachability", "teachability+1"}
     assert "3 of 4 runs finished" in capsys.readouterr().out
+
+
+def test_no_run_before_any_arm_finished_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = main(
+        ["compare", "demo", "--strategies", "teachability,random", "--seeds", "1"]
+        + ["--output-dir", str(out), "--no-run", "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "nothing to table" in err and "Traceback" not in err
+    assert not (out / "results.md").exists()

@@ -252,6 +252,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     if args.no_run:
         print(f"{len(rows)} of {len(arms)} runs finished; tables from those in {out}")
+    if not rows:
+        raise UserError(f"no run in {out} has finished yet: nothing to table (drop --no-run)")
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.csv'}, {out / 'results.md'}, {out / 'report.html'}")
     return 0

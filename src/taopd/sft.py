@@ -120,7 +120,9 @@ def prepare_sft(cfg: Config, role: str, progress: bool = True) -> Path:
         return out
     torch.manual_seed(sft.seed)
     tokenizer = load_tokenizer(base)
-    model = load_model(base, dtype=cfg.train.dtype)
+    # the trainer's rule (accelerate's default device): a GPU when there is one
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(base, dtype=cfg.train.dtype, device=device)
     model.train()
     task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
     examples = task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
@@ -137,6 +139,7 @@ def prepare_sft(cfg: Config, role: str, progress: bool = True) -> Path:
             for ex in batch
         ]
         enc = sft_batch(tokenizer, prompts, [ex.target for ex in batch])
+        enc = {k: v.to(device) for k, v in enc.items()}
         loss = answer_loss(model, enc)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,7 +151,12 @@ def prepare_sft(cfg: Config, role: str, progress: bool = True) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    meta = {"seconds": time.perf_counter() - start, "role": role, "config": sft.model_dump()}
+    meta = {
+        "seconds": time.perf_counter() - start,
+        "role": role,
+        "device": device,
+        "config": sft.model_dump(),
+    }
     (tmp / f"taopd_{role}.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
