@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import yaml
 
 from taopd.cli import main
-from taopd.compare import CSV_FIELDS, Arm, aggregate, plan_arms
+from taopd.compare import CSV_FIELDS, Arm, aggregate, mean_curve, plan_arms
 from taopd.errors import UserError
 
 
@@ -146,3 +147,15 @@ def test_no_run_before_any_arm_finished_is_one_clear_error(tmp_path, capsys):
     assert rc == 2, err
     assert "nothing to table" in err and "Traceback" not in err
     assert not (out / "results.md").exists()
+
+
+def test_learning_curves_average_seeds_step_by_step():
+    # seed 0 has its 'before' point at step 0, seed 1 does not (its first arm never finished):
+    # points are matched by step, not by index, and only steps both seeds have are averaged
+    s0 = [[0, 0, 0.20, 0.40], [5, 100, 0.30, 0.30], [10, 200, 0.40, 0.20]]
+    s1 = [[5, 120, 0.10, 0.50], [10, 240, 0.20, None]]
+    mean = mean_curve([s0, s1])
+    assert [m[0] for m in mean] == [5, 10]
+    assert mean[0] == pytest.approx([5, 110, 0.20, 0.40])
+    assert mean[1][:3] == pytest.approx([10, 220, 0.30]) and math.isnan(mean[1][3])
+    assert mean_curve([s0]) == [[float(x) for x in p] for p in s0]

@@ -23,7 +23,7 @@ from .checkpoint import atomic_write_text, latest_checkpoint
 from .config import Config, load_config
 from .errors import UserError
 
-__all__ = ["Arm", "plan_arms", "run_compare", "aggregate", "CSV_FIELDS"]
+__all__ = ["Arm", "plan_arms", "run_compare", "aggregate", "mean_curve", "CSV_FIELDS"]
 
 CSV_FIELDS = [
     "strategy",
@@ -367,6 +367,23 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_curve(curves: list[list[list[Any]]]) -> list[list[float]]:
+    """Mean over seeds of [step, tokens, accuracy, held-out KL, ...] points, matched by step.
+
+    Only the steps every seed evaluated are kept, so each point averages the same seeds (a seed
+    whose 'before' evaluation is missing does not shift the others' points)."""
+    by_step = [{int(p[0]): p for p in c} for c in curves]
+    common = sorted(set.intersection(*(set(b) for b in by_step))) if by_step else []
+    width = min(len(p) for c in curves for p in c) if common else 0
+    return [
+        [
+            statistics.mean(math.nan if b[step][j] is None else float(b[step][j]) for b in by_step)
+            for j in range(width)
+        ]
+        for step in common
+    ]
+
+
 def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
     """Accuracy and held-out KL vs step and vs tokens trained, mean over seeds per group."""
     import matplotlib
@@ -374,7 +391,7 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[str, list[list[list[float]]]] = {}
+    groups: dict[tuple[str, str], list[list[list[float]]]] = {}
     for r in rows:
         arm = Arm.from_row(r)
         s = json.loads((out / "arms" / arm.name / "summary.json").read_text())
@@ -382,29 +399,31 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
         if curve and r.get("accuracy_before") is not None:
             curve = [[0, 0, r["accuracy_before"], r.get("heldout_kl_before")], *curve]
         if curve:
-            label = f"{arm.label} {arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
-            label += f" b{arm.batch_size}" if len({x["batch_size"] for x in rows}) > 1 else ""
-            groups.setdefault(label, []).append(curve)
+            variant = f"{arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
+            variant += f" b{arm.batch_size}" if len({x["batch_size"] for x in rows}) > 1 else ""
+            groups.setdefault((arm.label, variant), []).append(curve)
     if not groups:
         return
     (out / "plots").mkdir(exist_ok=True)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for label, curves in sorted(groups.items()):
-        n = min(len(c) for c in curves)
-        mean = [
-            [
-                statistics.mean(c[i][j] if c[i][j] is not None else math.nan for c in curves)
-                for j in range(len(curves[0][0]))
-            ]
-            for i in range(n)
-        ]
+    # one colour per strategy, one line style per ratio / K / batch: 13 arms stay apart
+    palette = plt.get_cmap("tab10").colors
+    colours = {name: palette[i % 10] for i, name in enumerate(sorted({n for n, _ in groups}))}
+    variants = sorted({v for _, v in groups})
+    styles = {v: ("-", "--", ":", "-.")[i % 4] for i, v in enumerate(variants)}
+    for (name, variant), curves in sorted(groups.items()):
+        mean = mean_curve(curves)
+        if not mean:
+            continue
         steps = [m[0] for m in mean]
         tokens = [m[1] for m in mean]
-        axes[0][0].plot(steps, [m[2] for m in mean], marker="o", label=label)
-        axes[0][1].plot(tokens, [m[2] for m in mean], marker="o", label=label)
+        style = {"color": colours[name], "linestyle": styles[variant], "marker": "o"}
+        label = f"{name} {variant}"
+        axes[0][0].plot(steps, [m[2] for m in mean], label=label, **style)
+        axes[0][1].plot(tokens, [m[2] for m in mean], label=label, **style)
         if len(mean[0]) > 3:
-            axes[1][0].plot(steps, [m[3] for m in mean], marker="o", label=label)
-            axes[1][1].plot(tokens, [m[3] for m in mean], marker="o", label=label)
+            axes[1][0].plot(steps, [m[3] for m in mean], label=label, **style)
+            axes[1][1].plot(tokens, [m[3] for m in mean], label=label, **style)
     for ax, (x, y) in zip(
         axes.flat,
         [
