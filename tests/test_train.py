@@ -270,3 +270,58 @@ def test_lora_trains_only_the_adapter_and_resumes(
         "train.eval_before=false",
     )
     assert train(cfg2, resume=True, progress=False)["steps"] == 4
+
+
+@pytest.mark.parametrize("micro_batch", [None, 3])
+def test_step_metrics_split_the_step_into_phases(
+    micro_batch, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    from taopd.train import PHASES
+
+    extra = [f"train.micro_batch_size={micro_batch}"] if micro_batch else []
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        tmp_path / "run",
+        "train.steps=2",
+        "train.eval_before=false",
+        *extra,
+    )
+    train(cfg, progress=False)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        phases = [r[f"{p}_seconds"] for p in PHASES]
+        assert all(s > 0 for s in phases), r  # every phase ran and was timed
+        # the phases tile the step from its start; only the metrics themselves come after
+        assert sum(phases) <= r["step_seconds"] < sum(phases) + 1.0
+
+
+def test_threads_follow_the_config_or_the_free_cores(monkeypatch):
+    from taopd import train as train_mod
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(train_mod.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+        assert train_mod.free_cores() == 1  # 4 cores, about 3 busy
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert train_mod.free_cores() == 1  # never fewer than one
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+        assert train_mod.free_cores() == 4
+        monkeypatch.setattr(train_mod, "free_cores", lambda: 1)
+        assert train_mod.set_threads(None, torch.device("cpu")) == 1
+        assert train_mod.set_threads(2, torch.device("cpu")) == 2  # train.threads wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_projection_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch):
+    from taopd import train as train_mod
+
+    cpu = torch.device("cpu")
+    assert train_mod.projection_dtype("float32", cpu) is torch.float32
+    assert train_mod.projection_dtype("bfloat16", cpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
+    assert train_mod.projection_dtype("auto", cpu) is None  # emulated bf16: the models' dtype
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True}, raising=False)
+    assert train_mod.projection_dtype("auto", cpu) is torch.bfloat16

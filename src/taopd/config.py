@@ -114,8 +114,10 @@ class SelectionCfg(_Strict):
     scope: Literal["batch", "sequence"] = "batch"
     min_per_sequence: int = Field(0, ge=0)
     chunk_size: int = Field(512, ge=1)
-    # precision of the scoring pass's vocabulary projections: "auto" = the models' dtype;
-    # "bfloat16" is faster on CPUs with bf16 units (selection may differ slightly)
+    # precision of the scoring pass's vocabulary projections (softmaxes and sums stay float32):
+    # "auto" = bfloat16 where bf16 matmuls are native (CUDA, CPUs with AVX512-BF16 / AMX), else
+    # the models' dtype; the kept set then differs from float32 scoring on a few positions
+    # (benchmarks/README.md measures how many)
     projection_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("ratio")
@@ -196,6 +198,8 @@ class TrainCfg(_Strict):
     eval_before: bool = True
     eval_teacher: bool = True
     tensorboard: bool = True
+    # torch's CPU threads; None = the cores not busy with other jobs when the run starts (its
+    # cores minus the 1-minute load average): more threads than free cores stall every step
     threads: int | None = Field(None, ge=1)
     # shard the student's weights, gradients and optimizer state across processes (FSDP2); also
     # switched on by an accelerate FSDP config. The teacher stays whole on every process.

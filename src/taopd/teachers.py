@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .models import lm_head
 from .rollout import Rollout, response_hidden
-from .scores import TokenSignals, signals_from_hidden, signals_from_teacher_topk
+from .scores import TokenSignals, Workspace, signals_from_hidden, signals_from_teacher_topk
 
 if TYPE_CHECKING:
     from .evaluate import Evaluator
@@ -116,8 +116,11 @@ def score_rollout(
     chunk_size: int,
     temperature: float = 1.0,
     projection_dtype: torch.dtype | None = None,
+    workspace: Workspace | None = None,
 ) -> TokenSignals:
-    """Per-position signals [B, T] of a rollout's response positions (Eq. 9-12, 17)."""
+    """Per-position signals [B, T] of a rollout's response positions (Eq. 9-12, 17).
+
+    `workspace`: the scoring buffers to reuse (a trainer keeps one across steps)."""
     p = roll.prompt_len
     return teacher.signals(
         h_s,
@@ -129,6 +132,7 @@ def score_rollout(
         vocab_size=vocab_size,
         chunk_size=chunk_size,
         projection_dtype=projection_dtype,
+        workspace=workspace,
     )
 
 

@@ -12,6 +12,8 @@ backpropagates and steps. Around the step: the run folder (run_dir.py), checkpoi
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import signal
 import sys
 import time
@@ -52,12 +54,86 @@ from .rollout import Rollout, response_hidden
 from .run_dir import RunFolder, out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
-from .scores import TokenSignals
+from .scores import TokenSignals, Workspace
 from .selection import select_tokens
 from .teacher_server import TeacherServer
 from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
 
-__all__ = ["Trainer", "TrainingError", "train", "token_samples"]
+__all__ = [
+    "PHASES", "Trainer", "TrainingError", "free_cores", "projection_dtype", "set_threads", "train",
+    "token_samples",
+]  # fmt: skip
+
+
+def free_cores() -> int:
+    """CPU cores this process may use that other processes are not busy on, at least 1.
+
+    The cores it may run on (its affinity mask) minus the 1-minute load average, rounded: with
+    as many OpenMP threads as cores on a machine where another job holds one, every parallel
+    region waits for the thread that shares a core (measured: a 4 s teacher fine-tune step took
+    19-39 s beside one 1-thread job on 2 cores).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, (cores or 1) - math.floor(busy + 0.5))
+
+
+def set_threads(threads: int | None, device: torch.device) -> int:
+    """torch's intra-op threads for a run: `train.threads` when set, else on CPU the free cores
+    (`free_cores`, never more than torch's default), else torch's default. Returns the count."""
+    if threads is None and device.type == "cpu":
+        threads = min(torch.get_num_threads(), free_cores())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here: CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (elsewhere torch emulates bf16 matmuls, several times slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        caps = getattr(torch.cpu, "get_capabilities", dict)()
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return False
+
+
+def projection_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The scoring projections' dtype for `selection.projection_dtype`: "auto" is bf16 where
+    `fast_bf16`, else the models' own dtype (None); "float32" / "bfloat16" as named."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else None
+    return getattr(torch, name)
+
+
+PHASES = (
+    "rollout", "teacher", "student_forward", "scoring", "selection", "loss", "backward",
+    "optimizer",
+)  # fmt: skip
+"""The phases of a step whose seconds `train_step` logs as `<phase>_seconds` (metrics.jsonl)."""
+
+
+class PhaseClock:
+    """Wall seconds per phase of a step, read at phase boundaries (`lap`).
+
+    CUDA kernels run asynchronously: each reading first waits for the device, so a phase is
+    charged the GPU work it queued rather than the next phase's first synchronizing call.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.device = device
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase` (added up over micro-batches)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
 
 
 class StepPass(NamedTuple):
@@ -69,8 +145,7 @@ class StepPass(NamedTuple):
     h_s: Tensor
     teacher: TeacherView
     loss: float
-    rollout_seconds: float
-    scoring_seconds: float
+    clock: PhaseClock
 
 
 class TrainingError(UserError):
@@ -101,8 +176,7 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                 f"{self.world} processes"
             )
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.threads = set_threads(cfg.train.threads, self.acc.device)
         self.server: TeacherServer | None = None
         if cfg.teacher_server is not None:  # fail fast, before the output folder is touched
             self.server = TeacherServer.from_config(cfg.teacher_server)
@@ -145,13 +219,13 @@ class Trainer:
         self.engine: StudentEngine = make_engine(
             self.engine_kind, student, self.group, cfg, self.resume_from
         )
-        pd = cfg.selection.projection_dtype
         self.score_kw = dict(
             k=cfg.selection.k,
             vocab_size=self.vocab_size,
             chunk_size=cfg.selection.chunk_size,
             temperature=cfg.loss.temperature,
-            projection_dtype=None if pd == "auto" else getattr(torch, pd),
+            projection_dtype=projection_dtype(cfg.selection.projection_dtype, self.acc.device),
+            workspace=Workspace(),  # the scoring buffers stay allocated from step to step
         )
         lc = cfg.loss
         self.loss_kw = dict(
@@ -216,24 +290,31 @@ class Trainer:
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step: rollout → teacher → signals → select → selective-head loss →
         backward → optimizer step → metrics. Returns the metrics (None: nothing to train)."""
-        step, t0 = self.step + 1, time.perf_counter()
+        step, clock = self.step + 1, PhaseClock(self.acc.device)
         with self.engine.whole():  # FSDP: until the backward reshards; ZeRO-3: the whole pass
             roll = self._rollout(step)
             if roll is None:  # a rank has no prompt left (all too long): every rank skips
                 self.step = step
                 return None
-            t_roll = time.perf_counter() - t0
+            clock.lap("rollout")
             tokens, valid = roll.response_ids, roll.response_mask[:, roll.prompt_len :]
             chunks, n_passes = self._micro_batches(len(roll))
             teacher = self.teacher.view(roll, chunks)
+            clock.lap("teacher")
             h_s, h_grad = self._student_hidden(roll, chunks, n_passes)
+            clock.lap("student_forward")
             sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
+            clock.lap("scoring")
             mask, normalizer = self._select(sig, valid, step)
-            t_score = time.perf_counter() - t0 - t_roll
+            clock.lap("selection")
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
                 c = chunks[min(i, len(chunks) - 1)]
-                h = h_grad if h_grad is not None else self._grad_hidden(roll, c)
+                if h_grad is None:
+                    h = self._grad_hidden(roll, c)
+                    clock.lap("student_forward")
+                else:
+                    h = h_grad
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
                 if i < len(chunks):
                     part = selective_head_loss(
@@ -242,13 +323,16 @@ class Trainer:
                     )  # fmt: skip
                 else:  # padding pass: zero gradients, same collectives
                     part = (h.sum() + w_s.sum()) * 0.0
+                clock.lap("loss")
                 self.engine.backward(part, last=i == n_passes - 1)
                 loss += float(part.detach())
+                clock.lap("backward")
         grad_norm, applied = self.engine.step(loss, self.cfg.optim.grad_clip)
         self.sched.step()
+        clock.lap("optimizer")
         self.step = step
-        out = StepPass(roll, sig, mask, h_s, teacher, loss, t_roll, t_score)
-        return self._step_metrics(out, grad_norm, applied, t0)
+        out = StepPass(roll, sig, mask, h_s, teacher, loss, clock)
+        return self._step_metrics(out, grad_norm, applied)
 
     def _rollout(self, step: int) -> Rollout | None:
         """Student rollouts of this rank's share of the next batch (None on every rank when a
@@ -326,9 +410,7 @@ class Trainer:
         first = group.first_row(shapes)
         return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
 
-    def _step_metrics(
-        self, out: StepPass, grad_norm: float, applied: bool, t0: float
-    ) -> dict[str, Any]:
+    def _step_metrics(self, out: StepPass, grad_norm: float, applied: bool) -> dict[str, Any]:
         """Count the step, log-ready metrics, samples; stop after too many non-finite steps."""
         cfg, step, group = self.cfg, self.step, self.group
         valid = out.roll.response_mask[:, out.roll.prompt_len :]
@@ -341,7 +423,7 @@ class Trainer:
             metrics["skipped_nonfinite"] = True
         n_sel = group.all_reduce_sum(int(out.mask.sum()))
         self.tokens_trained += int(n_sel) if applied else 0
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - out.clock.start
         metrics.update(signal_metrics(out.sig, valid, out.mask, self.teacher.full_distribution))
         n_valid = group.all_reduce_sum(int(valid.sum()))
         metrics.update(
@@ -352,8 +434,7 @@ class Trainer:
             n_valid=int(n_valid),
             tokens_trained=self.tokens_trained,
             response_length=float(valid.sum(-1).float().mean()),
-            rollout_seconds=out.rollout_seconds,
-            scoring_seconds=out.scoring_seconds,
+            **{f"{phase}_seconds": s for phase, s in out.clock.seconds.items()},
             step_seconds=elapsed,
             tokens_per_second=n_valid / elapsed,
             nonfinite_steps=self.nonfinite_total,
