@@ -315,13 +315,39 @@ def test_threads_follow_the_config_or_the_free_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_auto_projection_dtype_is_bf16_only_where_bf16_is_fast(monkeypatch):
-    from taopd import train as train_mod
-
-    cpu = torch.device("cpu")
-    assert train_mod.projection_dtype("float32", cpu) is torch.float32
-    assert train_mod.projection_dtype("bfloat16", cpu) is torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True}, raising=False)
-    assert train_mod.projection_dtype("auto", cpu) is None  # emulated bf16: the models' dtype
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True}, raising=False)
-    assert train_mod.projection_dtype("auto", cpu) is torch.bfloat16
+def test_kept_region_gradient_pass_gives_the_same_step(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    # train.grad_pass=kept backpropagates only the rows with a kept position, cut after the last
+    # kept column; the loss and the update must equal the whole-batch pass (with and without
+    # micro-batches, where some micro-batches keep nothing)
+    runs, shares = {}, {}
+    for name, extra in {
+        "batch": ["train.grad_pass=batch"],
+        "kept": ["train.grad_pass=kept"],
+        "kept_mb": ["train.grad_pass=kept", "train.micro_batch_size=2"],
+    }.items():
+        out = tmp_path / name
+        cfg = tiny_cfg(
+            tiny_model_dir,
+            tiny_model_dir_same_tokenizer,
+            out,
+            "train.steps=2",
+            "selection.ratio=0.1",
+            "train.save_every=2",
+            "optim.lr=1e-3",
+            "train.eval_before=false",
+            *extra,
+        )
+        train(cfg, progress=False)
+        runs[name] = weights(out / "checkpoints" / "step-000002" / "model")
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        shares[name] = [r["kept_region_share"] for r in rows]
+        if name == "batch":
+            losses = [r["loss"] for r in rows]
+        else:
+            assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-5)
+    assert all(0 < s < 1 for s in shares["kept"])  # 10% of positions: a strict part of the grid
+    for name in ("kept", "kept_mb"):
+        for k in runs["batch"]:
+            assert torch.allclose(runs["batch"][k], runs[name][k], atol=1e-5), (name, k)

@@ -42,8 +42,9 @@ class TeacherView:
         """Per-position signals against the student's hidden states `h_s` and lm_head `w_s`."""
         raise NotImplementedError
 
-    def loss_inputs(self, rows: slice) -> dict[str, Any]:
-        """The teacher's keyword arguments of `selective_head_loss` for `rows` of the rollout."""
+    def loss_inputs(self, rows: slice | Tensor, cols: int | None = None) -> dict[str, Any]:
+        """The teacher's keyword arguments of `selective_head_loss` for `rows` of the rollout
+        (a slice or row indices), its first `cols` response columns when given."""
         raise NotImplementedError
 
     def sample_inputs(self) -> dict[str, Any]:
@@ -71,8 +72,8 @@ class LocalView(TeacherView):
             temperature=temperature, **common,
         )  # fmt: skip
 
-    def loss_inputs(self, rows: slice) -> dict[str, Any]:
-        return {"teacher_hidden": self.hidden[rows], "teacher_weight": self.weight}
+    def loss_inputs(self, rows: slice | Tensor, cols: int | None = None) -> dict[str, Any]:
+        return {"teacher_hidden": self.hidden[rows][:, :cols], "teacher_weight": self.weight}
 
     def sample_inputs(self) -> dict[str, Any]:
         return {"h_t": self.hidden, "w_t": self.weight}
@@ -98,8 +99,8 @@ class ServedView(TeacherView):
             h_s, w_s, self.ids, self.logprobs, self.token_logprobs, tokens, valid=valid, **common
         )
 
-    def loss_inputs(self, rows: slice) -> dict[str, Any]:
-        return {"teacher_token_logprobs": self.token_logprobs[rows]}
+    def loss_inputs(self, rows: slice | Tensor, cols: int | None = None) -> dict[str, Any]:
+        return {"teacher_token_logprobs": self.token_logprobs[rows][:, :cols]}
 
     def sample_inputs(self) -> dict[str, Any]:
         return {"h_t": None, "w_t": None, "teacher_top": (self.ids, self.logprobs)}

@@ -60,8 +60,7 @@ from .teacher_server import TeacherServer
 from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
 
 __all__ = [
-    "PHASES", "Trainer", "TrainingError", "free_cores", "projection_dtype", "set_threads", "train",
-    "token_samples",
+    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "train", "token_samples",
 ]  # fmt: skip
 
 
@@ -86,25 +85,6 @@ def set_threads(threads: int | None, device: torch.device) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively here: CUDA with bf16 support, or a CPU with
-    AVX512-BF16 or AMX (elsewhere torch emulates bf16 matmuls, several times slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        caps = getattr(torch.cpu, "get_capabilities", dict)()
-        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    return False
-
-
-def projection_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The scoring projections' dtype for `selection.projection_dtype`: "auto" is bf16 where
-    `fast_bf16`, else the models' own dtype (None); "float32" / "bfloat16" as named."""
-    if name == "auto":
-        return torch.bfloat16 if fast_bf16(device) else None
-    return getattr(torch, name)
 
 
 PHASES = (
@@ -146,6 +126,18 @@ class StepPass(NamedTuple):
     teacher: TeacherView
     loss: float
     clock: PhaseClock
+
+
+def _kept_region(mask: Tensor, rows: slice) -> tuple[Tensor, int] | None:
+    """The rows of micro-batch `rows` with a kept position (rollout row indices) and the number
+    of response columns up to the last kept one: all a gradient pass needs, since a causal
+    body's hidden states at a kept position do not depend on what follows. None if none kept."""
+    m = mask[rows]
+    hit = m.any(-1)
+    if not bool(hit.any()):
+        return None
+    cols = int(m.any(0).nonzero().max()) + 1
+    return hit.nonzero().squeeze(-1) + (rows.start or 0), cols
 
 
 class TrainingError(UserError):
@@ -219,12 +211,13 @@ class Trainer:
         self.engine: StudentEngine = make_engine(
             self.engine_kind, student, self.group, cfg, self.resume_from
         )
+        pd = cfg.selection.projection_dtype
         self.score_kw = dict(
             k=cfg.selection.k,
             vocab_size=self.vocab_size,
             chunk_size=cfg.selection.chunk_size,
             temperature=cfg.loss.temperature,
-            projection_dtype=projection_dtype(cfg.selection.projection_dtype, self.acc.device),
+            projection_dtype=None if pd == "auto" else getattr(torch, pd),
             workspace=Workspace(),  # the scoring buffers stay allocated from step to step
         )
         lc = cfg.loss
@@ -248,6 +241,7 @@ class Trainer:
             self.task, self.test_examples, self.tokenizer, cfg, self.group, self.progress
         )
         self.step = 0
+        self.kept_share: float | None = None  # of the last step; train.grad_pass "auto" reads it
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.tokens_trained = 0
@@ -301,25 +295,29 @@ class Trainer:
             chunks, n_passes = self._micro_batches(len(roll))
             teacher = self.teacher.view(roll, chunks)
             clock.lap("teacher")
-            h_s, h_grad = self._student_hidden(roll, chunks, n_passes)
+            h_s, h_grad = self._student_hidden(roll, chunks, n_passes, self._kept_pass())
             clock.lap("student_forward")
             sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
             clock.lap("scoring")
             mask, normalizer = self._select(sig, valid, step)
+            self.kept_share = self._kept_share(mask, roll)
             clock.lap("selection")
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
                 c = chunks[min(i, len(chunks) - 1)]
-                if h_grad is None:
-                    h = self._grad_hidden(roll, c)
+                rows, cols = c, None
+                if h_grad is None:  # the kept region of the micro-batch (or one token, unused)
+                    region = _kept_region(mask, c) if i < len(chunks) else None
+                    rows, cols = region or (torch.tensor([c.start or 0]), 1)
+                    h = self._grad_hidden(roll, rows, cols)
                     clock.lap("student_forward")
                 else:
-                    h = h_grad
+                    region, h = True, h_grad
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
-                if i < len(chunks):
+                if region is not None:
                     part = selective_head_loss(
-                        h, w_s, mask[c], tokens=tokens[c], normalizer=normalizer,
-                        **teacher.loss_inputs(c), **self.loss_kw,
+                        h, w_s, mask[rows][:, :cols], tokens=tokens[rows][:, :cols],
+                        normalizer=normalizer, **teacher.loss_inputs(rows, cols), **self.loss_kw,
                     )  # fmt: skip
                 else:  # padding pass: zero gradients, same collectives
                     part = (h.sum() + w_s.sum()) * 0.0
@@ -364,20 +362,41 @@ class Trainer:
         chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
         return chunks, self.group.all_reduce_max(len(chunks))
 
-    def _grad_hidden(self, roll: Rollout, rows: slice) -> Tensor:
-        """The student's response hidden states of `rows`, with gradient (through the engine)."""
-        return self.engine.forward(lambda m: response_hidden(m, roll, rows))
+    def _grad_hidden(self, roll: Rollout, rows: slice | Tensor, cols: int | None = None) -> Tensor:
+        """The student's response hidden states of `rows` (first `cols` response columns), with
+        gradient (through the engine)."""
+        return self.engine.forward(lambda m: response_hidden(m, roll, rows, cols))
+
+    def _kept_pass(self) -> bool:
+        """Whether this step's gradient pass covers only the kept region (train.grad_pass)."""
+        mode = self.cfg.train.grad_pass
+        if mode == "auto":  # the previous step's kept region predicts this one's
+            return self.kept_share is not None and self.kept_share < 0.5
+        return mode == "kept"
+
+    def _kept_share(self, mask: Tensor, roll: Rollout) -> float:
+        """Share of the batch's body tokens (all ranks) that a kept-region pass would run: the
+        rows with a kept position, each up to its last kept column."""
+        p, width = roll.prompt_len, mask.shape[-1]
+        cols = torch.arange(1, width + 1, device=mask.device)
+        last = (mask * cols).amax(-1)  # 1 + the last kept column, 0 without one
+        region = float(((p + last) * (last > 0)).sum())
+        group = self.group
+        return group.all_reduce_sum(region) / group.all_reduce_sum(
+            float(mask.shape[0] * (p + width))
+        )
 
     def _student_hidden(
-        self, roll: Rollout, chunks: list[slice], n_passes: int
+        self, roll: Rollout, chunks: list[slice], n_passes: int, kept_pass: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Detached student hidden states for scoring, and the grad pass when there is one.
 
-        With one micro-batch the same body forward serves scoring (detached) and the loss;
-        with several, scoring runs without gradient and each loss pass runs its own forward.
+        With one micro-batch the same body forward serves scoring (detached) and the loss, unless
+        `kept_pass`; otherwise scoring runs without gradient and each loss pass runs its own
+        forward over the kept region of its micro-batch.
         """
         self.student.train()
-        if n_passes == 1:
+        if n_passes == 1 and not kept_pass:
             h_grad = self._grad_hidden(roll, chunks[0])
             return h_grad.detach(), h_grad
         with torch.no_grad():
@@ -435,6 +454,7 @@ class Trainer:
             tokens_trained=self.tokens_trained,
             response_length=float(valid.sum(-1).float().mean()),
             **{f"{phase}_seconds": s for phase, s in out.clock.seconds.items()},
+            kept_region_share=self.kept_share,
             step_seconds=elapsed,
             tokens_per_second=n_valid / elapsed,
             nonfinite_steps=self.nonfinite_total,
