@@ -69,8 +69,8 @@ def free_cores() -> int:
 
     The cores it may run on (its affinity mask) minus the 1-minute load average, rounded: with
     as many OpenMP threads as cores on a machine where another job holds one, every parallel
-    region waits for the thread that shares a core (measured: a 4 s teacher fine-tune step took
-    19-39 s beside one 1-thread job on 2 cores).
+    region waits for the thread that shares a core (issue #17: the demo's ~4 s teacher fine-tune
+    step took 19-39 s beside one 1-thread job on 2 cores; benchmarks/README.md, "Threads").
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
