@@ -518,6 +518,7 @@ class Trainer:
             "rng": rng_state(),
             "tokens_trained": self.tokens_trained,
             "nonfinite_total": self.nonfinite_total,
+            "kept_share": self.kept_share,  # train.grad_pass "auto": the next step's choice
             "history": self.history,
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -568,6 +569,7 @@ class Trainer:
         self.prompts.load_state(state)
         self.tokens_trained = state["tokens_trained"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.kept_share = state.get("kept_share")
         self.history = state.get("history", {})
         apply_optim_config(self.opt, self.sched, self.cfg.optim)
         self.run_dir.truncate_logs(self.step)
