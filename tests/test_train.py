@@ -108,6 +108,7 @@ def test_summary_and_checkpoint_reload(tiny_model_dir, tiny_model_dir_same_token
     ):
         assert key in saved
     assert saved["n_test"] == 8 and 0 <= saved["student_accuracy_after"] <= 1
+    assert saved["threads"] == torch.get_num_threads() >= 1  # the count the run used
     assert summary["selected_fraction"] == pytest.approx(saved["selected_fraction"])
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-000002", "step-000004"]  # keep_last=2

@@ -705,6 +705,7 @@ class Trainer:
             "k": cfg.selection.k,
             "batch_size": cfg.train.batch_size,
             "world_size": self.world,
+            "threads": self.threads,  # torch's CPU threads (train.threads, or the free cores)
             "fsdp": self.engine.name == "fsdp",
             "deepspeed": self.engine.name == "deepspeed",
             "seed": cfg.train.seed,
