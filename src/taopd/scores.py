@@ -210,8 +210,9 @@ def _topk_ids(x: Tensor, k: int) -> Tensor:
 
     Two passes that read x once: the max of each block of 64 ids, then an exact top-k among the
     ids of the k blocks with the largest maxima (the k largest entries lie in those blocks: a
-    block outside them has k blocks above it, each holding a larger entry). On CPU, 2x faster
-    than `topk` over 49,152 ids. Ties at the k-th value may resolve to other ids, as in topk.
+    block outside them has k blocks above it, each holding a larger entry). On CPU, several
+    times faster than `topk` over 49,152 ids (benchmarks/README.md). Ties at the k-th value may
+    resolve to other ids, as in topk.
     """
     vocab, block = x.shape[-1], _TOPK_BLOCK
     n_blocks = vocab // block
@@ -257,8 +258,7 @@ def _plogq_rows(prob: Tensor, logp: Tensor) -> Tensor:
     """Σ_v p_i(v) log p_j(v) per row for (i, j) = (S, S), (S, T), (T, T), (T, S): [4, N].
 
     Inputs [N, 2, V] (student, teacher). One batched [2, V] × [V, 2] product per row reads each
-    buffer once: the four sums without the four product temporaries of a mul-then-sum (on CPU
-    those were 3x the time of this call on SmolLM2 shapes, see benchmarks/README.md).
+    buffer once: the four sums without the four product temporaries of a mul-then-sum.
     """
     m = torch.bmm(prob, logp.transpose(1, 2))  # [N, 2, 2]: m[n, i, j] = Σ_v p_i log p_j
     return torch.stack([m[:, 0, 0], m[:, 0, 1], m[:, 1, 1], m[:, 1, 0]])
@@ -267,10 +267,11 @@ def _plogq_rows(prob: Tensor, logp: Tensor) -> Tensor:
 class Workspace:
     """Buffers that chunked scoring reuses across calls (hold one per training run).
 
-    A fresh [chunk, 2, V] float32 buffer is zero-filled by the kernel page by page on first touch:
-    on CPU that cost ~0.4 s of a 2.7 s scoring pass (SmolLM2 shapes, 1 thread, two 200 MB
-    buffers). Passing the same workspace to every call keeps them resident; `nbytes` says how
-    much it holds, `clear()` frees it. On CUDA the caching allocator already reuses memory.
+    A fresh [chunk, 2, V] float32 buffer is zero-filled by the kernel page by page on first touch
+    (on CPU, two 200 MB buffers a step on SmolLM2 shapes: the profile's matmul and log-softmax
+    time fell by ~0.6 s a step once they were kept, benchmarks/README.md). Passing the same
+    workspace to every call keeps them resident; `nbytes` says how much it holds, `clear()`
+    frees it. On CUDA the caching allocator already reuses memory.
     """
 
     def __init__(self) -> None:

@@ -305,16 +305,16 @@ class Trainer:
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
                 c = chunks[min(i, len(chunks) - 1)]
-                rows, cols = c, None
-                if h_grad is None:  # the kept region of the micro-batch (or one token, unused)
-                    region = _kept_region(mask, c) if i < len(chunks) else None
-                    rows, cols = region or (torch.tensor([c.start or 0]), 1)
+                live = i < len(chunks)  # the extra passes only keep the collectives aligned
+                rows, cols, h = c, None, h_grad
+                if h_grad is None:  # its own forward, over the kept region of the micro-batch
+                    region = _kept_region(mask, c) if live else None
+                    live = region is not None
+                    rows, cols = region or (torch.tensor([c.start or 0]), 1)  # else one token
                     h = self._grad_hidden(roll, rows, cols)
                     clock.lap("student_forward")
-                else:
-                    region, h = True, h_grad
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
-                if region is not None:
+                if live:
                     part = selective_head_loss(
                         h, w_s, mask[rows][:, :cols], tokens=tokens[rows][:, :cols],
                         normalizer=normalizer, **teacher.loss_inputs(rows, cols), **self.loss_kw,
