@@ -15,10 +15,10 @@ repeats (the arm order rotates each round), median of the repeats:
          `DistillationTrainer._compute_loss` calls it, then backward
   floor  teacher body (no grad) + student body forward/backward with a trivial loss on the hidden
          states (no vocabulary projection at all): what no distillation loss can beat
-  taopd-bf16  (b) with the scoring projections in bf16 (`projection_dtype=torch.bfloat16`, what
-         `selection.projection_dtype: auto` picks where bf16 matmuls are native); softmaxes and
-         sums stay fp32. The signals then differ from fp32 scoring: the table reports the share
-         of (b)'s kept positions bf16 scoring also keeps, per batch seed (`--agreement-seeds`).
+  taopd-bf16  (b) with the scoring projections in bf16 (`projection_dtype=torch.bfloat16`, the
+         trainer's `selection.projection_dtype: bfloat16`); softmaxes and sums stay fp32. The
+         signals then differ from fp32 scoring: the table reports the share of (b)'s kept
+         positions bf16 scoring also keeps, per batch seed (`--agreement-seeds`).
 
 The taopd arms keep their scoring buffers in a `taopd.scores.Workspace` across steps, as the
 trainer does; their peak memory adds the workspace's bytes (resident before the step, so the
