@@ -295,6 +295,8 @@ def test_step_metrics_split_the_step_into_phases(
         assert all(s > 0 for s in phases), r  # every phase ran and was timed
         # the phases tile the step from its start; only the metrics themselves come after
         assert sum(phases) <= r["step_seconds"] < sum(phases) + 1.0
+        shares = [r[f"{p}_share"] for p in PHASES]
+        assert shares == pytest.approx([s / r["step_seconds"] for s in phases])
 
 
 def test_threads_follow_the_config_or_the_free_cores(monkeypatch):

@@ -454,6 +454,7 @@ class Trainer:
             tokens_trained=self.tokens_trained,
             response_length=float(valid.sum(-1).float().mean()),
             **{f"{phase}_seconds": s for phase, s in out.clock.seconds.items()},
+            **{f"{phase}_share": s / elapsed for phase, s in out.clock.seconds.items()},
             kept_region_share=self.kept_share,
             step_seconds=elapsed,
             tokens_per_second=n_valid / elapsed,
