@@ -283,3 +283,44 @@ def test_topk_signals_from_a_true_top_k_give_the_lower_bound():
     assert bool((got.compatibility <= exact.compatibility + 1e-6).all())
     with pytest.raises(ValueError, match="fewer than k=5"):
         taopd.topk_signals(s, top.indices, top.values, k=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scoring pass's fast paths (issue #17): block top-K, batched Σ p log q, reused workspace
+
+
+@pytest.mark.parametrize("vocab", [1000, 4096, 4099, 49_152])
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_block_topk_returns_the_topk_set(vocab, k):
+    from taopd.scores import _topk_ids
+
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(5, 2, vocab, generator=g)
+    x[0, 0, 3:40] = 10.0 + torch.arange(37) * 1e-3  # the whole top-K inside one block
+    x[1, 1, vocab - 2 :] = 20.0  # in the tail no block covers (vocab not a multiple of 64)
+    x[2, 0, : vocab // 2] = -math.inf
+    got = _topk_ids(x, k).sort(-1).values
+    want = x.topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(got, want)
+
+
+def test_signals_from_hidden_with_a_workspace_match_float64_reference():
+    # vocab 3000 with k=4: the block top-K path; the same workspace serves calls of other sizes
+    g = torch.Generator().manual_seed(31)
+    hs, ht = torch.randn(2, 9, 24, generator=g), torch.randn(2, 9, 40, generator=g)
+    ws, wt = torch.randn(3000, 24, generator=g) * 0.4, torch.randn(3000, 40, generator=g) * 0.4
+    tokens = torch.randint(0, 3000, (2, 9), generator=g)
+    workspace = taopd.scores.Workspace()
+    for chunk in (4, 64, 3):
+        sig = taopd.signals_from_hidden(
+            hs, ws, ht, wt, tokens=tokens, k=4, chunk_size=chunk, workspace=workspace
+        )
+        s_logits, t_logits = (hs.double() @ ws.T.double()), (ht.double() @ wt.T.double())
+        for b, i in [(0, 0), (0, 8), (1, 4)]:
+            want = ref.signals(s_logits[b, i], t_logits[b, i], 4, int(tokens[b, i]))
+            for name, value in want.items():
+                got = float(getattr(sig, name)[b, i])
+                assert got == pytest.approx(value, rel=1e-4, abs=1e-5), (chunk, name)
+    assert workspace.nbytes == 2 * 18 * 2 * 3000 * 4  # grown to the largest chunk (18 rows), kept
+    workspace.clear()
+    assert workspace.nbytes == 0

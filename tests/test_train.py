@@ -108,6 +108,7 @@ def test_summary_and_checkpoint_reload(tiny_model_dir, tiny_model_dir_same_token
     ):
         assert key in saved
     assert saved["n_test"] == 8 and 0 <= saved["student_accuracy_after"] <= 1
+    assert saved["threads"] == torch.get_num_threads() >= 1  # the count the run used
     assert summary["selected_fraction"] == pytest.approx(saved["selected_fraction"])
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-000002", "step-000004"]  # keep_last=2
@@ -270,3 +271,86 @@ def test_lora_trains_only_the_adapter_and_resumes(
         "train.eval_before=false",
     )
     assert train(cfg2, resume=True, progress=False)["steps"] == 4
+
+
+@pytest.mark.parametrize("micro_batch", [None, 3])
+def test_step_metrics_split_the_step_into_phases(
+    micro_batch, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    from taopd.train import PHASES
+
+    extra = [f"train.micro_batch_size={micro_batch}"] if micro_batch else []
+    cfg = tiny_cfg(
+        tiny_model_dir,
+        tiny_model_dir_same_tokenizer,
+        tmp_path / "run",
+        "train.steps=2",
+        "train.eval_before=false",
+        *extra,
+    )
+    train(cfg, progress=False)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        phases = [r[f"{p}_seconds"] for p in PHASES]
+        assert all(s > 0 for s in phases), r  # every phase ran and was timed
+        # the phases tile the step from its start; only the metrics themselves come after
+        assert sum(phases) <= r["step_seconds"] < sum(phases) + 1.0
+        shares = [r[f"{p}_share"] for p in PHASES]
+        assert shares == pytest.approx([s / r["step_seconds"] for s in phases])
+
+
+def test_threads_follow_the_config_or_the_free_cores(monkeypatch):
+    from taopd import train as train_mod
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(train_mod.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+        assert train_mod.free_cores() == 1  # 4 cores, about 3 busy
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert train_mod.free_cores() == 1  # never fewer than one
+        monkeypatch.setattr(train_mod.os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+        assert train_mod.free_cores() == 4
+        monkeypatch.setattr(train_mod, "free_cores", lambda: 1)
+        assert train_mod.set_threads(None, torch.device("cpu")) == 1
+        assert train_mod.set_threads(2, torch.device("cpu")) == 2  # train.threads wins
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kept_region_gradient_pass_gives_the_same_step(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    # train.grad_pass=kept backpropagates only the rows with a kept position, cut after the last
+    # kept column; the loss and the update must equal the whole-batch pass (with and without
+    # micro-batches, where some micro-batches keep nothing)
+    runs, shares = {}, {}
+    for name, extra in {
+        "batch": ["train.grad_pass=batch"],
+        "kept": ["train.grad_pass=kept"],
+        "kept_mb": ["train.grad_pass=kept", "train.micro_batch_size=2"],
+    }.items():
+        out = tmp_path / name
+        cfg = tiny_cfg(
+            tiny_model_dir,
+            tiny_model_dir_same_tokenizer,
+            out,
+            "train.steps=2",
+            "selection.ratio=0.1",
+            "train.save_every=2",
+            "optim.lr=1e-3",
+            "train.eval_before=false",
+            *extra,
+        )
+        train(cfg, progress=False)
+        runs[name] = weights(out / "checkpoints" / "step-000002" / "model")
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        shares[name] = [r["kept_region_share"] for r in rows]
+        if name == "batch":
+            losses = [r["loss"] for r in rows]
+        else:
+            assert [r["loss"] for r in rows] == pytest.approx(losses, rel=1e-5)
+    assert all(0 < s < 1 for s in shares["kept"])  # 10% of positions: a strict part of the grid
+    for name in ("kept", "kept_mb"):
+        for k in runs["batch"]:
+            assert torch.allclose(runs["batch"][k], runs[name][k], atol=1e-5), (name, k)

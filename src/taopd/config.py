@@ -114,8 +114,10 @@ class SelectionCfg(_Strict):
     scope: Literal["batch", "sequence"] = "batch"
     min_per_sequence: int = Field(0, ge=0)
     chunk_size: int = Field(512, ge=1)
-    # precision of the scoring pass's vocabulary projections: "auto" = the models' dtype;
-    # "bfloat16" is faster on CPUs with bf16 units (selection may differ slightly)
+    # precision of the scoring pass's vocabulary projections (softmaxes and sums stay float32):
+    # "auto" = the models' dtype. "bfloat16" is faster where bf16 matmuls are native (GPUs, CPUs
+    # with AVX512-BF16 / AMX; several times slower where emulated) but keeps a different set:
+    # 90-98% of float32's kept positions on the benchmark's batches (benchmarks/README.md)
     projection_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @field_validator("ratio")
@@ -184,6 +186,13 @@ class TrainCfg(_Strict):
     steps: int = Field(30, ge=1)
     batch_size: int = Field(16, ge=1)
     micro_batch_size: int | None = Field(None, ge=1)
+    # the student's gradient pass. "batch": one body forward with gradient over every row, its
+    # detached hidden states also feed scoring. "kept": scoring runs the body without gradient,
+    # then the gradient pass covers only rows with a kept position, cut after the last kept
+    # column (an extra forward of those rows, a backward of only them). "auto": "kept" when the
+    # previous step's kept region was under half the batch's tokens. With micro-batches the
+    # scoring pass is gradient-free anyway and the gradient passes always cover the kept region.
+    grad_pass: Literal["auto", "batch", "kept"] = "auto"
     eval_every: int = Field(0, ge=0)
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
@@ -196,6 +205,8 @@ class TrainCfg(_Strict):
     eval_before: bool = True
     eval_teacher: bool = True
     tensorboard: bool = True
+    # torch's CPU threads; None = the cores not busy with other jobs when the run starts (its
+    # cores minus the 1-minute load average): more threads than free cores stall every step
     threads: int | None = Field(None, ge=1)
     # shard the student's weights, gradients and optimizer state across processes (FSDP2); also
     # switched on by an accelerate FSDP config. The teacher stays whole on every process.

@@ -310,13 +310,20 @@ def generate(
     return assemble_rollout(prompt_ids, prompt_mask, rows, eos_ids, pad_id, tokenizer, device)
 
 
-def response_hidden(model: Any, roll: Rollout, rows: slice = slice(None)) -> Tensor:
+def response_hidden(
+    model: Any, roll: Rollout, rows: slice | Tensor = slice(None), cols: int | None = None
+) -> Tensor:
     """Hidden states that predict the response columns: `hidden[:, p-1:-1]` ↦ `input_ids[:, p:]`.
 
-    One body forward over `rows` of the rollout; no [B, T, V] logits are made.
+    One body forward over `rows` of the rollout (a slice or row indices); no [B, T, V] logits
+    are made. `cols` runs only the first `cols` response columns: a causal body's hidden states
+    there do not depend on the columns after them.
     """
     from taopd.models import hidden_states
 
     p = roll.prompt_len
-    h = hidden_states(model, roll.input_ids[rows], roll.attention_mask[rows])
+    ids, am = roll.input_ids[rows], roll.attention_mask[rows]
+    if cols is not None:
+        ids, am = ids[:, : p + cols], am[:, : p + cols]
+    h = hidden_states(model, ids, am)
     return h[:, p - 1 : -1]

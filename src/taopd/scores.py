@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "HeadSpec",
     "TokenSignals",
+    "Workspace",
     "token_signals",
     "signals_from_hidden",
     "signals_from_teacher_topk",
@@ -163,7 +164,7 @@ def _stacked_signals(x: Tensor, work: Tensor, k: int, tokens: Tensor | None) -> 
     """Signals for rows of stacked logits x [N, 2, V] (student, teacher), already divided by the
     temperature, in float32 or wider. Overwrites x with the probabilities and `work` (same shape
     and dtype) with the log-probabilities: two [N, 2, V] buffers, reused by the caller across
-    chunks (fresh [N, V] tensors cost page faults on CPU), and a small product scratch.
+    chunks (fresh [N, V] tensors cost page faults on CPU); nothing else of size V is allocated.
     """
     logp = torch.log_softmax(x, dim=-1, out=work)
     prob = torch.exp(logp, out=x)
@@ -186,7 +187,7 @@ def _stacked_signals(x: Tensor, work: Tensor, k: int, tokens: Tensor | None) -> 
         out["teacher_entropy"][idx] = -b_neg_h_t
         out["reverse_kl"][idx] = b_neg_h_s - _xlogy_sum(b_ps, b_lt)
         out["forward_kl"][idx] = b_neg_h_t - _xlogy_sum(b_pt, b_ls)
-    top = logp.topk(k, dim=-1).indices
+    top = _topk_ids(logp, k)
     ids_s, ids_t = top[:, 0], top[:, 1]  # S^S, S^T
     out["disagreement"], s_in_t = _union_disagreement(
         ids_s, ids_t, lambda i: ls.gather(-1, i), lambda i: lt.gather(-1, i)
@@ -199,6 +200,32 @@ def _stacked_signals(x: Tensor, work: Tensor, k: int, tokens: Tensor | None) -> 
         idx = tokens.long().unsqueeze(-1)
         out["log_ratio"] = (ls.gather(-1, idx) - lt.gather(-1, idx)).squeeze(-1)
     return out
+
+
+_TOPK_BLOCK = 64  # block width of `_topk_ids`' first pass
+
+
+def _topk_ids(x: Tensor, k: int) -> Tensor:
+    """Ids of the k largest entries along the last dim (the set `torch.topk` returns).
+
+    Two passes that read x once: the max of each block of 64 ids, then an exact top-k among the
+    ids of the k blocks with the largest maxima (the k largest entries lie in those blocks: a
+    block outside them has k blocks above it, each holding a larger entry). On CPU, several
+    times faster than `topk` over 49,152 ids (benchmarks/README.md). Ties at the k-th value may
+    resolve to other ids, as in topk.
+    """
+    vocab, block = x.shape[-1], _TOPK_BLOCK
+    n_blocks = vocab // block
+    if n_blocks < 4 * k:  # small vocabularies: nothing to gain
+        return x.topk(k, dim=-1).indices
+    head = x.narrow(-1, 0, n_blocks * block)
+    best = head.unflatten(-1, (n_blocks, block)).amax(-1).topk(k, dim=-1).indices
+    ids = (best.unsqueeze(-1) * block + torch.arange(block, device=x.device)).flatten(-2)
+    tail = vocab - n_blocks * block
+    if tail:  # the last ids, outside every block, are always candidates
+        rest = torch.arange(n_blocks * block, vocab, device=x.device)
+        ids = torch.cat([ids, rest.expand(*ids.shape[:-1], tail)], dim=-1)
+    return ids.gather(-1, x.gather(-1, ids).topk(k, dim=-1).indices)
 
 
 def _union_disagreement(
@@ -227,27 +254,53 @@ def _mass_on(pt_at_s: Tensor, member: Tensor) -> Tensor:
     return (pt_at_s * member).sum(-1)
 
 
-_PLOGQ_BLOCK_BYTES = 8 << 20  # product block on CPU: stays in cache between the mul and the sum
-
-
 def _plogq_rows(prob: Tensor, logp: Tensor) -> Tensor:
     """Σ_v p_i(v) log p_j(v) per row for (i, j) = (S, S), (S, T), (T, T), (T, S): [4, N].
 
-    Inputs [N, 2, V] (student, teacher). Products go through a small scratch, a block of rows at a
-    time, and each row is summed as `_xlogy_sum` sums it (same values on rows without -inf).
+    Inputs [N, 2, V] (student, teacher). One batched [2, V] × [V, 2] product per row reads each
+    buffer once: the four sums without the four product temporaries of a mul-then-sum.
     """
-    n, _, vocab = prob.shape
-    block = n
-    if prob.device.type == "cpu":
-        block = max(8, _PLOGQ_BLOCK_BYTES // (vocab * prob.element_size()))
-    out = prob.new_empty(4, n)
-    scratch = prob.new_empty(min(block, n), vocab)
-    for i in range(0, n, block):
-        j = min(i + block, n)
-        for q, (a, b) in enumerate(((0, 0), (0, 1), (1, 1), (1, 0))):
-            prod = torch.mul(prob[i:j, a], logp[i:j, b], out=scratch[: j - i])
-            torch.sum(prod, dim=-1, out=out[q, i:j])
-    return out
+    m = torch.bmm(prob, logp.transpose(1, 2))  # [N, 2, 2]: m[n, i, j] = Σ_v p_i log p_j
+    return torch.stack([m[:, 0, 0], m[:, 0, 1], m[:, 1, 1], m[:, 1, 0]])
+
+
+class Workspace:
+    """Buffers that chunked scoring reuses across calls (hold one per training run).
+
+    A fresh [chunk, 2, V] float32 buffer is zero-filled by the kernel page by page on first touch
+    (on CPU, two 200 MB buffers a step on SmolLM2 shapes: the profile's matmul and log-softmax
+    time fell by ~0.6 s a step once they were kept, benchmarks/README.md). Passing the same
+    workspace to every call keeps them resident; `nbytes` says how much it holds, `clear()`
+    frees it. On CUDA the caching allocator already reuses memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+        """A tensor of `shape` backed by the buffer `name`, grown (re-allocated) when too small."""
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            self._buffers.pop(name, None)  # free the old one before allocating its successor
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def _buffer(
+    workspace: Workspace | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device
+) -> Tensor:
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.get(name, shape, dtype, device)
 
 
 def _project(h: Tensor, weight: Tensor, out: Tensor, dtype: torch.dtype | None = None) -> None:
@@ -337,6 +390,7 @@ def signals_from_hidden(
     projection_dtype: torch.dtype | None = None,
     student_head: HeadSpec = PLAIN_HEAD,
     teacher_head: HeadSpec = PLAIN_HEAD,
+    workspace: Workspace | None = None,
 ) -> TokenSignals:
     """The signals of `token_signals`, from hidden states [..., d] and lm_head weights [V, d].
 
@@ -346,7 +400,8 @@ def signals_from_hidden(
     Projects `chunk_size` valid positions at a time, so at most [chunk_size, V] logits exist;
     hidden states are detached (scoring never carries gradient). `projection_dtype`
     (torch.bfloat16) runs the two vocabulary projections in lower precision, faster on CPUs with
-    bf16 units; softmaxes, top-K and sums stay in float32.
+    bf16 units; softmaxes, top-K and sums stay in float32. `workspace` (`Workspace`) keeps the
+    two [chunk_size, 2, V] buffers across calls instead of allocating them every call.
     """
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(
@@ -379,8 +434,8 @@ def signals_from_hidden(
     n_rows, rows = h_s.shape[0], []
     if n_rows:  # one workspace for all chunks: fresh [chunk, V] tensors cost page faults on CPU
         shape = (min(chunk_size, n_rows), 2, w_s.shape[0])
-        x_buf = torch.empty(shape, dtype=dtype, device=device)
-        work = torch.empty(shape, dtype=dtype, device=device)
+        x_buf = _buffer(workspace, "logits", shape, dtype, device)
+        work = _buffer(workspace, "logp", shape, dtype, device)
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         x = x_buf[: end - start]
@@ -454,6 +509,7 @@ def signals_from_teacher_topk(
     vocab_size: int | None = None,
     chunk_size: int = 512,
     projection_dtype: torch.dtype | None = None,
+    workspace: Workspace | None = None,
 ) -> TokenSignals:
     """Signals when the teacher gives log-probs only on some ids (a top-k server, Eq. 17).
 
@@ -464,6 +520,7 @@ def signals_from_teacher_topk(
     lower bound of C; C itself when R = V). disagreement: D on U = S^S ∪ S^T with p_T of ids
     outside the returned set taken as the missing mass spread uniformly over them (exact when
     R = V). teacher_entropy, reverse_kl, forward_kl: NaN (TOPK_UNAVAILABLE). Temperature 1.
+    `workspace`: as in `signals_from_hidden`.
     """
     w_s = trim_vocab(student_weight, vocab_size, dim=0).detach()
     vocab = w_s.shape[0]
@@ -491,7 +548,7 @@ def signals_from_teacher_topk(
     rows = []
     n_rows = h_s.shape[0]
     if n_rows:
-        logits = torch.empty(min(chunk_size, n_rows), vocab, dtype=dtype, device=device)
+        logits = _buffer(workspace, "logits", (min(chunk_size, n_rows), vocab), dtype, device)
     for start in range(0, n_rows, chunk_size):
         sl = slice(start, min(start + chunk_size, n_rows))
         x = logits[: sl.stop - start]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .models import lm_head
 from .rollout import Rollout, response_hidden
-from .scores import TokenSignals, signals_from_hidden, signals_from_teacher_topk
+from .scores import TokenSignals, Workspace, signals_from_hidden, signals_from_teacher_topk
 
 if TYPE_CHECKING:
     from .evaluate import Evaluator
@@ -42,8 +42,9 @@ class TeacherView:
         """Per-position signals against the student's hidden states `h_s` and lm_head `w_s`."""
         raise NotImplementedError
 
-    def loss_inputs(self, rows: slice) -> dict[str, Any]:
-        """The teacher's keyword arguments of `selective_head_loss` for `rows` of the rollout."""
+    def loss_inputs(self, rows: slice | Tensor, cols: int | None = None) -> dict[str, Any]:
+        """The teacher's keyword arguments of `selective_head_loss` for `rows` of the rollout
+        (a slice or row indices), its first `cols` response columns when given."""
         raise NotImplementedError
 
     def sample_inputs(self) -> dict[str, Any]:
@@ -71,8 +72,8 @@ class LocalView(TeacherView):
             temperature=temperature, **common,
         )  # fmt: skip
 
-    def loss_inputs(self, rows: slice) -> dict[str, Any]:
-        return {"teacher_hidden": self.hidden[rows], "teacher_weight": self.weight}
+    def loss_inputs(self, rows: slice | Tensor, cols: int | None = None) -> dict[str, Any]:
+        return {"teacher_hidden": self.hidden[rows][:, :cols], "teacher_weight": self.weight}
 
     def sample_inputs(self) -> dict[str, Any]:
         return {"h_t": self.hidden, "w_t": self.weight}
@@ -98,8 +99,8 @@ class ServedView(TeacherView):
             h_s, w_s, self.ids, self.logprobs, self.token_logprobs, tokens, valid=valid, **common
         )
 
-    def loss_inputs(self, rows: slice) -> dict[str, Any]:
-        return {"teacher_token_logprobs": self.token_logprobs[rows]}
+    def loss_inputs(self, rows: slice | Tensor, cols: int | None = None) -> dict[str, Any]:
+        return {"teacher_token_logprobs": self.token_logprobs[rows][:, :cols]}
 
     def sample_inputs(self) -> dict[str, Any]:
         return {"h_t": None, "w_t": None, "teacher_top": (self.ids, self.logprobs)}
@@ -116,8 +117,11 @@ def score_rollout(
     chunk_size: int,
     temperature: float = 1.0,
     projection_dtype: torch.dtype | None = None,
+    workspace: Workspace | None = None,
 ) -> TokenSignals:
-    """Per-position signals [B, T] of a rollout's response positions (Eq. 9-12, 17)."""
+    """Per-position signals [B, T] of a rollout's response positions (Eq. 9-12, 17).
+
+    `workspace`: the scoring buffers to reuse (a trainer keeps one across steps)."""
     p = roll.prompt_len
     return teacher.signals(
         h_s,
@@ -129,6 +133,7 @@ def score_rollout(
         vocab_size=vocab_size,
         chunk_size=chunk_size,
         projection_dtype=projection_dtype,
+        workspace=workspace,
     )
 
 

@@ -12,6 +12,8 @@ backpropagates and steps. Around the step: the run folder (run_dir.py), checkpoi
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import signal
 import sys
 import time
@@ -52,12 +54,66 @@ from .rollout import Rollout, response_hidden
 from .run_dir import RunFolder, out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
-from .scores import TokenSignals
+from .scores import TokenSignals, Workspace
 from .selection import select_tokens
 from .teacher_server import TeacherServer
 from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
 
-__all__ = ["Trainer", "TrainingError", "train", "token_samples"]
+__all__ = [
+    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "train", "token_samples",
+]  # fmt: skip
+
+
+def free_cores() -> int:
+    """CPU cores this process may use that other processes are not busy on, at least 1.
+
+    The cores it may run on (its affinity mask) minus the 1-minute load average, rounded: with
+    as many OpenMP threads as cores on a machine where another job holds one, every parallel
+    region waits for the thread that shares a core (issue #17: the demo's ~4 s teacher fine-tune
+    step took 19-39 s beside one 1-thread job on 2 cores; benchmarks/README.md, "Threads").
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, (cores or 1) - math.floor(busy + 0.5))
+
+
+def set_threads(threads: int | None, device: torch.device) -> int:
+    """torch's intra-op threads for a run: `train.threads` when set, else on CPU the free cores
+    (`free_cores`, never more than torch's default), else torch's default. Returns the count."""
+    if threads is None and device.type == "cpu":
+        threads = min(torch.get_num_threads(), free_cores())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+PHASES = (
+    "rollout", "teacher", "student_forward", "scoring", "selection", "loss", "backward",
+    "optimizer",
+)  # fmt: skip
+"""The phases of a step whose seconds `train_step` logs as `<phase>_seconds` (metrics.jsonl)."""
+
+
+class PhaseClock:
+    """Wall seconds per phase of a step, read at phase boundaries (`lap`).
+
+    CUDA kernels run asynchronously: each reading first waits for the device, so a phase is
+    charged the GPU work it queued rather than the next phase's first synchronizing call.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.device = device
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.start = self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase` (added up over micro-batches)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
 
 
 class StepPass(NamedTuple):
@@ -69,8 +125,19 @@ class StepPass(NamedTuple):
     h_s: Tensor
     teacher: TeacherView
     loss: float
-    rollout_seconds: float
-    scoring_seconds: float
+    clock: PhaseClock
+
+
+def _kept_region(mask: Tensor, rows: slice) -> tuple[Tensor, int] | None:
+    """The rows of micro-batch `rows` with a kept position (rollout row indices) and the number
+    of response columns up to the last kept one: all a gradient pass needs, since a causal
+    body's hidden states at a kept position do not depend on what follows. None if none kept."""
+    m = mask[rows]
+    hit = m.any(-1)
+    if not bool(hit.any()):
+        return None
+    cols = int(m.any(0).nonzero().max()) + 1
+    return hit.nonzero().squeeze(-1) + (rows.start or 0), cols
 
 
 class TrainingError(UserError):
@@ -101,8 +168,7 @@ class Trainer:
                 f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                 f"{self.world} processes"
             )
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.threads = set_threads(cfg.train.threads, self.acc.device)
         self.server: TeacherServer | None = None
         if cfg.teacher_server is not None:  # fail fast, before the output folder is touched
             self.server = TeacherServer.from_config(cfg.teacher_server)
@@ -152,6 +218,7 @@ class Trainer:
             chunk_size=cfg.selection.chunk_size,
             temperature=cfg.loss.temperature,
             projection_dtype=None if pd == "auto" else getattr(torch, pd),
+            workspace=Workspace(),  # the scoring buffers stay allocated from step to step
         )
         lc = cfg.loss
         self.loss_kw = dict(
@@ -174,6 +241,7 @@ class Trainer:
             self.task, self.test_examples, self.tokenizer, cfg, self.group, self.progress
         )
         self.step = 0
+        self.kept_share: float | None = None  # of the last step; train.grad_pass "auto" reads it
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self.tokens_trained = 0
@@ -216,39 +284,53 @@ class Trainer:
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step: rollout → teacher → signals → select → selective-head loss →
         backward → optimizer step → metrics. Returns the metrics (None: nothing to train)."""
-        step, t0 = self.step + 1, time.perf_counter()
+        step, clock = self.step + 1, PhaseClock(self.acc.device)
         with self.engine.whole():  # FSDP: until the backward reshards; ZeRO-3: the whole pass
             roll = self._rollout(step)
             if roll is None:  # a rank has no prompt left (all too long): every rank skips
                 self.step = step
                 return None
-            t_roll = time.perf_counter() - t0
+            clock.lap("rollout")
             tokens, valid = roll.response_ids, roll.response_mask[:, roll.prompt_len :]
             chunks, n_passes = self._micro_batches(len(roll))
             teacher = self.teacher.view(roll, chunks)
-            h_s, h_grad = self._student_hidden(roll, chunks, n_passes)
+            clock.lap("teacher")
+            h_s, h_grad = self._student_hidden(roll, chunks, n_passes, self._kept_pass())
+            clock.lap("student_forward")
             sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
+            clock.lap("scoring")
             mask, normalizer = self._select(sig, valid, step)
-            t_score = time.perf_counter() - t0 - t_roll
+            self.kept_share = self._kept_share(mask, roll)
+            clock.lap("selection")
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
                 c = chunks[min(i, len(chunks) - 1)]
-                h = h_grad if h_grad is not None else self._grad_hidden(roll, c)
+                live = i < len(chunks)  # the extra passes only keep the collectives aligned
+                rows, cols, h = c, None, h_grad
+                if h_grad is None:  # its own forward, over the kept region of the micro-batch
+                    region = _kept_region(mask, c) if live else None
+                    live = region is not None
+                    rows, cols = region or (torch.tensor([c.start or 0]), 1)  # else one token
+                    h = self._grad_hidden(roll, rows, cols)
+                    clock.lap("student_forward")
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
-                if i < len(chunks):
+                if live:
                     part = selective_head_loss(
-                        h, w_s, mask[c], tokens=tokens[c], normalizer=normalizer,
-                        **teacher.loss_inputs(c), **self.loss_kw,
+                        h, w_s, mask[rows][:, :cols], tokens=tokens[rows][:, :cols],
+                        normalizer=normalizer, **teacher.loss_inputs(rows, cols), **self.loss_kw,
                     )  # fmt: skip
                 else:  # padding pass: zero gradients, same collectives
                     part = (h.sum() + w_s.sum()) * 0.0
+                clock.lap("loss")
                 self.engine.backward(part, last=i == n_passes - 1)
                 loss += float(part.detach())
+                clock.lap("backward")
         grad_norm, applied = self.engine.step(loss, self.cfg.optim.grad_clip)
         self.sched.step()
+        clock.lap("optimizer")
         self.step = step
-        out = StepPass(roll, sig, mask, h_s, teacher, loss, t_roll, t_score)
-        return self._step_metrics(out, grad_norm, applied, t0)
+        out = StepPass(roll, sig, mask, h_s, teacher, loss, clock)
+        return self._step_metrics(out, grad_norm, applied)
 
     def _rollout(self, step: int) -> Rollout | None:
         """Student rollouts of this rank's share of the next batch (None on every rank when a
@@ -280,20 +362,41 @@ class Trainer:
         chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
         return chunks, self.group.all_reduce_max(len(chunks))
 
-    def _grad_hidden(self, roll: Rollout, rows: slice) -> Tensor:
-        """The student's response hidden states of `rows`, with gradient (through the engine)."""
-        return self.engine.forward(lambda m: response_hidden(m, roll, rows))
+    def _grad_hidden(self, roll: Rollout, rows: slice | Tensor, cols: int | None = None) -> Tensor:
+        """The student's response hidden states of `rows` (first `cols` response columns), with
+        gradient (through the engine)."""
+        return self.engine.forward(lambda m: response_hidden(m, roll, rows, cols))
+
+    def _kept_pass(self) -> bool:
+        """Whether this step's gradient pass covers only the kept region (train.grad_pass)."""
+        mode = self.cfg.train.grad_pass
+        if mode == "auto":  # the previous step's kept region predicts this one's
+            return self.kept_share is not None and self.kept_share < 0.5
+        return mode == "kept"
+
+    def _kept_share(self, mask: Tensor, roll: Rollout) -> float:
+        """Share of the batch's body tokens (all ranks) that a kept-region pass would run: the
+        rows with a kept position, each up to its last kept column."""
+        p, width = roll.prompt_len, mask.shape[-1]
+        cols = torch.arange(1, width + 1, device=mask.device)
+        last = (mask * cols).amax(-1)  # 1 + the last kept column, 0 without one
+        region = float(((p + last) * (last > 0)).sum())
+        group = self.group
+        return group.all_reduce_sum(region) / group.all_reduce_sum(
+            float(mask.shape[0] * (p + width))
+        )
 
     def _student_hidden(
-        self, roll: Rollout, chunks: list[slice], n_passes: int
+        self, roll: Rollout, chunks: list[slice], n_passes: int, kept_pass: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """Detached student hidden states for scoring, and the grad pass when there is one.
 
-        With one micro-batch the same body forward serves scoring (detached) and the loss;
-        with several, scoring runs without gradient and each loss pass runs its own forward.
+        With one micro-batch the same body forward serves scoring (detached) and the loss, unless
+        `kept_pass`; otherwise scoring runs without gradient and each loss pass runs its own
+        forward over the kept region of its micro-batch.
         """
         self.student.train()
-        if n_passes == 1:
+        if n_passes == 1 and not kept_pass:
             h_grad = self._grad_hidden(roll, chunks[0])
             return h_grad.detach(), h_grad
         with torch.no_grad():
@@ -326,9 +429,7 @@ class Trainer:
         first = group.first_row(shapes)
         return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
 
-    def _step_metrics(
-        self, out: StepPass, grad_norm: float, applied: bool, t0: float
-    ) -> dict[str, Any]:
+    def _step_metrics(self, out: StepPass, grad_norm: float, applied: bool) -> dict[str, Any]:
         """Count the step, log-ready metrics, samples; stop after too many non-finite steps."""
         cfg, step, group = self.cfg, self.step, self.group
         valid = out.roll.response_mask[:, out.roll.prompt_len :]
@@ -341,7 +442,7 @@ class Trainer:
             metrics["skipped_nonfinite"] = True
         n_sel = group.all_reduce_sum(int(out.mask.sum()))
         self.tokens_trained += int(n_sel) if applied else 0
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - out.clock.start
         metrics.update(signal_metrics(out.sig, valid, out.mask, self.teacher.full_distribution))
         n_valid = group.all_reduce_sum(int(valid.sum()))
         metrics.update(
@@ -352,8 +453,9 @@ class Trainer:
             n_valid=int(n_valid),
             tokens_trained=self.tokens_trained,
             response_length=float(valid.sum(-1).float().mean()),
-            rollout_seconds=out.rollout_seconds,
-            scoring_seconds=out.scoring_seconds,
+            **{f"{phase}_seconds": s for phase, s in out.clock.seconds.items()},
+            **{f"{phase}_share": s / elapsed for phase, s in out.clock.seconds.items()},
+            kept_region_share=self.kept_share,
             step_seconds=elapsed,
             tokens_per_second=n_valid / elapsed,
             nonfinite_steps=self.nonfinite_total,
@@ -417,6 +519,7 @@ class Trainer:
             "rng": rng_state(),
             "tokens_trained": self.tokens_trained,
             "nonfinite_total": self.nonfinite_total,
+            "kept_share": self.kept_share,  # train.grad_pass "auto": the next step's choice
             "history": self.history,
             "config": self.cfg.model_dump(mode="json"),
         }
@@ -467,6 +570,7 @@ class Trainer:
         self.prompts.load_state(state)
         self.tokens_trained = state["tokens_trained"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.kept_share = state.get("kept_share")
         self.history = state.get("history", {})
         apply_optim_config(self.opt, self.sched, self.cfg.optim)
         self.run_dir.truncate_logs(self.step)
@@ -602,6 +706,7 @@ class Trainer:
             "k": cfg.selection.k,
             "batch_size": cfg.train.batch_size,
             "world_size": self.world,
+            "threads": self.threads,  # torch's CPU threads (train.threads, or the free cores)
             "fsdp": self.engine.name == "fsdp",
             "deepspeed": self.engine.name == "deepspeed",
             "seed": cfg.train.seed,

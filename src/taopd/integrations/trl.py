@@ -40,7 +40,7 @@ import torch
 import trl
 from torch import Tensor, nn
 
-from taopd.scores import HeadSpec, TokenSignals, normalize, signals_from_hidden
+from taopd.scores import HeadSpec, TokenSignals, Workspace, normalize, signals_from_hidden
 from taopd.selection import select_tokens
 
 __all__ = [
@@ -180,6 +180,7 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
             )
         self._taopd_cached_teacher: Tensor | None = None
         self._taopd_heads: tuple[HeadSpec, HeadSpec] | None = None
+        self._taopd_workspace = Workspace()  # scoring buffers kept across steps (no page faults)
 
     # -- scoring and selection, once per generation batch ------------------------------------
 
@@ -223,6 +224,7 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
             h_s, w_s, h_t.to(h_s.device), w_t.to(h_s.device), k=args.selection_k,
             valid=valid, temperature=self.temperature, chunk_size=args.selection_chunk_size,
             student_head=self._taopd_heads[0], teacher_head=self._taopd_heads[1],
+            workspace=self._taopd_workspace,
         )  # fmt: skip
         keep_local, metrics = self._taopd_global_selection(sig, valid)
         for name, value in metrics.items():
