@@ -304,15 +304,8 @@ class Trainer:
             clock.lap("selection")
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
-                c = chunks[min(i, len(chunks) - 1)]
-                live = i < len(chunks)  # the extra passes only keep the collectives aligned
-                rows, cols, h = c, None, h_grad
-                if h_grad is None:  # its own forward, over the kept region of the micro-batch
-                    region = _kept_region(mask, c) if live else None
-                    live = region is not None
-                    rows, cols = region or (torch.tensor([c.start or 0]), 1)  # else one token
-                    h = self._grad_hidden(roll, rows, cols)
-                    clock.lap("student_forward")
+                rows, cols, h, live = self._pass_input(roll, mask, chunks, i, h_grad)
+                clock.lap("student_forward")
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
                 if live:
                     part = selective_head_loss(
@@ -331,6 +324,23 @@ class Trainer:
         self.step = step
         out = StepPass(roll, sig, mask, h_s, teacher, loss, clock)
         return self._step_metrics(out, grad_norm, applied)
+
+    def _pass_input(
+        self, roll: Rollout, mask: Tensor, chunks: list[slice], i: int, h_grad: Tensor | None
+    ) -> tuple[Any, int | None, Tensor, bool]:
+        """Rows, columns and hidden states of gradient pass `i`, and whether it is live.
+
+        With the shared forward (`h_grad`) a pass is a micro-batch; otherwise it runs its own
+        forward over the micro-batch's kept region (rows with a kept position, up to the last
+        kept column). Passes past this rank's micro-batches, or with nothing kept, are padding
+        passes (not live) that only keep the collectives aligned across ranks."""
+        c = chunks[min(i, len(chunks) - 1)]
+        live = i < len(chunks)
+        if h_grad is not None:
+            return c, None, h_grad, live
+        region = _kept_region(mask, c) if live else None
+        rows, cols = region or (torch.tensor([c.start or 0]), 1)  # a padding pass: one token
+        return rows, cols, self._grad_hidden(roll, rows, cols), region is not None
 
     def _rollout(self, step: int) -> Rollout | None:
         """Student rollouts of this rank's share of the next batch (None on every rank when a
