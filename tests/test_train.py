@@ -69,19 +69,19 @@ def test_every_strategy_trains_and_lowers_heldout_kl(
     assert summary["tokens_trained"] == sum(r["n_selected"] for r in rows)
 
 
+def two_step_metrics(student_dir, teacher_dir, tmp_path, *overrides: str) -> list[dict]:
+    """The metrics.jsonl records of a 2-step tiny run (no evaluation before training)."""
+    out = tmp_path / "run"
+    cfg = tiny_cfg(student_dir, teacher_dir, out, "train.steps=2", "train.eval_before=false",
+                   *overrides)  # fmt: skip
+    train(cfg, progress=False)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_teachability_selects_higher_teachability_than_all(
     tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
 ):
-    cfg = tiny_cfg(
-        tiny_model_dir,
-        tiny_model_dir_same_tokenizer,
-        tmp_path / "run",
-        "train.steps=2",
-        "train.eval_before=false",
-    )
-    train(cfg, progress=False)
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in two_step_metrics(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
         assert r["teachability_selected"] > r["teachability_all"]
 
 
@@ -280,17 +280,7 @@ def test_step_metrics_split_the_step_into_phases(
     from taopd.train import PHASES
 
     extra = [f"train.micro_batch_size={micro_batch}"] if micro_batch else []
-    cfg = tiny_cfg(
-        tiny_model_dir,
-        tiny_model_dir_same_tokenizer,
-        tmp_path / "run",
-        "train.steps=2",
-        "train.eval_before=false",
-        *extra,
-    )
-    train(cfg, progress=False)
-    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in two_step_metrics(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, *extra):
         phases = [r[f"{p}_seconds"] for p in PHASES]
         assert all(s > 0 for s in phases), r  # every phase ran and was timed
         # the phases tile the step from its start; only the metrics themselves come after
