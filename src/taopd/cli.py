@@ -80,6 +80,7 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a config mistake is reported at once
+    from .collectives import leave_process_group
     from .train import train
 
     summary = train(
@@ -87,30 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if os.environ.get("RANK", "0") == "0":  # one summary per launch, not one per process
         print_summary(summary, "taopd train")
-    _end_process_group()
+    leave_process_group()  # multi-process: exits here
     return 0
-
-
-def _end_process_group() -> None:
-    """Leave a multi-process launch together: a barrier, the collectives torn down, then exit.
-
-    Everything is saved by now. Communication threads (gloo's) that outlive the interpreter's
-    shutdown can abort the process (SIGABRT, "terminate called without an active exception")
-    and turn a finished run into a failed launch, so the process ends without that shutdown.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .collectives import leave_process_group
     from .train import train
 
     overrides = list(args.overrides)

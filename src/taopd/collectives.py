@@ -7,12 +7,38 @@ to the longest shape and cut the padding off again.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Group"]
+__all__ = ["Group", "leave_process_group"]
+
+
+def leave_process_group() -> None:
+    """End this process of a multi-process run: a barrier, the process group torn down, exit 0.
+
+    Call it only once everything is saved. DeepSpeed keeps its engine and process groups alive
+    past `destroy_process_group` (module globals and hook closures), so their gloo threads still
+    run when the interpreter shuts down; the C++ teardown that follows can then abort the process
+    (SIGABRT, "terminate called without an active exception") and turn a finished run into a
+    failed launch. The process therefore ends without that shutdown (`os._exit`).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()  # also drops DeepSpeed's own references to the groups
+    else:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Group:
