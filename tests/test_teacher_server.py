@@ -1,8 +1,9 @@
 """A teacher served over HTTP (vLLM prompt_logprobs) against the in-process teacher, on tiny models.
 
-The fake server below answers GET /v1/models and POST /v1/completions in vLLM 0.33.0's format
-(see taopd/teacher_server.py for the source lines): per prompt token a dict id -> {logprob, rank,
-decoded_token} holding the actual token (first) and the top-k, None for the first token.
+The fake server below (loopback only) answers GET /v1/models and POST /v1/completions in vLLM
+0.33.0's format (see taopd/teacher_server.py for the source lines): per prompt token a dict
+id -> {logprob, rank, decoded_token} holding the actual token (first) and the top-k, None for the
+first token. It can also blink: 503s, a hang, a dropped connection, malformed JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,12 @@ class FakeVLLM:
     def __init__(self, model: Any, tokenizer: Any, name: str = "tiny-teacher") -> None:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.requests: list[dict[str, Any]] = []
+        # faults for the next POSTs, one each: "503", "hang" (past the client's timeout),
+        # "drop" (the connection closed mid-answer), "garbage" (malformed JSON); `down`: 503 always
+        self.faults: list[str] = []
+        self.down = False
+        self.hang_s = 1.0
+        self.faults_met = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,8 +68,38 @@ class FakeVLLM:
                 card = {"id": fake.name, "object": "model", "owned_by": "vllm", "root": fake.name}
                 self._send(200, {"object": "list", "data": [card]})
 
+            def _fault(self) -> bool:
+                """Apply the next fault, if any; True when the answer was (mis)sent."""
+                fault = "503" if fake.down else (fake.faults.pop(0) if fake.faults else None)
+                if fault is None:
+                    return False
+                fake.faults_met += 1
+                if fault == "503":
+                    self._send(503, {"error": "overloaded"})
+                elif fault == "hang":
+                    time.sleep(fake.hang_s)
+                    self.close_connection = True  # the client has given up on this one
+                elif fault == "drop":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [')  # part of the body, then closed
+                    self.wfile.flush()
+                    self.close_connection = True
+                elif fault == "garbage":
+                    data = b'{"choices": [{"index": 0,'
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                return True
+
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self._fault():
+                    return
                 fake.requests.append(body)
                 if self.path != "/v1/completions" or body.get("model") != fake.name:
                     return self._send(404, {"error": f"model {body.get('model')} not found"})
@@ -273,6 +311,8 @@ def _cfg(pair: dict[str, Any], out: Path, url: str, *extra: str):
             "train.samples_every=1",
             "selection.ratio=0.5",
             "optim.lr=3e-3",
+            "teacher_server.retries=2",
+            "teacher_server.backoff_s=0.01",
             *extra,
         ],
     )
@@ -364,3 +404,88 @@ def test_served_teacher_two_processes_equal_one(pair, server, tmp_path):
         assert summaries["two"][key] == pytest.approx(summaries["one"][key], rel=1e-4), key
     before = _weights(Path(pair["student_dir"]))
     assert any(not torch.equal(before[k], finals["two"][k]) for k in before)
+
+
+# ------------------------------------------------------------------------- a server that blinks
+
+
+def _client(url: str, **kw: Any) -> TeacherServer:
+    kw = {"top_k": K, "batch_size": 4, "retries": 3, "backoff_s": 0.01, "timeout_s": 0.5, **kw}
+    client = TeacherServer(url, **kw)
+    client.connect()
+    return client
+
+
+def _score(client: TeacherServer, pair: dict[str, Any], rollout: dict[str, Any]):
+    roll = rollout["roll"]
+    return client.score(
+        roll.input_ids, roll.attention_mask, roll.response_mask, roll.prompt_len, len(pair["tok"])
+    )
+
+
+@pytest.mark.parametrize("faults", [["503"] * 3, ["hang"], ["drop"]], ids=["503x3", "hang", "drop"])
+def test_blinks_are_retried_and_give_the_healthy_signals(pair, rollout, server, faults):
+    healthy = _score(_client(server.url), pair, rollout)
+    server.hang_s = 1.5  # past the client's 0.5 s read timeout
+    server.faults, server.faults_met = list(faults), 0
+    try:
+        got = _score(_client(server.url), pair, rollout)
+    finally:
+        server.faults = []
+    assert server.faults_met == len(faults)  # every fault was met, and then recovered from
+    for a, b in zip(healthy, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_malformed_json_ends_at_once_with_one_line(pair, rollout, server):
+    client = _client(server.url)
+    server.faults, server.faults_met = ["garbage", "garbage"], 0
+    try:
+        with pytest.raises(UserError, match=r"/completions did not answer JSON") as e:
+            _score(client, pair, rollout)
+    finally:
+        server.faults = []
+    assert server.faults_met == 1 and "\n" not in str(e.value)  # not retried
+
+
+def test_other_4xx_is_not_retried(pair, rollout, server):
+    client = _client(server.url)
+    client.model = "unserved"  # the fake answers 404
+    before = len(server.requests)
+    with pytest.raises(UserError, match="answered HTTP 404"):
+        _score(client, pair, rollout)
+    assert len(server.requests) == before + 1
+
+
+def test_server_that_stays_down_ends_the_run_then_resume_finishes(pair, server, tmp_path):
+    """Down after the step-2 checkpoint: one line with the URL and the attempts, the checkpoint
+    intact; once it is back, --resume ends on the weights of an uninterrupted run."""
+    extra = ("train.save_every=1", "train.samples_every=0")
+    ref = tmp_path / "ref"
+    train(_cfg(pair, ref, server.url, *extra), progress=False)
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(pair, out, server.url, *extra), progress=False)
+    real_save = trainer.save
+
+    def save() -> Path | None:
+        path = real_save()
+        server.down = trainer.step == 2
+        return path
+
+    trainer.save = save  # type: ignore[method-assign]
+    try:
+        with pytest.raises(UserError) as e:
+            trainer.run()
+    finally:
+        server.down = False
+    msg = str(e.value)
+    assert server.url in msg and "after 3 attempts" in msg and "--resume" in msg
+    assert "\n" not in msg
+    ckpt = latest_checkpoint(out / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step-000002"
+    train(_cfg(pair, out, server.url, *extra), resume=True, progress=False)
+    want = _weights(latest_checkpoint(ref / "checkpoints") / "model")
+    got = _weights(latest_checkpoint(out / "checkpoints") / "model")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)

@@ -94,7 +94,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .collectives import leave_process_group
     from .train import train
 
     overrides = list(args.overrides)

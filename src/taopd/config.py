@@ -164,8 +164,13 @@ class TeacherServerCfg(_Strict):
     url: str  # OpenAI-compatible base URL, e.g. http://host:8000/v1
     model: str | None = None  # served model name; None = the server's only model
     top_k: int = Field(20, ge=1)  # prompt_logprobs requested per position
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)  # read timeout of one request
+    connect_timeout_s: float = Field(10.0, gt=0)
     batch_size: int = Field(16, ge=1)  # sequences per HTTP request
+    # a connection error, timeout, 429 or 5xx is tried again up to `retries` times, waiting
+    # backoff_s * 2**(n-1) seconds (±50% jitter) before try n+1; other 4xx end the run at once
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
 
     @field_validator("url")
     @classmethod

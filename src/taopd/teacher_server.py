@@ -1,7 +1,9 @@
 """A teacher served by vLLM's OpenAI server: its top-k prompt log-probs score the rollouts.
 
-Standard library only (urllib + json). The wire format follows the vLLM 0.33.0 wheel source
-(read, not run against a live server):
+One kept httpx client (connect and read timeouts); a request that meets a connection error, a
+timeout, HTTP 429 or a 5xx is tried again (`retries`, exponential backoff from `backoff_s` with
+jitter), any other 4xx or a malformed answer at once ends the run. The wire format follows the
+vLLM 0.33.0 wheel source (read, not run against a live server):
 
 - GET {url}/models (vllm/entrypoints/openai/models/api_router.py:20) returns
   {"object": "list", "data": [{"id": name, ...}]}
@@ -28,10 +30,11 @@ from __future__ import annotations
 
 import json
 import math
-import urllib.error
-import urllib.request
+import random
+import time
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import torch
 from torch import Tensor
 
@@ -53,42 +56,84 @@ class TeacherServer:
         top_k: int = 20,
         timeout_s: float = 120.0,
         batch_size: int = 16,
+        retries: int = 5,
+        backoff_s: float = 1.0,
+        connect_timeout_s: float = 10.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.top_k = top_k
         self.timeout_s = timeout_s
         self.batch_size = batch_size
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.connect_timeout_s = connect_timeout_s
+        self._http: httpx.Client | None = None  # kept across requests (connection reuse)
 
     @classmethod
     def from_config(cls, cfg: TeacherServerCfg) -> TeacherServer:
-        return cls(cfg.url, cfg.model, cfg.top_k, cfg.timeout_s, cfg.batch_size)
+        return cls(
+            cfg.url, cfg.model, cfg.top_k, cfg.timeout_s, cfg.batch_size,
+            cfg.retries, cfg.backoff_s, cfg.connect_timeout_s,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"{self.url} ({self.model})"
 
     # ------------------------------------------------------------------------- HTTP
+    @property
+    def http(self) -> httpx.Client:
+        """The kept client: one connection pool, connect and read timeouts from the config."""
+        if self._http is None:
+            timeout = httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s)
+            self._http = httpx.Client(timeout=timeout, headers={"Content-Type": "application/json"})
+        return self._http
+
+    def close(self) -> None:
+        """Close the kept connections (a later request opens new ones)."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    def _delay(self, attempt: int) -> float:
+        """Seconds before try `attempt + 1`: backoff_s * 2**(attempt - 1), jittered by ±50%."""
+        return self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+
     def _request(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        """GET (body None) or POST JSON to {url}{path}; a failure is a UserError naming the URL."""
+        """GET (body None) or POST JSON to {url}{path}, tried again on a connection error, a
+        timeout, 429 or 5xx; a failure is a UserError naming the URL (and the attempts)."""
         target = f"{self.url}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            target, data=data, headers={"Content-Type": "application/json"}
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                if body is None:
+                    resp = self.http.get(target)
+                else:
+                    resp = self.http.post(target, content=json.dumps(body).encode())
+                code = resp.status_code
+                if code == 429 or code >= 500:
+                    reason = f"HTTP {code}: {resp.text[:200]}"
+                elif code >= 400:
+                    raise UserError(
+                        f"teacher server {target} answered HTTP {code}: {resp.text[:500]}"
+                    )
+                else:
+                    try:
+                        return resp.json()
+                    except ValueError:
+                        raise UserError(
+                            f"teacher server {target} did not answer JSON "
+                            f"(it began {resp.text[:80]!r})"
+                        ) from None
+            except httpx.TransportError as e:  # connect, timeout, connection dropped
+                reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if attempt < attempts:
+                time.sleep(self._delay(attempt))
+        raise UserError(
+            f"teacher server {target} is unreachable: no answer after {attempts} attempt"
+            f"{'s' if attempts > 1 else ''} (last: {reason}); start it (vllm serve ...) or fix "
+            "teacher_server.url; a run's last checkpoint is kept, continue with --resume"
         )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode(errors="replace")[:500]
-            raise UserError(f"teacher server {target} answered HTTP {e.code}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise UserError(
-                f"teacher server {target} is unreachable ({reason}); start it (vllm serve ...) "
-                "or fix teacher_server.url"
-            ) from None
-        except json.JSONDecodeError:
-            raise UserError(f"teacher server {target} did not answer JSON") from None
 
     def connect(self) -> str:
         """Check the server answers and serves the model (resolving model=None); return its name."""

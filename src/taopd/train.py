@@ -697,6 +697,9 @@ class Trainer:
         run_dir = getattr(self, "run_dir", None)
         if run_dir is not None:
             run_dir.close()
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.close()
 
     def _summary(self, after: float, kl_after: float | None, seconds: float) -> dict[str, Any]:
         h, cfg = self.history, self.cfg
