@@ -3,6 +3,7 @@ non-finite steps, over-long prompts. Tiny random Llamas; the subprocess tests ru
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -966,3 +967,73 @@ def test_eval_refuses_a_non_positive_n(capsys, fresh_cfg, monkeypatch, n):
     _, cfg_path = fresh_cfg
     msg = refused(capsys, "eval", str(cfg_path), "--n", n)
     assert msg == f"--n must be a positive number of test problems, got {n}"
+
+
+# ------------------------------------------------------------------------------- a full disk
+
+
+def _enospc(path: object) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "metrics"])
+def test_disk_full_ends_the_run_keeps_the_checkpoint_and_resume_finishes(
+    where, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, reference_run, tmp_path,
+    monkeypatch,
+):  # fmt: skip
+    """ENOSPC while writing the step-4 checkpoint (half of trainer_state.pt on disk) or step 5's
+    metrics line: one line, the step-2 checkpoint loadable, and --resume ends on the weights and
+    metrics of an uninterrupted run."""
+    import taopd.checkpoint as ck
+    import taopd.run_dir as rd
+
+    out = tmp_path / "run"
+    cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file)
+    full = {"on": True}
+    if where == "checkpoint":
+        real_save = ck.torch.save
+
+        def save(obj: Any, f: Any, *a: Any, **kw: Any) -> None:
+            if full["on"] and Path(f).name == "trainer_state.pt" and obj.get("step") == 4:
+                Path(f).write_bytes(b"half of it")
+                raise _enospc(f)
+            real_save(obj, f, *a, **kw)
+
+        monkeypatch.setattr(ck.torch, "save", save)
+        want_step = "step-000002"
+    else:
+
+        class FullFile:
+            def __init__(self, f: Any) -> None:
+                self.f = f
+
+            def write(self, text: str) -> int:
+                if '"step": 5' in text:
+                    self.f.write(text[:7])  # part of the line reaches the disk
+                    raise _enospc(self.f.name)
+                return self.f.write(text)
+
+            def __enter__(self) -> FullFile:
+                return self
+
+            def __exit__(self, *exc: Any) -> None:
+                self.f.close()
+
+        def full_open(path: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+            f = open(path, mode, *a, **kw)  # noqa: SIM115 (closed by the caller)
+            return FullFile(f) if full["on"] and Path(path).name == "metrics.jsonl" else f
+
+        monkeypatch.setattr(rd, "open", full_open, raising=False)
+        want_step = "step-000004"
+    with pytest.raises(UserError) as e:
+        train(cfg, progress=False)
+    msg = str(e.value)
+    assert msg.startswith("disk full") and "--resume" in msg and "\n" not in msg
+    assert want_step in msg
+    ckpts = out / "checkpoints"
+    assert latest_checkpoint(ckpts).name == want_step
+    assert not list(ckpts.glob(".tmp-*"))  # the half-written checkpoint is gone
+    assert tr.load_trainer_state(ckpts / want_step)["step"] == int(want_step[-1])
+    full["on"] = False  # space freed
+    train(cfg, resume=True, progress=False)
+    assert_same_run(out, reference_run)

@@ -6,6 +6,7 @@ read back with `torch.load(weights_only=True)`: a crafted file cannot run code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -27,6 +28,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "atomic_write_text",
+    "disk_full",
     "load_student_weights",
     "apply_optim_config",
     "load_plain",
@@ -37,6 +39,11 @@ __all__ = [
 PREFIX = "step-"
 OLD = ".old-"  # a replaced checkpoint of the same step, until its successor is in place
 DONE = "COMPLETE"
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether an error is the disk (or the quota) running out of space."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -148,11 +155,25 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(tmp / "model")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / DONE).write_text(str(step))
-    _fsync_tree(tmp)
+    try:
+        tmp.mkdir()
+        save_model(tmp / "model")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        (tmp / DONE).write_text(str(step))
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save wraps the OSError in a RuntimeError
+        # torch.save's own writer reports only "file write failed": then look at the free space
+        full = disk_full(e) or disk_full(e.__cause__ or e.__context__ or e)
+        full = full or ("write failed" in str(e) and shutil.disk_usage(ckpt_root).free < 64 << 20)
+        if not full:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the half-written one goes, the space it took too
+        previous = _complete(ckpt_root)
+        kept = f"the last checkpoint {previous[-1]} is intact" if previous else "none was saved"
+        raise UserError(
+            f"disk full writing checkpoint {final.name} in {ckpt_root}: {kept}; free space, "
+            "then continue with --resume"
+        ) from None
     replaced = None
     if final.exists():  # a checkpoint of the same step (e.g. saved on exit after a step save):
         # moved aside first and deleted only once the new one is in place, so a kill between

@@ -20,6 +20,8 @@ from .checkpoint import (
     LOCK_NAME,
     atomic_write_text,
     clear_folder,
+    disk_full,
+    latest_checkpoint,
     lock_holder,
     lock_run_folder,
     resume_checkpoint,
@@ -293,9 +295,19 @@ class RunFolder:
         """Append JSON records to one of the run's logs (main process only)."""
         if not self.group.is_main:
             return
-        with open(self.path / log, "a") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path / log, "a") as f:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            last = latest_checkpoint(self.checkpoints)
+            kept = f"the last checkpoint {last} is intact" if last else "no checkpoint yet"
+            raise UserError(
+                f"disk full appending to {self.path / log}: {kept}; free space, then continue "
+                "with --resume (a line cut short is dropped then)"
+            ) from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.group.is_main:
