@@ -23,6 +23,8 @@ from torch import nn
 from taopd.collectives import Group, leave_process_group
 from taopd.config import load_config
 from taopd.engines import ENGINES, make_engine
+from taopd.engines.zero import check_resumable
+from taopd.errors import UserError
 
 ROWS, WIDTH = 8, 6
 
@@ -219,3 +221,17 @@ def test_sharded_engine_equals_one_process(kind, tmp_path):
         torch.testing.assert_close(got["one"][k], one[k], msg=k)
         torch.testing.assert_close(got["two"][k], two[k], msg=k)
         torch.testing.assert_close(got["resumed"][k], got["two"][k], msg=k)
+
+
+def test_deepspeed_resume_with_an_odd_sized_parameter_is_refused_before_any_work(tmp_path):
+    """DeepSpeed 0.19 cannot set an odd partition: refused with the parameter and the count,
+    before DeepSpeed (or the process group) is touched and before the weights are loaded."""
+    net = _net()
+    net.head = nn.Linear(WIDTH, 5)  # head.bias: 5 elements, not divisible by 2 processes
+    ckpt = tmp_path / "ckpt"  # no weights in it: loading them would fail differently
+    with pytest.raises(UserError, match=r"on 2 processes: parameter head\.bias has 5 elements"):
+        make_engine("deepspeed", net, Group(_Acc(0, 2)), _cfg(), ckpt)
+    assert not ckpt.exists()
+    check_resumable(_net(), 2)  # even sizes pass
+    with pytest.raises(UserError, match="layers.0.weight has 36 elements, not divisible by 5"):
+        check_resumable(_net(), 5)

@@ -1037,3 +1037,90 @@ def test_disk_full_ends_the_run_keeps_the_checkpoint_and_resume_finishes(
     full["on"] = False  # space freed
     train(cfg, resume=True, progress=False)
     assert_same_run(out, reference_run)
+
+
+# ------------------------------------------------------------------------------- a rank that dies
+
+
+def _rank(tmp: Path, cfg_path: Path, rank: int, port: int, *args: str, pause_at: int = 0):
+    """Process `rank` of a 2-process gloo run, started as torchrun would (no agent to reap it)."""
+    script = tmp / "pausing_cli.py"
+    script.write_text(PAUSING_CLI)
+    env = _env()
+    env.update(
+        TAOPD_TEST_PAUSE_AT=str(pause_at), TAOPD_TEST_MARKER=str(tmp / "paused"),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(script), "train", str(cfg_path), "--no-progress", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / f"stderr{rank}.txt", "w"),  # noqa: SIM115 (the child holds it)
+        env=env,
+        cwd=tmp,
+        start_new_session=True,
+    )
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(tmp: Path, cfg_path: Path, *args: str) -> None:
+    """A whole 2-process run of `cfg_path`; both processes must succeed."""
+    port = _port()
+    procs = [_rank(tmp, cfg_path, r, port, *args) for r in (0, 1)]
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert rcs == [0, 0], (tmp / "stderr0.txt").read_text()[-3000:]
+
+
+def test_a_killed_rank_ends_its_peer_in_bounded_time_then_resume_finishes(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_path
+):
+    """SIGKILL rank 1 inside step 4 (checkpoint at 2): rank 0 ends with one line within
+    train.collective_timeout_s (and a margin), not hanging; a 2-process --resume then ends on
+    the weights of an uninterrupted 2-process run."""
+    out = tmp_path / "run"
+    timeout = 20
+    cfg = base_cfg(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file,
+        f"train.collective_timeout_s={timeout}",
+    )  # fmt: skip
+    cfg_path = write_cfg(tmp_path / "cfg.yaml", cfg)
+    port = _port()
+    procs = [_rank(tmp_path, cfg_path, 0, port), _rank(tmp_path, cfg_path, 1, port, pause_at=4)]
+    try:
+        wait_for(tmp_path / "paused", procs[1], timeout=240)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        rc = procs[0].wait(timeout=timeout + 60)
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    err = (tmp_path / "stderr0.txt").read_text()
+    lines = [ln for ln in err.splitlines() if ln.startswith("taopd: error:")]
+    assert rc == 2, err[-3000:]
+    assert len(lines) == 1 and "collective at step 4" in lines[0] and "--resume" in lines[0]
+    assert took < timeout + 30
+    assert latest_checkpoint(out / "checkpoints").name == "step-000002"
+
+    _two_ranks(tmp_path, cfg_path, "--resume")
+    ref = tmp_path / "ref"
+    _two_ranks(
+        tmp_path, write_cfg(tmp_path / "ref.yaml", cfg.model_copy(update={"output_dir": str(ref)}))
+    )
+    want, got = (weights(latest_checkpoint(r / "checkpoints")) for r in (ref, out))
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=2e-5), k

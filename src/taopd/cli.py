@@ -377,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"taopd: error: {e}", file=sys.stderr)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            # a multi-process run that failed (perhaps a peer died): tearing its process group
+            # down could wait on that peer, and its threads race the shutdown (see
+            # collectives.leave_process_group); everything kept is already on disk
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("taopd: interrupted", file=sys.stderr)

@@ -207,6 +207,9 @@ class TrainCfg(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     max_nonfinite_steps: int = Field(3, ge=1)
+    # multi-process: how long a collective waits for the other processes (one that died, or
+    # hangs) before this one ends with an error instead of waiting for ever
+    collective_timeout_s: float = Field(600.0, gt=0)
     eval_before: bool = True
     eval_teacher: bool = True
     tensorboard: bool = True

@@ -116,7 +116,9 @@ def _check_not_busy(out: Path) -> None:
             return
 
 
-def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path | None, bool]:
+def check_output(
+    out: Path, resume: bool, overwrite: bool, probe_lock: bool = True
+) -> tuple[Path | None, bool]:
     """Every check of a training run's output_dir, writing nothing: (checkpoint, holds a run).
 
     The checkpoint is the one `--resume` continues from (None for a fresh start).
@@ -145,7 +147,8 @@ def check_output(out: Path, resume: bool, overwrite: bool) -> tuple[Path | None,
             f"output_dir {out} holds a taopd {kind} run, not a training run; choose another "
             "output_dir"
         )
-    _check_not_busy(out)
+    if probe_lock:  # the main process only: the others would find its own fresh lock
+        _check_not_busy(out)
     ckpt = resume_checkpoint(out / "checkpoints") if resume else None
     if resume and ckpt is None:
         raise UserError(
@@ -256,7 +259,7 @@ class RunFolder:
 
     def prepare(self, resume: bool, overwrite: bool) -> Path | None:
         """Every check of the folder, writing nothing; return the checkpoint to resume."""
-        ckpt, has_run = check_output(self.path, resume, overwrite)
+        ckpt, has_run = check_output(self.path, resume, overwrite, self.group.is_main)
         # Creating, locking and clearing the folder (--overwrite) and writing config.yaml wait
         # for `commit`, after every input check: a run that fails one leaves it as it was.
         self._replace_run = overwrite and has_run

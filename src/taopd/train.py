@@ -17,6 +17,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -156,10 +158,15 @@ class Trainer:
         accelerator: Any | None = None,
     ) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
         self.cfg = cfg
         self.progress = progress
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        # train.collective_timeout_s: a dead or hung peer ends a collective with an error
+        pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        self.acc = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), kwargs_handlers=[pg]
+        )
         self.engine_kind = engine_kind(cfg, self.acc)
         self.group = Group(self.acc)
         self.rank, self.world = self.group.rank, self.group.world
@@ -202,6 +209,10 @@ class Trainer:
         )  # fmt: skip
         if self.resume_from is not None and cfg.lora is None:
             check_checkpoint_student(self.resume_from, student)
+        if self.resume_from is not None and self.engine_kind == "deepspeed":
+            from .engines.zero import check_resumable
+
+            check_resumable(student, self.world)  # before the run folder is touched
         self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
         self.teacher: Teacher = (
             LocalTeacher(teacher_model, teacher_name)
@@ -616,8 +627,9 @@ class Trainer:
             with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 old_handlers[s] = signal.signal(s, self._on_signal)
         try:
-            self._evaluate_before()
-            self._train_loop()
+            with self._peer_loss():
+                self._evaluate_before()
+                self._train_loop()
             if self.stop_requested:
                 saved = self.save()
                 raise TrainingError(
@@ -632,6 +644,27 @@ class Trainer:
                 self.tb.flush()
             self.close()
         return summary
+
+    @contextlib.contextmanager
+    def _peer_loss(self) -> Iterator[None]:
+        """A collective that fails (a process died) or times out (one hangs): one clear line."""
+        try:
+            yield
+        except RuntimeError as e:
+            text = str(e)
+            lost = isinstance(e, torch.distributed.DistError) or any(
+                w in text for w in ("Connection closed", "Connection reset", "imed out", "gloo")
+            )
+            if self.world == 1 or not lost:
+                raise
+            last = latest_checkpoint(self.run_dir.checkpoints)
+            first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+            raise TrainingError(
+                f"process {self.rank} of {self.world}: a collective at step {self.step + 1} "
+                "failed or waited past train.collective_timeout_s="
+                f"{self.cfg.train.collective_timeout_s:g} s (another process died or hangs: "
+                f"{first}); last checkpoint: {last or 'none'}, continue with --resume"
+            ) from None
 
     def _evaluate_before(self) -> None:
         """Teacher and initial student accuracy and held-out KL (once; kept across resumes)."""

@@ -69,6 +69,10 @@ def make_engine(
 
     if kind == "replicated":
         return ReplicatedEngine(student, optimizer(), group)
+    if resume_from is not None and kind == "deepspeed":
+        from .zero import check_resumable
+
+        check_resumable(student, group.world)
     if resume_from is not None:  # whole weights go in before sharding
         load_student_weights(student, resume_from, cfg.lora is not None)
     if kind == "fsdp":

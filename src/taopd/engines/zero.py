@@ -28,6 +28,7 @@ from .base import StudentEngine
 __all__ = [
     "ZeroEngine",
     "StudentCall",
+    "check_resumable",
     "deepspeed_config",
     "full_model_state",
     "full_optimizer_state",
@@ -95,6 +96,18 @@ def deepspeed_config(
         steps_per_print=2**31 - 1,
     )
     return config
+
+
+def check_resumable(student: nn.Module, world: int) -> None:
+    """Refuse, before any work, a ZeRO resume DeepSpeed 0.19 cannot load: its safe_set_full_*
+    cannot set the optimizer state of a parameter whose size `world` does not divide."""
+    for name, p in student.named_parameters():
+        if p.requires_grad and p.numel() % world:
+            raise UserError(
+                f"DeepSpeed cannot resume this checkpoint on {world} processes: parameter {name} "
+                f"has {p.numel()} elements, not divisible by {world} (a DeepSpeed 0.19 limit); "
+                "resume on a process count that divides every parameter size, or with train.fsdp"
+            )
 
 
 class StudentCall(nn.Module):
