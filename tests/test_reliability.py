@@ -1104,6 +1104,7 @@ def test_a_killed_rank_ends_its_peer_in_bounded_time_then_resume_finishes(
         killed = time.monotonic()
         rc = procs[0].wait(timeout=timeout + 60)
         took = time.monotonic() - killed
+        print(f"rank 0 ended {took:.1f} s after rank 1 was killed")
     finally:
         for p in procs:
             if p.poll() is None:
@@ -1124,3 +1125,51 @@ def test_a_killed_rank_ends_its_peer_in_bounded_time_then_resume_finishes(
     assert want.keys() == got.keys()
     for k in want:
         assert torch.allclose(want[k], got[k], atol=2e-5), k
+
+
+def test_a_real_full_disk_a_small_tmpfs(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, reference_run, tmp_path
+):
+    """The run on an 8 MiB tmpfs, filled up after the step-2 checkpoint but for 128 KiB (less
+    than a checkpoint): the real ENOSPC ends it with one line; freed, --resume finishes it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        out = disk / "run"
+        cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file)
+        trainer = Trainer(cfg, progress=False)
+        real_save = trainer.save
+        fillers: list[Path] = []
+
+        def save() -> Path | None:
+            path = real_save()
+            if trainer.step == 2:  # fill the disk, then free 128 KiB
+                for i in range(10_000):  # bounded: 8 MiB / 64 KiB chunks
+                    f = disk / f"fill-{i}"
+                    try:
+                        f.write_bytes(b"\0" * (64 << 10))
+                    except OSError as e:
+                        assert e.errno == errno.ENOSPC
+                        f.unlink(missing_ok=True)
+                        break
+                    fillers.append(f)
+                for f in fillers[-2:]:
+                    f.unlink()
+            return path
+
+        trainer.save = save  # type: ignore[method-assign]
+        with pytest.raises(UserError, match="^disk full") as e:
+            trainer.run()
+        assert "\n" not in str(e.value) and "step-000002 is intact" in str(e.value)
+        assert latest_checkpoint(out / "checkpoints").name == "step-000002"
+        for f in fillers:  # space freed
+            f.unlink(missing_ok=True)
+        train(cfg, resume=True, progress=False)
+        assert_same_run(out, reference_run)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

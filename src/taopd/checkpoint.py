@@ -46,6 +46,16 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _out_of_space(e: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC in the error or its cause, or a writer
+    that hides the errno (torch.save's "file write failed", safetensors' StorageFull) on a
+    nearly full disk."""
+    if disk_full(e) or disk_full(e.__cause__ or e.__context__ or e):
+        return True
+    hints = ("No space left", "StorageFull", "write failed", "os error 28")
+    return any(h in str(e) for h in hints) and shutil.disk_usage(where).free < 64 << 20
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file through a temp file + rename, so readers never see half of it."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -161,11 +171,8 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / "trainer_state.pt")
         (tmp / DONE).write_text(str(step))
         _fsync_tree(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save wraps the OSError in a RuntimeError
-        # torch.save's own writer reports only "file write failed": then look at the free space
-        full = disk_full(e) or disk_full(e.__cause__ or e.__context__ or e)
-        full = full or ("write failed" in str(e) and shutil.disk_usage(ckpt_root).free < 64 << 20)
-        if not full:
+    except Exception as e:  # torch.save and safetensors wrap the OSError in their own errors
+        if not _out_of_space(e, ckpt_root):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # the half-written one goes, the space it took too
         previous = _complete(ckpt_root)
