@@ -22,6 +22,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class StyleCfg(_Strict):
+    """A teacher style planted in the worked solutions the model is fine-tuned on (the `mismatch`
+    recipe): `marker` written at `where` on every `every`-th step line; the final '#### answer'
+    line is never marked, so both styles stay scorable."""
+
+    marker: str = Field("» ", min_length=1)  # text the teacher writes and the student never does
+    # "line": at the start of a step line; "result": after its '=', before the partial result
+    where: Literal["line", "result"] = "line"
+    every: int = Field(1, ge=1)  # mark step lines 0, every, 2·every, ...
+
+
 class TeacherSFT(_Strict):
     """Fine-tune a model on the task's train split before distilling (cached by content): the
     teacher (`teacher_sft`), or the student as a warm start on the answer format (`student_sft`)."""
@@ -30,6 +41,12 @@ class TeacherSFT(_Strict):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-5, gt=0)
     seed: int = 0
+    # worked solutions in another style (task.solution: worked only); None: the task's own format
+    style: StyleCfg | None = None
+
+    def cache_fields(self) -> dict[str, Any]:
+        """What determines the fine-tune (no `style` key when unset: older cache keys hold)."""
+        return self.model_dump(exclude={"style"} if self.style is None else set())
 
 
 class TaskCfg(_Strict):
@@ -139,6 +156,9 @@ class SelectionCfg(_Strict):
 
 class LossCfg(_Strict):
     kind: Literal["reverse_kl", "forward_kl", "jsd", "pg"] = "reverse_kl"
+    # "kept": mean over the kept positions (Eq. 7); "valid": the kept sum over all valid positions
+    # (a fixed per-token weight: the loss is `kept` times kept/valid)
+    normalize: Literal["kept", "valid"] = "kept"
     reduction: Literal["token", "sequence"] = "token"
     beta: float = Field(0.5, gt=0, lt=1)
     temperature: float = Field(1.0, gt=0)
@@ -228,6 +248,10 @@ class EvalCfg(_Strict):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(8, ge=1)
     heldout_kl_prompts: int = Field(32, ge=0)  # fixed bank of rollouts for KL(student‖teacher)
+    # the split evaluations (accuracy, held-out KL bank) draw from: "validation" is disjoint from
+    # train and test (reasoning-gym tasks), for choosing settings such as the lr without the test
+    split: Literal["test", "validation"] = "test"
+    accuracy: bool = True  # False: no greedy-accuracy evaluations (held-out KL only; cheaper)
 
 
 DIAGNOSE_SELECTORS = (

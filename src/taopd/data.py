@@ -30,9 +30,11 @@ __all__ = [
     "reference_answer",
     "render_prompt",
     "worked_chain_sum",
+    "styled_solution",
+    "style_positions",
 ]
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
 
 
 @dataclass
@@ -189,6 +191,47 @@ def worked_chain_sum(expression: str) -> str:
     return "\n".join([*lines, f"#### {total}"])
 
 
+def styled_solution(solution: str, marker: str, where: str = "line", every: int = 1) -> str:
+    """A worked solution rewritten in a teacher style (the `mismatch` recipe): `marker` at the
+    start of step lines 0, every, 2·every, ... (`where="line"`) or after their '= '
+    (`where="result"`). The final '#### answer' line is never marked, so the scorer reads the same
+    answer in both styles."""
+    out = []
+    step = 0
+    for line in solution.split("\n"):
+        if line.startswith("####"):
+            out.append(line)
+            continue
+        if step % every == 0:
+            if where == "line":
+                line = marker + line
+            elif " = " in line:
+                head, tail = line.rsplit(" = ", 1)
+                line = f"{head} = {marker}{tail}"
+        out.append(line)
+        step += 1
+    return "\n".join(out)
+
+
+def style_positions(token_texts: list[str], marker: str, where: str = "line") -> list[bool]:
+    """Which response positions are planted-style slots: where the styled teacher writes its
+    marker (a step line's start, or right after '= ' for `where="result"`), or any token that
+    carries the marker's characters. The slot before a '####' line is not one (never marked).
+    A prefix walk over the decoded tokens: position t is judged on the text before it."""
+    core = marker.strip() or marker
+    tags: list[bool] = []
+    text = ""
+    for tok in token_texts:
+        line = text.rsplit("\n", 1)[-1]
+        if where == "line":
+            slot = line.strip() == "" and not tok.lstrip().startswith("#") and tok.strip() != ""
+        else:
+            slot = line.rstrip().endswith("=") and "=" not in tok and tok.strip() != ""
+        tags.append(slot or core in tok)
+        text += tok
+    return tags
+
+
 WORKED_SOLUTIONS = {"chain_sum": lambda entry: worked_chain_sum(entry["metadata"]["expression"])}
 """reasoning-gym tasks with a worked-solution writer (`task.solution: worked`)."""
 
@@ -226,12 +269,13 @@ class ReasoningGymTask(Task):
 
     reasoning-gym makes item i of seed s from `Random(s + i)`, so seeds s and s+1 give the same
     items shifted by one: the splits use bases `seed * 10**7` and `seed * 10**7 + 5 * 10**6`
-    (disjoint up to 5 M train items), and test questions that also occur among the first
+    (disjoint up to 5 M train items; validation from `+ 7.5 * 10**6`), and test questions that also occur among the first
     `holdout` train questions are dropped (small problem spaces repeat questions by chance).
     """
 
     _STRIDE = 10**7
     _TEST_OFFSET = 5 * 10**6
+    _VALIDATION_OFFSET = 7_500_000
 
     def __init__(
         self,
@@ -264,7 +308,8 @@ class ReasoningGymTask(Task):
 
     def _base_seed(self, split: str, seed: int) -> int:
         """First RNG seed of the split's item stream."""
-        return seed * self._STRIDE + (self._TEST_OFFSET if split == "test" else 0)
+        offset = {"train": 0, "test": self._TEST_OFFSET, "validation": self._VALIDATION_OFFSET}
+        return seed * self._STRIDE + offset[split]
 
     def _entries(self, split: str, n: int, seed: int, start: int = 0) -> list[dict[str, Any]]:
         """Items start..start+n-1 of the split's stream."""
@@ -286,18 +331,22 @@ class ReasoningGymTask(Task):
         )
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        """`n` examples of `split`; test ones never repeat a question of the train split's head."""
+        """`n` examples of `split`; test ones never repeat a question of the train split's head,
+        validation ones neither that nor one of the test stream's first `max(holdout, 1000)`."""
         _check_split(split)
         if split == "train":
             return [self._example(e) for e in self._entries("train", n, seed)]
         seen: set[str] = set()
         if self.holdout > 0:
             seen = {e["question"] for e in self._entries("train", self.holdout, seed)}
+        if split == "validation":
+            guard = max(self.holdout, 1000, n)
+            seen |= {e["question"] for e in self._entries("test", guard, seed)}
         out: list[Example] = []
         start = 0
         while len(out) < n:
             chunk = max(2 * (n - len(out)), 64)
-            for e in self._entries("test", chunk, seed, start):
+            for e in self._entries(split, chunk, seed, start):
                 if e["question"] not in seen:
                     out.append(self._example(e))
                     if len(out) == n:
@@ -305,7 +354,7 @@ class ReasoningGymTask(Task):
             start += chunk
             if start > 100 * n + 10_000:
                 raise UserError(
-                    f"reasoning-gym task {self.name!r}: could not find {n} test questions "
+                    f"reasoning-gym task {self.name!r}: could not find {n} {split} questions "
                     f"outside the train split (params {self.params} give too few distinct ones)"
                 )
         return out
@@ -420,7 +469,7 @@ class FileTask(Task):
                     f"task file {self.path}: {missing} of {len(rows)} records lack the "
                     f"{role} {fld!r}; fields present: {', '.join(present)}"
                 )
-        self._splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        self._splits: dict[str, list[Example]] = {"train": [], "test": []}
         for row in rows:
             question = str(row[prompt_field])
             if "split" in row and row["split"] is not None:
@@ -441,6 +490,12 @@ class FileTask(Task):
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` examples in seeded order; train cycles over reshuffled epochs, test stops at all."""
         _check_split(split)
+        if split == "validation":
+            raise UserError(
+                f"task file {self.path}: a file task has train and test splits only (its "
+                "'validation' rows count as test); choosing settings on a validation split "
+                "(eval.split: validation, taopd compare --lr-grid) needs a reasoning-gym task"
+            )
         pool = self._splits[split]
         if not pool:
             raise UserError(f"task file {self.path} has no {split} examples")

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, TeacherSFT
-from .data import make_task, render_prompt
+from .data import Example, make_task, render_prompt, styled_solution
+from .errors import UserError
 from .models import cache_dir, hidden_states, lm_head, load_model, load_tokenizer
 
 __all__ = [
@@ -57,7 +58,7 @@ def sft_cache_key(cfg: Config, role: str = "teacher") -> str:
         "chat_template": cfg.task.chat_template,
         "n_train": cfg.task.n_train,
         "seed": cfg.task.seed,
-        "sft": sft.model_dump(),
+        "sft": sft.cache_fields(),
         "version": 1,
     }
     if role != "teacher":
@@ -101,6 +102,16 @@ def answer_loss(model: torch.nn.Module, enc: dict[str, torch.Tensor]) -> torch.T
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
 
+def _target(ex: Example, sft: TeacherSFT) -> str:
+    """The fine-tuning text: the worked solution in `sft.style` when one is set."""
+    if sft.style is None:
+        return ex.target
+    if ex.solution is None:
+        raise UserError("teacher_sft.style needs worked solutions: set task.solution: worked")
+    st = sft.style
+    return styled_solution(ex.solution, st.marker, st.where, st.every)
+
+
 def prepare_teacher(cfg: Config, progress: bool = True) -> Path:
     """Fine-tune `cfg.teacher` on the task's targets once (`teacher_sft`); the cached folder."""
     return prepare_sft(cfg, "teacher", progress)
@@ -115,6 +126,11 @@ def prepare_sft(cfg: Config, role: str, progress: bool = True) -> Path:
     """Fine-tune the `role` model on the task's targets (worked solution or answer) once;
     return the cached model folder."""
     base, sft = _role(cfg, role)
+    if sft.style is not None and cfg.task.solution != "worked":
+        raise UserError(
+            f"{role}_sft.style rewrites worked solutions: set task.solution: worked "
+            f"(got {cfg.task.solution!r})"
+        )
     out = cache_dir() / f"{role}s" / sft_cache_key(cfg, role)
     if (out / "config.json").exists():
         return out
@@ -138,7 +154,7 @@ def prepare_sft(cfg: Config, role: str, progress: bool = True) -> Path:
             render_prompt(tokenizer, ex.question, cfg.task.system_prompt, cfg.task.chat_template)
             for ex in batch
         ]
-        enc = sft_batch(tokenizer, prompts, [ex.target for ex in batch])
+        enc = sft_batch(tokenizer, prompts, [_target(ex, sft) for ex in batch])
         enc = {k: v.to(device) for k, v in enc.items()}
         loss = answer_loss(model, enc)
         loss.backward()
