@@ -344,3 +344,37 @@ def test_kept_region_gradient_pass_gives_the_same_step(
     for name in ("kept", "kept_mb"):
         for k in runs["batch"]:
             assert torch.allclose(runs["batch"][k], runs[name][k], atol=1e-5), (name, k)
+
+
+def test_normalize_valid_is_kept_times_kept_over_valid(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    """loss.normalize=valid divides the kept sum by the valid count: `kept` × (kept / valid)."""
+    common = ("selection.ratio=0.3", "optim.lr=1e-9")
+    kept = two_step_metrics(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "k", *common)
+    valid = two_step_metrics(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "v", *common,
+        "loss.normalize=valid",
+    )  # fmt: skip
+    r_k, r_v = kept[0], valid[0]  # step 1: the same student, rollout and selection
+    assert r_k["n_selected"] == r_v["n_selected"] < r_k["n_valid"] == r_v["n_valid"]
+    ratio = r_k["n_selected"] / r_k["n_valid"]
+    assert r_v["loss"] == pytest.approx(r_k["loss"] * ratio, rel=1e-5)
+
+
+def test_eval_split_validation_and_no_accuracy(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    """eval.split=validation evaluates on the validation split; eval.accuracy=false skips the
+    greedy accuracy (held-out KL only)."""
+    cfg = tiny_cfg(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run", "train.steps=2",
+        "train.eval_every=1", "eval.split=validation", "eval.accuracy=false",
+        "train.eval_teacher=true",
+    )  # fmt: skip
+    summary = train(cfg, progress=False)
+    assert summary["eval_split"] == "validation"
+    assert summary["student_accuracy_before"] is None and summary["teacher_accuracy"] is None
+    assert summary["student_accuracy_after"] is None
+    assert summary["heldout_kl"] is not None and summary["heldout_kl_before"] is not None
+    assert [c[2] for c in summary["accuracy_curve"]] == [None, None]

@@ -269,8 +269,9 @@ class ReasoningGymTask(Task):
 
     reasoning-gym makes item i of seed s from `Random(s + i)`, so seeds s and s+1 give the same
     items shifted by one: the splits use bases `seed * 10**7` and `seed * 10**7 + 5 * 10**6`
-    (disjoint up to 5 M train items; validation from `+ 7.5 * 10**6`), and test questions that also occur among the first
-    `holdout` train questions are dropped (small problem spaces repeat questions by chance).
+    (disjoint up to 5 M train items; validation from `+ 7.5 * 10**6`), and test questions that
+    also occur among the first `holdout` train questions are dropped (small problem spaces
+    repeat questions by chance).
     """
 
     _STRIDE = 10**7
@@ -332,16 +333,18 @@ class ReasoningGymTask(Task):
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` examples of `split`; test ones never repeat a question of the train split's head,
-        validation ones neither that nor one of the test stream's first `max(holdout, 1000)`."""
+        validation ones no question of the first `max(holdout, 4n, 4000)` train or test items."""
         _check_split(split)
         if split == "train":
             return [self._example(e) for e in self._entries("train", n, seed)]
         seen: set[str] = set()
         if self.holdout > 0:
             seen = {e["question"] for e in self._entries("train", self.holdout, seed)}
-        if split == "validation":
-            guard = max(self.holdout, 1000, n)
-            seen |= {e["question"] for e in self._entries("test", guard, seed)}
+        if split == "validation":  # nor a question of the train or test streams' heads
+            guard = max(self.holdout, 4 * n, 4000)
+            seen |= {
+                e["question"] for s in ("train", "test") for e in self._entries(s, guard, seed)
+            }
         out: list[Example] = []
         start = 0
         while len(out) < n:

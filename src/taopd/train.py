@@ -191,7 +191,8 @@ class Trainer:
         cfg = self.cfg
         self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
         train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
-        self.test_examples = self.task.examples("test", cfg.task.n_test, seed=cfg.task.seed)
+        # eval.split: "validation" (disjoint from train and test) for choosing settings
+        self.test_examples = self.task.examples(cfg.eval.split, cfg.task.n_test, seed=cfg.task.seed)
         if not train_examples:
             raise UserError("the task gave no training examples")
         if cfg.train.batch_size > len(train_examples):
@@ -425,7 +426,8 @@ class Trainer:
 
     def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
         """Selection over the global batch: this rank's mask and the loss normalizer (the
-        global count of kept tokens, or of sequences with one, per loss.reduction)."""
+        global count of kept tokens, or of sequences with one, per loss.reduction; of valid
+        ones with loss.normalize=valid)."""
         sel, group = self.cfg.selection, self.group
         names = [name for name, _ in sig.items()]
         shapes = group.row_shapes(valid)
@@ -441,12 +443,14 @@ class Trainer:
             min_per_sequence=sel.min_per_sequence,
             generator=gen,
         ).to(valid.device)
-        if self.cfg.loss.reduction == "token":
-            normalizer = float(mask.sum())
-        else:
-            normalizer = float((mask.sum(-1) > 0).sum())
-        if normalizer == 0:
+        if not mask.any():
             raise TrainingError("selection kept no positions in the whole batch")
+        # loss.normalize "kept": mean over kept (Eq. 7); "valid": kept sum over all valid
+        counted = mask if self.cfg.loss.normalize == "kept" else g_valid.to(mask.device)
+        if self.cfg.loss.reduction == "token":
+            normalizer = float(counted.sum())
+        else:
+            normalizer = float((counted.sum(-1) > 0).sum())
         first = group.first_row(shapes)
         return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
 
@@ -515,8 +519,11 @@ class Trainer:
         self.run_dir.append("samples.jsonl", lines)
 
     # ----------------------------------------------------------------------------- eval
-    def evaluate(self, model: torch.nn.Module | None = None) -> float:
-        """Greedy accuracy on the test split (every rank evaluates its share; reduced)."""
+    def evaluate(self, model: torch.nn.Module | None = None) -> float | None:
+        """Greedy accuracy on the eval split (every rank evaluates its share; reduced); None
+        when `eval.accuracy` is off."""
+        if not self.cfg.eval.accuracy:
+            return None
         if model is not None:
             return self.evaluator.accuracy(model)
         with self.engine.whole():
@@ -669,7 +676,7 @@ class Trainer:
     def _evaluate_before(self) -> None:
         """Teacher and initial student accuracy and held-out KL (once; kept across resumes)."""
         h = self.history
-        if "teacher_accuracy" not in h and self.cfg.train.eval_teacher:
+        if "teacher_accuracy" not in h and self.cfg.train.eval_teacher and self.cfg.eval.accuracy:
             h["teacher_accuracy"] = self.teacher.accuracy(self.evaluator)
         if "student_accuracy_before" not in h and self.cfg.train.eval_before:
             h["student_accuracy_before"] = self.evaluate()
@@ -734,7 +741,9 @@ class Trainer:
         if server is not None:
             server.close()
 
-    def _summary(self, after: float, kl_after: float | None, seconds: float) -> dict[str, Any]:
+    def _summary(
+        self, after: float | None, kl_after: float | None, seconds: float
+    ) -> dict[str, Any]:
         h, cfg = self.history, self.cfg
         fr = h.get("selected_fractions") or [float("nan")]
         return {
@@ -742,6 +751,7 @@ class Trainer:
             "student_accuracy_before": h.get("student_accuracy_before"),
             "student_accuracy_after": after,
             "n_test": len(self.test_examples),
+            "eval_split": cfg.eval.split,
             "heldout_kl_before": h.get("heldout_kl_before"),
             "heldout_kl": kl_after,
             "selected_fraction": sum(fr) / len(fr),
