@@ -73,7 +73,10 @@ def run_diagnose(
         chunks = (cfg.selection.chunk_size, cfg.loss.chunk_size)
         gains = single_step_gains(models, bank, sig0, teacher_cache, dcfg, chunks, progress)
         info = {"single_lr": dcfg.single_lr, "n_single": dcfg.n_single}
-    columns, raw = position_columns(bank, sig0, kl0, gains, trainer.tokenizer, dcfg.divergence)
+    tags = trainer.tagger(bank.response_ids, valid)  # planted-style positions, or None
+    columns, raw = position_columns(
+        bank, sig0, kl0, gains, trainer.tokenizer, dcfg.divergence, tags
+    )
     write_positions(out / "positions.csv", columns)
     write_samples(out / "samples.jsonl", samples, gains["gain"], valid)
     analysis = analyse(columns, raw, dcfg, progress)
