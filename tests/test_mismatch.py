@@ -8,7 +8,7 @@ import pytest
 from taopd.config import load_config
 from taopd.data import make_task, style_positions, styled_solution
 from taopd.errors import UserError
-from taopd.sft import prepare_sft, sft_cache_key
+from taopd.training.sft import prepare_sft, sft_cache_key
 
 STYLES = [("» ", "line", 1), ("» ", "line", 2), ("so ", "result", 1), ("→", "result", 3)]
 

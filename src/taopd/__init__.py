@@ -4,8 +4,8 @@ The core (`scores`, `selection`, `loss`) imports torch only and is public here, 
 can compute signals, pick a token mask and apply the loss on the kept positions.
 """
 
-from .loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
-from .scores import (
+from .core.loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
+from .core.scores import (
     HeadSpec,
     TokenSignals,
     normalize,
@@ -17,7 +17,7 @@ from .scores import (
     topk_signals,
     trim_vocab,
 )
-from .selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
+from .core.selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
 
 __version__ = "0.1.0"
 

@@ -277,7 +277,7 @@ def load_model(
 
 def check_weight_files(resolved: str) -> None:
     """Refuse a local model folder whose *.safetensors files are empty, cut short or foreign."""
-    from .checkpoint import safetensors_problem
+    from .training.checkpoint import safetensors_problem
 
     folder = Path(resolved)
     if not folder.is_dir():

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .models import lm_head
+from ..core.scores import TokenSignals, Workspace, signals_from_hidden, signals_from_teacher_topk
+from ..models import lm_head
 from .rollout import Rollout, response_hidden
-from .scores import TokenSignals, Workspace, signals_from_hidden, signals_from_teacher_topk
 
 if TYPE_CHECKING:
     from .evaluate import Evaluator
