@@ -1,7 +1,7 @@
 """A teacher served over HTTP (vLLM prompt_logprobs) against the in-process teacher, on tiny models.
 
 The fake server below (loopback only) answers GET /v1/models and POST /v1/completions in vLLM
-0.33.0's format (see taopd/teacher_server.py for the source lines): per prompt token a dict
+0.33.0's format (see taopd/training/teacher_server.py for the source lines): per prompt token a dict
 id -> {logprob, rank, decoded_token} holding the actual token (first) and the top-k, None for the
 first token. It can also blink: 503s, a hang, a dropped connection, malformed JSON.
 """
