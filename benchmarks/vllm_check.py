@@ -3,8 +3,8 @@
 
 One run, in one process, on one CUDA GPU (engine colocated with the HF model, as in training):
   1. greedy agreement: `VLLMSampler` vs `taopd.training.rollout.generate`, greedy, on N
-     chain_sum prompts of the demo recipe; a row agrees when its kept response tokens are identical. The prompt
-     blocks must be identical (both backends use taopd's tokenization);
+     chain_sum prompts of the demo recipe; a row agrees when its kept response tokens are
+     identical. The prompt blocks must be identical (both backends use taopd's tokenization);
   2. weight sync: noise is added to every student parameter (as a training step would change
      them), then greedy agreement again; the share of rows the change altered shows it mattered;
   3. speed: tokens/s of both backends at temperature 1 on a batch of prompts (kept response

@@ -11,7 +11,14 @@ import yaml
 
 from taopd.cli import main
 from taopd.errors import UserError
-from taopd.experiments.compare import CSV_FIELDS, Arm, aggregate, mean_curve, plan_arms
+from taopd.experiments.compare import (
+    CSV_FIELDS,
+    Arm,
+    aggregate,
+    mean_curve,
+    paired_differences,
+    plan_arms,
+)
 
 
 def test_plan_runs_full_once_and_k_only_where_it_matters():
@@ -117,7 +124,7 @@ def test_two_arm_comparison_end_to_end_and_resumable(
         assert share == pytest.approx(1.0, abs=0.05)
     md = (out / "results.md").read_text()
     assert md.count("| teachability | 0.25 |") == 1 and "| teachability+1 | 0.25 |" in md
-    assert "effective share" in md and "| full | 1 | 100.0% |" in md
+    assert "effective share" in md and "| full | 1 | 5e-05 | 100.0% |" in md  # lr: the config's
     assert (out / "plots" / "learning_curves.png").exists()
     assert (out / "report.html").exists()
     # a second call reruns nothing: the finished arms' summaries stay untouched
@@ -159,3 +166,97 @@ def test_learning_curves_average_seeds_step_by_step():
     assert mean[0] == pytest.approx([5, 110, 0.20, 0.40])
     assert mean[1][:3] == pytest.approx([10, 220, 0.30]) and math.isnan(mean[1][3])
     assert mean_curve([s0]) == [[float(x) for x in p] for p in s0]
+
+
+def test_valid_normalization_arm_and_lr_round_trip():
+    (arm,) = plan_arms(["teachability:valid"], [0.05], 1, [16], [8])
+    assert (arm.strategy, arm.normalize, arm.label) == (
+        "teachability",
+        "valid",
+        "teachability:valid",
+    )
+    assert "loss.normalize=valid" in arm.overrides()
+    with_lr = Arm(**{**arm.__dict__, "lr": 3e-5})
+    assert with_lr.name == "teachability:valid-r0.05-k16-b8-lr3e-05-s0"
+    assert "optim.lr=3e-05" in with_lr.overrides()
+    row = {**with_lr.__dict__, "strategy": with_lr.label}
+    assert Arm.from_row(row) == with_lr
+    with pytest.raises(UserError, match="'kept' or 'valid'"):
+        plan_arms(["teachability:mean"], [0.05], 1, [16], [8])
+
+
+def test_paired_differences_match_seeds_and_name_the_outcome():
+    def row(strategy, ratio, seed, acc, kl):
+        return dict(strategy=strategy, ratio=ratio, k=16, batch_size=8, seed=seed, accuracy=acc,
+                    heldout_kl=kl)  # fmt: skip
+
+    rows = [row("teachability", 0.05, s, 0.30 + 0.01 * s, 0.20) for s in range(3)]
+    rows += [row("random", 0.05, s, 0.10 + 0.02 * s, 0.50 + 0.01 * s) for s in range(3)]
+    rows += [row("full", 1.0, s, a, 0.21) for s, a in enumerate([0.25, 0.40, 0.30])]
+    rows += [row("random", 0.1, 0, 0.9, 0.1)]  # another ratio: never paired with 5%
+    diffs = {d["difference"]: d for d in paired_differences(rows)}
+    assert set(diffs) == {"teachability 0.05 − random 0.05", "teachability 0.05 − full"}
+    rnd = diffs["teachability 0.05 − random 0.05"]
+    d = [0.20, 0.19, 0.18]  # per-seed accuracy differences
+    half = 4.303 * 0.01 / 3**0.5
+    assert rnd["accuracy"] == pytest.approx((0.19, 0.19 - half, 0.19 + half))
+    assert rnd["accuracy_word"] == "ahead" and rnd["heldout_kl_word"] == "ahead"
+    assert sum(d) / 3 == pytest.approx(0.19)
+    full = diffs["teachability 0.05 − full"]
+    assert full["accuracy_word"] == "tied" and full["seeds"] == 3
+
+
+def test_lr_grid_chooses_on_validation_and_trains_the_arms_with_it(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, capsys
+):
+    cfg = {
+        "student": str(tiny_model_dir),
+        "teacher": str(tiny_model_dir_same_tokenizer),
+        "task": {"n_train": 32, "n_test": 6},
+        "rollout": {"max_new_tokens": 4},
+        "train": {"steps": 2, "batch_size": 4, "tensorboard": False, "eval_teacher": False},
+        "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 4},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "sweep"
+    argv = ["compare", str(path), "--strategies", "full,teachability", "--ratios", "0.25",
+            "--seeds", "1", "--lr-grid", "1e-6,3e-3", "--grid-steps", "2",
+            "--output-dir", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    grid = out / "grid"
+    with open(grid / "results.csv") as f:
+        points = list(csv.DictReader(f))
+    assert len(points) == 4 and all(p["accuracy"] == "" for p in points)  # KL only
+    for p in points:
+        arm_cfg = yaml.safe_load(
+            (grid / "arms" / f"{Arm.from_row(_typed(p)).name}.yaml").read_text()
+        )
+        assert arm_cfg["eval"]["split"] == "validation" and arm_cfg["eval"]["accuracy"] is False
+    choice = {
+        tuple(c["arm"])[0]: c["lr"] for c in json.loads((grid / "lr_choice.json").read_text())
+    }
+    for strategy in ("full", "teachability"):
+        mine = {float(p["lr"]): float(p["heldout_kl"]) for p in points if p["strategy"] == strategy}
+        assert choice[strategy] == min(mine, key=mine.get)
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["strategy"]: float(r["lr"]) for r in rows} == choice
+    for r in rows:  # the test arms evaluate on the test split with accuracy
+        arm_cfg = yaml.safe_load(
+            (out / "arms" / f"{Arm.from_row(_typed(r)).name}.yaml").read_text()
+        )
+        assert (
+            arm_cfg["eval"]["split"] == "test" and arm_cfg["optim"]["lr"] == choice[r["strategy"]]
+        )
+        assert r["accuracy"] != ""
+    assert "| lr 1e-06 | lr 0.003 | chosen |" in (grid / "lr_choice.md").read_text()
+    stamp = (grid / "lr_choice.json").stat().st_mtime_ns
+    points_stamp = (grid / "arms").stat().st_mtime_ns
+    assert main(argv) == 0  # resumable: nothing retrained
+    assert (grid / "arms").stat().st_mtime_ns == points_stamp and stamp > 0
+
+
+def _typed(row):
+    return {**row, "ratio": float(row["ratio"]), "k": int(row["k"]),
+            "batch_size": int(row["batch_size"]), "seed": int(row["seed"])}  # fmt: skip

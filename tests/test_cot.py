@@ -96,4 +96,8 @@ def test_pilot_command_prints_the_gate_and_saves_nothing(
     for r in rows:
         assert 0.0 <= r["solved_share"] <= 1.0 and 0.0 < r["kl_top5_share"] <= 1.0
         assert r["n_valid"] > 0
+        assert 0.0 <= r["kl_top5_incompatible"] <= 1.0 and 0.0 <= r["top5_overlap"] <= 1.0
+        assert r["compat_q05"] <= r["compat_q50"] <= r["compat_q95"] <= 1.0 + 1e-6
+        assert r["style_share_all"] is None  # no planted style in the demo
+    assert "top-5% overlap" in text
     assert not out.exists()  # a scratch folder: the configured run folder is never touched

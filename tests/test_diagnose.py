@@ -419,3 +419,25 @@ def test_gain_flags_choose_the_primary_gain():
     assert args.absolute and not args.relative
     with pytest.raises(SystemExit):
         parser.parse_args(["diagnose", "diagnose", "--absolute", "--relative"])
+
+
+def test_topn_by_kind_splits_the_selections():
+    from taopd.experiments.diagnose.statistics import topn_by_kind
+
+    raw, clusters, rng = _synthetic()
+    table = analysis_table(raw)
+    n = len(clusters)
+    kinds = np.where(np.arange(n) % 10 == 0, "style", "other")  # one position in ten
+    gain = np.where(kinds == "style", -1.0, 1.0) + rng.normal(0, 0.01, n)
+    split = topn_by_kind(table, gain, kinds, ["teachability", "random"], [0.05, 0.1])
+    assert split["bank"]["style_share"] == pytest.approx(0.1)
+    assert split["bank"]["style"] == pytest.approx(-1.0, abs=0.01)
+    for sel in ("teachability", "random"):
+        for r, c in split[sel].items():
+            assert c["n"] == round(float(r) * n)
+            kept = c["style_share"]
+            assert 0 <= kept <= 1
+            # the kept mean is the style-weighted mix of the two kinds' kept means
+            if c["gain_style"] is not None and c["gain_other"] is not None:
+                assert c["gain_style"] == pytest.approx(-1.0, abs=0.05)
+                assert c["gain_other"] == pytest.approx(1.0, abs=0.05)

@@ -74,3 +74,56 @@ def test_style_needs_worked_solutions():
     cfg = load_config("mismatch", ["task.solution=answer"])
     with pytest.raises(UserError, match="task.solution: worked"):
         prepare_sft(cfg, "teacher", progress=False)
+
+
+def test_disagreement_kinds_on_a_known_batch():
+    import torch
+
+    from taopd.core.scores import TokenSignals
+    from taopd.training.metrics import disagreement_kinds
+
+    n = 40
+    kl = torch.arange(n, dtype=torch.float32).reshape(2, 20)  # positions 38, 39: the top 5%
+    compat = torch.ones(2, 20)
+    compat[1, 19] = 0.2  # the largest-KL position sits off the student's support
+    z = torch.zeros(2, 20)
+    sig = TokenSignals(z, z, kl, kl, kl, compat, compat, z)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    teach = -kl  # teachability ranks the other way: no overlap
+    out = disagreement_kinds(sig, valid, teach)
+    assert out["kl_top5_incompatible"] == 0.5 and out["top5_overlap"] == 0.0
+    assert out["compat_q05"] == pytest.approx(1.0) and out["compat_q95"] == 1.0
+    same = disagreement_kinds(sig, valid, kl)
+    assert same["top5_overlap"] == 1.0
+
+
+def test_a_styled_run_tags_positions_in_metrics_samples_and_heldout_kl(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
+):
+    import json
+
+    from taopd.training.train import train
+    from tests.test_train import tiny_cfg
+
+    monkeypatch.setenv("TAOPD_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_cfg(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
+        "task.solution=worked", "teacher_sft.steps=1", "teacher_sft.batch_size=4",
+        "teacher_sft.style={marker: '» ', where: line, every: 1}", "train.steps=1",
+        "train.samples_every=1", "train.eval_before=false", "rollout.max_new_tokens=12",
+    )  # fmt: skip
+    summary = train(cfg, progress=False)
+    (m,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 < m["style_share_all"] < 1.0  # a step line's first token is a style slot
+    assert {"reverse_kl_style", "reverse_kl_other", "style_share_kl_top5"} <= set(m)
+    rec = json.loads((tmp_path / "run" / "samples.jsonl").read_text().splitlines()[0])
+    assert len(rec["kinds"]) == len(rec["tokens"]) and set(rec["kinds"]) <= {"style", "other"}
+    assert rec["kinds"][0] == "style"  # the response's first token starts a step line
+    for key in ("heldout_kl_style", "heldout_kl_other"):
+        assert summary[key] is not None and summary[key] >= 0
+
+
+def test_diagnose_mismatch_reuses_the_mismatch_fine_tunes():
+    same, mismatch = load_config("diagnose-mismatch"), load_config("mismatch")
+    for role in ("teacher", "student"):
+        assert sft_cache_key(same, role) == sft_cache_key(mismatch, role)

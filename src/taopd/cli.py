@@ -182,6 +182,20 @@ def cmd_pilot(args: argparse.Namespace) -> int:
             f"{r['step']:>4}  {r['n_valid']:>9}  {_pct(r['solved_share']):>16}  "
             f"{_pct(r['kl_top5_share']):>17}  {r['kl_all']:>15.3f}  {r['n_selected']:>4}"
         )
+    print("\nstep  top 5% by KL with C<0.5  top-5% overlap (teachability, KL)  C at 5/50/95%")
+    for r in rows:
+        q = "/".join(f"{r[k]:.4f}" for k in ("compat_q05", "compat_q50", "compat_q95"))
+        print(
+            f"{r['step']:>4}  {_pct(r['kl_top5_incompatible']):>22}  "
+            f"{_pct(r['top5_overlap']):>34}  {q}"
+        )
+    if rows and rows[0].get("style_share_all") is not None:
+        print("\nstep  planted-style positions: of all  of the top 5% by KL")
+        for r in rows:
+            print(
+                f"{r['step']:>4}  {_pct(r['style_share_all']):>30}  "
+                f"{_pct(r['style_share_kl_top5']):>19}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
@@ -209,7 +223,7 @@ def _csv(kind: type) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .experiments.compare import plan_arms, run_compare
+    from .experiments.compare import choose_lrs, plan_arms, run_compare, with_lrs
 
     for flag, value in (("--seeds", args.seeds), ("--parallel", args.parallel)):
         if value < 1:
@@ -229,6 +243,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.k or [cfg.selection.k],
         args.batch_sizes or [cfg.train.batch_size],
     )
+    if args.lr_grid:
+        grid_out = out / "grid"
+        print(
+            f"taopd compare: lr grid {args.lr_grid} on the validation split in {grid_out}",
+            flush=True,
+        )
+        choice = choose_lrs(
+            cfg, grid_out, arms, args.lr_grid, args.grid_steps, args.parallel,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        print((grid_out / "lr_choice.md").read_text())
+        arms = with_lrs(arms, choice)
     print(f"taopd compare: {len(arms)} runs in {out} ({args.parallel} at a time)", flush=True)
     rows = run_compare(
         cfg, out, arms, parallel=args.parallel, progress=not args.no_progress, run=not args.no_run
@@ -264,6 +290,16 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--k", type=_csv(int), default=None, help="teachability K values, e.g. 1,5,16")
     p.add_argument("--batch-sizes", type=_csv(int), default=None, help="prompts per step")
     p.add_argument("--parallel", type=int, default=1, help="arms running at once")
+    p.add_argument(
+        "--lr-grid",
+        type=_csv(float),
+        default=None,
+        help="choose each arm's optim.lr from these (e.g. 1e-5,3e-5,1e-4): the lowest held-out "
+        "KL on the validation split, first seed, written to OUTPUT/grid/lr_choice.md",
+    )
+    p.add_argument(
+        "--grid-steps", type=int, default=None, help="steps per lr-grid point (train.steps)"
+    )
     p.add_argument(
         "--no-run",
         action="store_true",

@@ -32,6 +32,8 @@ __all__ = [
     "worked_chain_sum",
     "styled_solution",
     "style_positions",
+    "StyleTagger",
+    "make_tagger",
 ]
 
 SPLITS = ("train", "test", "validation")
@@ -230,6 +232,57 @@ def style_positions(token_texts: list[str], marker: str, where: str = "line") ->
         tags.append(slot or core in tok)
         text += tok
     return tags
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text as it reads in the decoded sequence (a prefix walk, so characters split
+    over byte-level tokens land on the token that completes them)."""
+    out, prev = [], ""
+    for t in range(len(ids)):
+        text = tokenizer.decode(ids[: t + 1])
+        out.append(text[len(prev) :] if text.startswith(prev) else tokenizer.decode([ids[t]]))
+        prev = text
+    return out
+
+
+class StyleTagger:
+    """Tags the planted-style positions of response tokens (`teacher_sft.style`), so metrics,
+    samples and the diagnostic can be split by position kind (style vs other)."""
+
+    kinds = ("style", "other")
+
+    def __init__(self, tokenizer: Any, marker: str, where: str = "line") -> None:
+        self.tokenizer, self.marker, self.where = tokenizer, marker, where
+
+    def row(self, ids: list[int]) -> list[bool]:
+        """One response's tags (its valid tokens in order)."""
+        return style_positions(token_texts(self.tokenizer, ids), self.marker, self.where)
+
+    def __call__(self, ids: Any, valid: Any) -> Any:
+        """Bool tags [B, T] of response ids [B, T] at the valid positions (False elsewhere)."""
+        import torch
+
+        out = torch.zeros_like(valid, dtype=torch.bool)
+        for b in range(valid.shape[0]):
+            idx = valid[b].nonzero().squeeze(-1)
+            if idx.numel():
+                tags = self.row(ids[b, idx].tolist())
+                out[b, idx] = torch.tensor(tags, dtype=torch.bool, device=valid.device)
+        return out
+
+
+class NoTags:
+    """The tagger of a setting without a planted style: no position kinds."""
+
+    kinds: tuple[str, ...] = ()
+
+    def __call__(self, ids: Any, valid: Any) -> None:
+        return None
+
+
+def make_tagger(style: Any, tokenizer: Any) -> StyleTagger | NoTags:
+    """The position tagger of a run: planted-style tags when the teacher has a `style`."""
+    return NoTags() if style is None else StyleTagger(tokenizer, style.marker, style.where)
 
 
 WORKED_SOLUTIONS = {"chain_sum": lambda entry: worked_chain_sum(entry["metadata"]["expression"])}

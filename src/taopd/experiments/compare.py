@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,17 @@ from ..config import Config, load_config
 from ..errors import UserError
 from ..training.checkpoint import atomic_write_text, latest_checkpoint
 
-__all__ = ["Arm", "plan_arms", "run_compare", "aggregate", "mean_curve", "CSV_FIELDS"]
+__all__ = [
+    "Arm",
+    "plan_arms",
+    "run_compare",
+    "choose_lrs",
+    "with_lrs",
+    "paired_differences",
+    "aggregate",
+    "mean_curve",
+    "CSV_FIELDS",
+]
 
 CSV_FIELDS = [
     "strategy",
@@ -31,6 +41,7 @@ CSV_FIELDS = [
     "k",
     "batch_size",
     "seed",
+    "lr",
     "accuracy",
     "accuracy_before",
     "teacher_accuracy",
@@ -39,6 +50,7 @@ CSV_FIELDS = [
     "wall_seconds",
     "heldout_kl",
     "heldout_kl_before",
+    "heldout_kl_other",
     "selected_fraction",
     "kept_per_step",
 ]
@@ -81,7 +93,9 @@ _T95 = [
 @dataclass(frozen=True)
 class Arm:
     """One run of the comparison. `min_per_sequence` > 0 is the released budget rule (at least
-    that many kept positions per rollout), labelled `strategy+N` (e.g. `teachability+1`)."""
+    that many kept positions per rollout), labelled `strategy+N` (e.g. `teachability+1`);
+    `normalize="valid"` the fixed per-token weight (`loss.normalize`), labelled `strategy:valid`;
+    `lr` (None: the config's optim.lr) the arm's learning rate, chosen by `--lr-grid`."""
 
     strategy: str
     ratio: float
@@ -89,14 +103,21 @@ class Arm:
     batch_size: int
     seed: int
     min_per_sequence: int = 0
+    normalize: str = "kept"
+    lr: float | None = None
 
     @property
     def label(self) -> str:
-        return self.strategy + (f"+{self.min_per_sequence}" if self.min_per_sequence else "")
+        return (
+            self.strategy
+            + (f"+{self.min_per_sequence}" if self.min_per_sequence else "")
+            + (":valid" if self.normalize == "valid" else "")
+        )
 
     @property
     def name(self) -> str:
-        return f"{self.label}-r{self.ratio:g}-k{self.k}-b{self.batch_size}-s{self.seed}"
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.label}-r{self.ratio:g}-k{self.k}-b{self.batch_size}{lr}-s{self.seed}"
 
     @property
     def group(self) -> tuple[str, float, int, int]:
@@ -108,14 +129,20 @@ class Arm:
             f"selection.ratio={self.ratio}",
             f"selection.k={self.k}",
             f"selection.min_per_sequence={self.min_per_sequence}",
+            f"loss.normalize={self.normalize}",
             f"train.batch_size={self.batch_size}",
             f"train.seed={self.seed}",
-        ]
+        ] + ([] if self.lr is None else [f"optim.lr={self.lr}"])
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Arm:
-        strategy, minimum = parse_arm_label(row["strategy"])
-        return cls(strategy, row["ratio"], row["k"], row["batch_size"], row["seed"], minimum)
+        label, _, norm = str(row["strategy"]).partition(":")
+        strategy, minimum = parse_arm_label(label)
+        lr = row.get("lr")
+        return cls(
+            strategy, row["ratio"], row["k"], row["batch_size"], row["seed"], minimum,
+            norm or "kept", None if lr in (None, "") else float(lr),
+        )  # fmt: skip
 
 
 def parse_arm_label(label: str) -> tuple[str, int]:
@@ -127,7 +154,8 @@ def parse_arm_label(label: str) -> tuple[str, int]:
     if name not in STRATEGIES:
         raise UserError(
             f"unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))} "
-            "(a '+N' suffix, e.g. teachability+1, keeps at least N positions per rollout)"
+            "(a '+N' suffix, e.g. teachability+1, keeps at least N positions per rollout; "
+            "a ':valid' suffix normalizes the loss by all valid positions)"
         )
     if not plus:
         return name, 0
@@ -138,23 +166,34 @@ def parse_arm_label(label: str) -> tuple[str, int]:
     return name, int(count)
 
 
+def _parse_normalize(label: str) -> tuple[str, str]:
+    """'teachability:valid' → ('teachability', 'valid'); a label without ':' → (label, 'kept')."""
+    base, colon, norm = label.strip().partition(":")
+    if colon and norm not in ("kept", "valid"):
+        raise UserError(f"strategy {label!r}: the suffix after ':' must be 'kept' or 'valid'")
+    return base, norm or "kept"
+
+
 def plan_arms(
     strategies: list[str], ratios: list[float], seeds: int, ks: list[int], batch_sizes: list[int]
 ) -> list[Arm]:
     """All arms; `full` keeps every position, so it runs once at ratio 1 (and one K).
     A strategy `name+N` keeps at least N positions per rollout (the released rule)."""
-    parsed = [parse_arm_label(s) for s in strategies]
+    parsed = []
+    for label in strategies:
+        base, norm = _parse_normalize(label)
+        parsed.append((*parse_arm_label(base), norm))
     for r in ratios:
         if not 0 < r <= 1:
             raise UserError(f"--ratios: each ratio must be in (0, 1], got {r}")
     arms: list[Arm] = []
     for bs in batch_sizes:
         for seed in range(seeds):
-            for s, minimum in parsed:
+            for s, minimum, norm in parsed:
                 uses_k = s not in ("full", "random", "entropy", "reverse_kl")
                 for k in ks if uses_k else ks[:1]:
                     for r in [1.0] if s == "full" else ratios:
-                        arms.append(Arm(s, r, k, bs, seed, minimum))
+                        arms.append(Arm(s, r, k, bs, seed, minimum, norm))
     return arms
 
 
@@ -253,6 +292,72 @@ def run_compare(
     return rows
 
 
+def choose_lrs(
+    cfg: Config,
+    out: Path,
+    arms: list[Arm],
+    lrs: list[float],
+    steps: int | None = None,
+    parallel: int = 1,
+    progress: bool = True,
+) -> dict[tuple[str, float, int, int], float]:
+    """The learning rate of each arm group: the grid point with the lowest held-out KL on the
+    validation split after `steps` steps (default train.steps), one seed (the first).
+
+    Runs (or resumes) the grid under `out` with eval.split=validation (disjoint from train and
+    test) and no accuracy evaluation; writes lr_choice.{json,md}. Held-out KL, not accuracy: it
+    is what OPD minimizes, it is measured on one fixed bank for every point (so points differ by
+    the lr alone), and 200-problem accuracy after a few steps moves by ±7 points by chance.
+    """
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise UserError(f"--lr-grid: give positive learning rates, got {lrs}")
+    steps = steps or cfg.train.steps
+    grid_cfg = load_config(
+        cfg.model_dump(mode="json"),
+        [
+            "eval.split=validation",
+            "eval.accuracy=false",
+            f"train.steps={steps}",
+            "train.eval_every=0",
+            "train.samples_every=0",
+            f"train.save_every={min(steps, cfg.train.save_every or steps)}",
+        ],
+    )
+    seed = min(a.seed for a in arms)
+    groups = list(dict.fromkeys(a for a in arms if a.seed == seed))
+    grid = [replace(a, lr=lr) for a in groups for lr in lrs]
+    rows = run_compare(grid_cfg, out, grid, parallel=parallel, progress=progress)
+    kl = {(Arm.from_row(r).group, float(r["lr"])): r["heldout_kl"] for r in rows}
+    choice: dict[tuple[str, float, int, int], float] = {}
+    lines = [
+        f"# Learning rates chosen on the validation split ({steps} steps, seed {seed})",
+        "",
+        "Held-out KL(student‖teacher) on the validation bank after the grid run; the lowest wins.",
+        "",
+        "| arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+        "|---|" + "---|" * (len(lrs) + 1),
+    ]
+    for a in groups:
+        values = {lr: kl.get((a.group, lr)) for lr in lrs}
+        done = {lr: v for lr, v in values.items() if v is not None and math.isfinite(v)}
+        if not done:
+            raise UserError(f"lr grid: no finished point for {a.label} {a.ratio:g} in {out}")
+        choice[a.group] = min(done, key=done.get)
+        cells = " | ".join("n/a" if values[lr] is None else f"{values[lr]:.4f}" for lr in lrs)
+        lines.append(f"| {a.label} {a.ratio:g} | {cells} | **{choice[a.group]:g}** |")
+    atomic_write_text(out / "lr_choice.md", "\n".join(lines) + "\n")
+    atomic_write_text(
+        out / "lr_choice.json",
+        json.dumps([{"arm": list(g), "lr": lr} for g, lr in choice.items()], indent=2),
+    )
+    return choice
+
+
+def with_lrs(arms: list[Arm], choice: dict[tuple[str, float, int, int], float]) -> list[Arm]:
+    """The arms, each with its group's chosen learning rate."""
+    return [replace(a, lr=choice[a.group]) for a in arms]
+
+
 def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
     """One row per finished arm (CSV_FIELDS), teacher/before accuracy shared per seed."""
     rows = []
@@ -269,11 +374,13 @@ def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
         base = shared.get((arm.seed, arm.batch_size), {})
         rows.append(
             {
+                "arm": arm.name,  # its folder under arms/ (not a CSV column)
                 "strategy": arm.label,
                 "ratio": arm.ratio,
                 "k": arm.k,
                 "batch_size": arm.batch_size,
                 "seed": arm.seed,
+                "lr": arm.lr if arm.lr is not None else s.get("lr"),
                 "accuracy": s["student_accuracy_after"],
                 "accuracy_before": s.get("student_accuracy_before")
                 or base.get("student_accuracy_before"),
@@ -283,6 +390,7 @@ def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
                 "wall_seconds": round(s["wall_seconds"], 1),
                 "heldout_kl": s.get("heldout_kl"),
                 "heldout_kl_before": s.get("heldout_kl_before"),
+                "heldout_kl_other": s.get("heldout_kl_other"),
                 "selected_fraction": s.get("selected_fraction"),
                 "kept_per_step": round(s["tokens_trained"] / max(1, s["steps"]), 1),
             }
@@ -309,8 +417,9 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["strategy"], r["ratio"], r["k"], r["batch_size"]), []).append(r)
     table = []
     for (strategy, ratio, k, bs), rs in groups.items():
-        acc = [r["accuracy"] for r in rs]
+        acc = [r["accuracy"] for r in rs if r["accuracy"] not in (None, "")]
         kls = [r["heldout_kl"] for r in rs if r["heldout_kl"] is not None]
+        lrs = sorted({float(r["lr"]) for r in rs if r.get("lr") not in (None, "")})
         table.append(
             {
                 "strategy": strategy,
@@ -318,13 +427,15 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "k": k,
                 "batch_size": bs,
                 "seeds": len(rs),
-                "accuracy": statistics.mean(acc),
+                "lr": "/".join(f"{x:g}" for x in lrs),
+                "accuracy": statistics.mean(acc) if acc else float("nan"),
                 "accuracy_ci95": _ci95(acc),
                 "tokens_trained": statistics.mean(r["tokens_trained"] for r in rs),
                 "selected_fraction": _mean_of(rs, "selected_fraction"),
                 "kept_per_step": _mean_of(rs, "kept_per_step"),
                 "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
                 "heldout_kl": statistics.mean(kls) if kls else float("nan"),
+                "heldout_kl_other": _mean_of(rs, "heldout_kl_other"),
             }
         )
     table.sort(key=lambda r: (r["batch_size"], -r["ratio"], r["strategy"], r["k"]))
@@ -342,29 +453,108 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
             f"teacher: {100 * statistics.mean(teacher):.1f}% (mean over seeds)."
         )
         lines.append("")
+    other = any(not math.isnan(r["heldout_kl_other"]) for r in table)
     lines.append(
-        "| strategy | ratio | effective share | kept / step | K | batch | seeds "
+        "| strategy | ratio | lr | effective share | kept / step | K | batch | seeds "
         "| accuracy (mean ± 95% CI) | tokens trained | wall time (s) | held-out KL |"
+        + (" held-out KL, non-style |" if other else "")
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if other else ""))
     for r in table:
         ci = "" if math.isnan(r["accuracy_ci95"]) else f" ± {100 * r['accuracy_ci95']:.1f}"
         share = r.get("selected_fraction", float("nan"))
         kept = r.get("kept_per_step", float("nan"))
+        acc = "n/a" if math.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.1f}%{ci}"
         lines.append(
-            f"| {r['strategy']} | {r['ratio']:g} | "
+            f"| {r['strategy']} | {r['ratio']:g} | {r['lr'] or 'config'} | "
             f"{'n/a' if math.isnan(share) else f'{100 * share:.1f}%'} | "
             f"{'n/a' if math.isnan(kept) else f'{kept:.1f}'} | {r['k']} | {r['batch_size']} | "
-            f"{r['seeds']} | {100 * r['accuracy']:.1f}%{ci} | {r['tokens_trained']:.0f} | "
+            f"{r['seeds']} | {acc} | {r['tokens_trained']:.0f} | "
             f"{r['wall_seconds']:.0f} | {r['heldout_kl']:.4f} |"
+            + (f" {r['heldout_kl_other']:.4f} |" if other else "")
         )
     lines.append("")
+    diffs = paired_differences(rows)
+    if diffs:
+        lines += [
+            "Paired differences (mean over seeds of the per-seed difference, 95% t-interval; "
+            "ahead / behind when the interval excludes 0, else tied):",
+            "",
+            "| difference | seeds | accuracy (points) | | held-out KL | |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in diffs:
+            lines.append(
+                f"| {d['difference']} | {d['seeds']} | {_interval(d['accuracy'], 100)} | "
+                f"{d['accuracy_word']} | {_interval(d['heldout_kl'])} | {d['heldout_kl_word']} |"
+            )
+        lines.append("")
     lines.append(
         "ratio: the nominal share; effective share: the share of response positions actually "
         "trained on (mean over steps; `+N` arms keep at least N per rollout, so more); "
         "kept / step: positions trained on per step."
     )
     return "\n".join(lines) + "\n"
+
+
+def _interval(x: tuple[float, float, float] | None, scale: float = 1.0) -> str:
+    if x is None or math.isnan(x[0]):
+        return "n/a"
+    m, lo, hi = (scale * v for v in x)
+    digits = 1 if scale == 100 else 3
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float] | None:
+    seeds = sorted(set(a) & set(b))
+    d = [a[s] - b[s] for s in seeds]
+    if not d:
+        return None
+    m = statistics.mean(d)
+    h = _ci95(d)
+    return (m, m - h, m + h)
+
+
+def _word(x: tuple[float, float, float] | None, higher_is_better: bool) -> str:
+    """'ahead' / 'behind' when the interval excludes 0, 'tied' otherwise (n/a: < 2 seeds)."""
+    if x is None or math.isnan(x[1]):
+        return "n/a"
+    if x[1] > 0:
+        return "ahead" if higher_is_better else "behind"
+    if x[2] < 0:
+        return "behind" if higher_is_better else "ahead"
+    return "tied"
+
+
+def paired_differences(rows: list[dict[str, Any]], reference: str = "teachability") -> list[dict]:
+    """Per-seed paired differences of the `reference` strategy (at each ratio) against every
+    other arm of the same batch size at that ratio, and against full-token OPD: accuracy (higher
+    is better) and held-out KL (lower is better), with a 95% t-interval and a word."""
+    by_group: dict[tuple, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        g = by_group.setdefault((r["strategy"], float(r["ratio"]), r["k"], r["batch_size"]), {})
+        for key in ("accuracy", "heldout_kl", "heldout_kl_other"):
+            if r.get(key) not in (None, ""):
+                g.setdefault(key, {})[int(r["seed"])] = float(r[key])
+    out = []
+    for (label, ratio, _k, bs), ref in sorted(by_group.items(), key=lambda x: -x[0][1]):
+        if label != reference:
+            continue
+        for (other, o_ratio, _ok, o_bs), vals in sorted(by_group.items()):
+            if other == reference or o_bs != bs or not (o_ratio == ratio or other == "full"):
+                continue
+            row: dict[str, Any] = {
+                "difference": f"{reference} {ratio:g} − {other}"
+                + ("" if other == "full" else f" {o_ratio:g}"),
+            }
+            for key, better in (("accuracy", True), ("heldout_kl", False)):
+                x = _paired(ref.get(key, {}), vals.get(key, {}))
+                row[key], row[f"{key}_word"] = x, _word(x, better)
+            x = _paired(ref.get("heldout_kl_other", {}), vals.get("heldout_kl_other", {}))
+            row["heldout_kl_other"] = x
+            row["seeds"] = len(set(ref.get("heldout_kl", {})) & set(vals.get("heldout_kl", {})))
+            out.append(row)
+    return out
 
 
 def mean_curve(curves: list[list[list[Any]]]) -> list[list[float]]:
@@ -394,7 +584,7 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
     groups: dict[tuple[str, str], list[list[list[float]]]] = {}
     for r in rows:
         arm = Arm.from_row(r)
-        s = json.loads((out / "arms" / arm.name / "summary.json").read_text())
+        s = json.loads((out / "arms" / r.get("arm", arm.name) / "summary.json").read_text())
         curve = s.get("accuracy_curve") or []
         if curve and r.get("accuracy_before") is not None:
             curve = [[0, 0, r["accuracy_before"], r.get("heldout_kl_before")], *curve]
@@ -447,7 +637,7 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
 def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     """results.csv (one row per arm and seed), results.md (aggregated), plots, report.html."""
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in sorted(rows, key=lambda r: (r["strategy"], r["ratio"], r["k"], r["seed"])):
             writer.writerow(r)

@@ -19,6 +19,13 @@ __all__ = ["PILOT_KEYS", "pilot"]
 PILOT_KEYS = (
     "solved_share",
     "kl_top5_share",
+    "kl_top5_incompatible",
+    "top5_overlap",
+    "compat_q05",
+    "compat_q50",
+    "compat_q95",
+    "style_share_all",
+    "style_share_kl_top5",
     "kl_all",
     "n_valid",
     "n_selected",

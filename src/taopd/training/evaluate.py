@@ -190,10 +190,19 @@ class Evaluator:
 
     def heldout_kl(self, student: Any, teacher: Teacher, bank: Rollout, vocab_size: int) -> float:
         """Mean KL(p_S‖p_T) (Eq. 6) over the response positions of the held-out `bank`."""
+        return self.heldout_kl_kinds(student, teacher, bank, vocab_size, None)["heldout_kl"]
+
+    def heldout_kl_kinds(
+        self, student: Any, teacher: Teacher, bank: Rollout, vocab_size: int, tagger: Any
+    ) -> dict[str, float]:
+        """`heldout_kl`, and with position tags (`tagger(ids, valid)` not None) also the mean
+        over the planted-style positions (`heldout_kl_style`) and the rest (`heldout_kl_other`)."""
         roll = bank.to(self.group.device)
         sub = roll.rows(list(range(len(roll)))[self.group.rank :: self.group.world])
+        g = self.group
+        names = ["heldout_kl", *(f"heldout_kl_{k}" for k in getattr(tagger, "kinds", ()))]
         if not len(sub):  # more processes than bank rollouts: this rank adds nothing
-            return self.group.all_reduce_sum(0.0) / max(1.0, self.group.all_reduce_sum(0))
+            return {n: g.all_reduce_sum(0.0) / max(1.0, g.all_reduce_sum(0)) for n in names}
         h_s = response_hidden(student, sub, slice(None))
         view = teacher.view(sub, [slice(None)])
         sig = score_rollout(
@@ -207,5 +216,12 @@ class Evaluator:
             temperature=self.cfg.loss.temperature,
         )
         valid = sub.response_mask[:, sub.prompt_len :]
-        total = self.group.all_reduce_sum(float(sig.reverse_kl[valid].sum()))
-        return total / max(1.0, self.group.all_reduce_sum(int(valid.sum())))
+        parts = {"heldout_kl": valid}
+        if len(names) > 1:
+            tags = tagger(sub.response_ids, valid)
+            parts.update(heldout_kl_style=valid & tags, heldout_kl_other=valid & ~tags)
+        out = {}
+        for name, m in parts.items():
+            total = g.all_reduce_sum(float(sig.reverse_kl[m].sum()))
+            out[name] = total / max(1.0, g.all_reduce_sum(int(m.sum())))
+        return out

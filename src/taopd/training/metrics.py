@@ -11,7 +11,7 @@ from torch import Tensor
 from ..core.scores import TokenSignals, teachability_of
 from ..core.signal_names import METRIC_SIGNALS
 
-__all__ = ["kl_concentration", "signal_metrics"]
+__all__ = ["disagreement_kinds", "kind_metrics", "kl_concentration", "signal_metrics"]
 
 
 def _mean(x: Tensor, m: Tensor) -> float:
@@ -41,6 +41,8 @@ def signal_metrics(
         out[f"{name}_selected"] = _mean(x, mask)
     out["overlap_all"] = _mean(sig.overlap, valid)
     out.update(kl_concentration(sig.reverse_kl, valid))
+    if full_distribution:
+        out.update(disagreement_kinds(sig, valid, teach))
     return out
 
 
@@ -57,4 +59,57 @@ def kl_concentration(kl: Tensor, valid: Tensor, solved: float = 0.05) -> dict[st
     return {
         "solved_share": float((x < solved).double().mean()),
         "kl_top5_share": top / total if total > 0 else float("nan"),
+    }
+
+
+def _top(x: Tensor, valid: Tensor, share: float) -> Tensor:
+    """Indices (into x[valid]) of the top ⌈share·n⌉ valid positions by x."""
+    v = x[valid].double().nan_to_num(nan=-float("inf"))
+    return v.topk(math.ceil(share * v.numel())).indices
+
+
+def disagreement_kinds(
+    sig: TokenSignals, valid: Tensor, teach: Tensor | None = None, share: float = 0.05
+) -> dict[str, float]:
+    """Whether raw disagreement and teachability part ways in this batch (the `mismatch` pilot
+    gate): the share of the top 5% positions by reverse KL whose exact C (Eq. 10) is below 0.5
+    (the teacher's mass sits off the student's top-K: incompatible), the overlap of the top-5%
+    sets by teachability and by reverse KL, and the 5/50/95% quantiles of C."""
+    if not bool(valid.any()):
+        nan = float("nan")
+        keys = ("kl_top5_incompatible", "top5_overlap", "compat_q05", "compat_q50", "compat_q95")
+        return dict.fromkeys(keys, nan)
+    teach = teachability_of(sig, valid) if teach is None else teach
+    by_kl, by_teach = _top(sig.reverse_kl, valid, share), _top(teach, valid, share)
+    c = sig.compatibility[valid].double()
+    q = torch.quantile(c, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    shared = len(set(by_kl.tolist()) & set(by_teach.tolist()))
+    return {
+        "kl_top5_incompatible": float((c[by_kl] < 0.5).double().mean()),
+        "top5_overlap": shared / by_kl.numel(),
+        "compat_q05": float(q[0]),
+        "compat_q50": float(q[1]),
+        "compat_q95": float(q[2]),
+    }
+
+
+def kind_metrics(
+    sig: TokenSignals, valid: Tensor, mask: Tensor, tags: Tensor | None
+) -> dict[str, float]:
+    """Split by position kind (planted style vs the rest; `tags`, None: no split): the style
+    share of all, selected and top-5%-by-KL positions, and reverse KL and C on each kind."""
+    if tags is None:
+        return {}
+    style, other = valid & tags, valid & ~tags
+    by_kl = _top(sig.reverse_kl, valid, 0.05)
+    return {
+        "style_share_all": _mean(tags.double(), valid),
+        "style_share_selected": _mean(tags.double(), mask),
+        "style_share_kl_top5": float(tags[valid][by_kl].double().mean())
+        if by_kl.numel()
+        else float("nan"),
+        "reverse_kl_style": _mean(sig.reverse_kl, style),
+        "reverse_kl_other": _mean(sig.reverse_kl, other),
+        "compatibility_style": _mean(sig.compatibility, style),
+        "compatibility_other": _mean(sig.compatibility, other),
     }

@@ -42,6 +42,7 @@ def token_samples(
     top: int = 5,
     teach: Tensor | None = None,
     teacher_top: tuple[Tensor, Tensor] | None = None,
+    tags: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Token-view records (report.py's samples.jsonl format) for the first `rows` rollouts.
 
@@ -49,6 +50,7 @@ def token_samples(
     top candidates (only these few rows are projected through the lm_heads). `teach` gives the
     teachability normalized over a larger batch; by default it is normalized over `roll`.
     `teacher_top` (ids, log-probs [B, T, R]) replaces h_t / w_t for a teacher served over HTTP.
+    `tags` (bool [B, T]) marks planted-style positions: each token gets a `kinds` entry.
     """
     p = roll.prompt_len
     valid = roll.response_mask[:, p:]
@@ -85,6 +87,11 @@ def token_samples(
                 "correct": None,
                 "tokens": [tokenizer.decode([t]) for t in ids],
                 "selected": mask[b, idx].tolist(),
+                **(
+                    {}
+                    if tags is None
+                    else {"kinds": ["style" if t else "other" for t in tags[b, idx].tolist()]}
+                ),
                 "signals": signals,
                 **cands,
             }

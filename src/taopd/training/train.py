@@ -31,7 +31,7 @@ from ..config import Config
 from ..core.loss import selective_head_loss
 from ..core.scores import TokenSignals, Workspace
 from ..core.selection import select_tokens
-from ..data import PromptStream, make_task, render_prompt
+from ..data import PromptStream, make_tagger, make_task, render_prompt
 from ..errors import UserError
 from ..models import (
     apply_lora,
@@ -53,7 +53,7 @@ from .checkpoint import (
 from .collectives import Group
 from .engines import StudentEngine, engine_kind, make_engine, make_scheduler
 from .evaluate import Evaluator
-from .metrics import signal_metrics
+from .metrics import kind_metrics, signal_metrics
 from .rollout import Rollout, response_hidden
 from .run_dir import RunFolder, out_of_memory
 from .samples import token_samples
@@ -249,6 +249,9 @@ class Trainer:
             train_examples, self.render, self.tokenizer, cfg.train.seed,
             ro.max_prompt_tokens, ro.prompt_overflow, self.group,
         )  # fmt: skip
+        style = cfg.teacher_sft.style if cfg.teacher_sft is not None else None
+        self.tagger = make_tagger(style, self.tokenizer)  # position kinds (planted style or none)
+        self.kl_kinds: dict[str, float] = {}  # the last held-out KL split by position kind
         self.evaluator = Evaluator(
             self.task, self.test_examples, self.tokenizer, cfg, self.group, self.progress
         )
@@ -469,6 +472,8 @@ class Trainer:
         self.tokens_trained += int(n_sel) if applied else 0
         elapsed = time.perf_counter() - out.clock.start
         metrics.update(signal_metrics(out.sig, valid, out.mask, self.teacher.full_distribution))
+        tags = self.tagger(out.roll.response_ids, valid)
+        metrics.update(kind_metrics(out.sig, valid, out.mask, tags))
         n_valid = group.all_reduce_sum(int(valid.sum()))
         metrics.update(
             loss=group.all_reduce_sum(out.loss),  # each rank's share is globally normalized
@@ -515,6 +520,9 @@ class Trainer:
             step=self.step,
             rows=2,
             **out.teacher.sample_inputs(),
+            tags=self.tagger(
+                out.roll.response_ids, out.roll.response_mask[:, out.roll.prompt_len :]
+            ),
         )
         self.run_dir.append("samples.jsonl", lines)
 
@@ -536,7 +544,11 @@ class Trainer:
         with self.engine.whole():
             bank = self.evaluator.heldout_bank(self.out / "heldout_bank.pt", self._sample)
             student = self.acc.unwrap_model(self.student)
-            return self.evaluator.heldout_kl(student, self.teacher, bank, self.vocab_size)
+            kinds = self.evaluator.heldout_kl_kinds(
+                student, self.teacher, bank, self.vocab_size, self.tagger
+            )
+        self.kl_kinds = {k: v for k, v in kinds.items() if k != "heldout_kl"}
+        return kinds["heldout_kl"]
 
     # ----------------------------------------------------------------------------- state
     def _trainer_state(self) -> dict[str, Any]:
@@ -682,6 +694,7 @@ class Trainer:
             h["student_accuracy_before"] = self.evaluate()
         if "heldout_kl_before" not in h:
             h["heldout_kl_before"] = self.heldout_kl()
+            h.update({f"{k}_before": v for k, v in self.kl_kinds.items()})
         h.setdefault("selected_fractions", [])
         h.setdefault("accuracy_curve", [])
 
@@ -708,6 +721,8 @@ class Trainer:
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last):
                     metrics["accuracy"] = self.evaluate()
                     metrics["heldout_kl"] = self.heldout_kl()
+                    metrics.update(self.kl_kinds)
+                    h.update(self.kl_kinds)
                     h["accuracy_curve"].append(
                         [self.step, self.tokens_trained, metrics["accuracy"], metrics["heldout_kl"]]
                     )
@@ -726,6 +741,7 @@ class Trainer:
             _, _, after, kl_after = h["accuracy_curve"][-1]
         else:
             after, kl_after = self.evaluate(), self.heldout_kl()
+            h.update(self.kl_kinds)
         summary = self._summary(after, kl_after, self._wall_seconds())
         if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
             self.save()  # the final weights (unless the last step was just saved)
@@ -754,6 +770,7 @@ class Trainer:
             "eval_split": cfg.eval.split,
             "heldout_kl_before": h.get("heldout_kl_before"),
             "heldout_kl": kl_after,
+            **{k: h.get(k) for k in h if k.startswith("heldout_kl_") and k != "heldout_kl_before"},
             "selected_fraction": sum(fr) / len(fr),
             "tokens_trained": self.tokens_trained,
             "steps": self.step,
@@ -766,6 +783,7 @@ class Trainer:
             "fsdp": self.engine.name == "fsdp",
             "deepspeed": self.engine.name == "deepspeed",
             "seed": cfg.train.seed,
+            "lr": cfg.optim.lr,
             "wall_seconds": seconds,
             "accuracy_curve": h.get("accuracy_curve", []),
             "teacher": self.teacher.label,

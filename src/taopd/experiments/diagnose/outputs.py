@@ -254,10 +254,11 @@ def position_columns(
     gains: dict[str, np.ndarray],
     tokenizer: Any,
     divergence: str,
+    tags: Tensor | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """positions.csv's columns, one row per valid bank position: prompt id, position, token,
-    the raw θ0 signals, KL0, the gains and the normalized analysis columns; and the raw
-    signals alone."""
+    the raw θ0 signals, KL0, the gains and the normalized analysis columns (and `kind`,
+    style or other, when `tags` marks planted-style positions); and the raw signals alone."""
     p = bank.prompt_len
     valid = bank.response_mask[:, p:]
     width = valid.shape[1]
@@ -270,6 +271,9 @@ def position_columns(
         "token_id": token_ids,
         "token": [tokenizer.decode([int(t)]) for t in token_ids],
     }
+    if tags is not None:
+        kinds = tags.reshape(-1).numpy()[rows_idx]
+        columns["kind"] = np.where(kinds, "style", "other")
     raw = {name: t.double().reshape(-1).numpy()[rows_idx] for name, t in sig0.items()}
     columns.update(raw)
     columns["kl0"] = kl0.reshape(-1)[rows_idx]

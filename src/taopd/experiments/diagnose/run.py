@@ -17,7 +17,7 @@ from .bank import BANK_FILE, Models, bank_meta, bank_samples, load_bank, make_ba
 from .bank import score_bank as _score_bank
 from .gains import opd_gains, opd_update, single_step_gains
 from .outputs import position_columns, write_positions, write_results, write_samples
-from .statistics import REGRESSION_TERMS, Analysis, analyse
+from .statistics import REGRESSION_TERMS, Analysis, analyse, topn_by_kind
 
 __all__ = ["run_diagnose"]
 
@@ -73,12 +73,17 @@ def run_diagnose(
         chunks = (cfg.selection.chunk_size, cfg.loss.chunk_size)
         gains = single_step_gains(models, bank, sig0, teacher_cache, dcfg, chunks, progress)
         info = {"single_lr": dcfg.single_lr, "n_single": dcfg.n_single}
-    columns, raw = position_columns(bank, sig0, kl0, gains, trainer.tokenizer, dcfg.divergence)
+    tags = trainer.tagger(bank.response_ids, valid)  # planted-style positions, or None
+    columns, raw = position_columns(
+        bank, sig0, kl0, gains, trainer.tokenizer, dcfg.divergence, tags
+    )
     write_positions(out / "positions.csv", columns)
     write_samples(out / "samples.jsonl", samples, gains["gain"], valid)
     analysis = analyse(columns, raw, dcfg, progress)
     summary = _summary(cfg, dcfg, trainer.teacher.label, bank, meta, columns, analysis, info)
     write_results(out, summary, analysis, start)
+    if "kind" in columns:  # planted-style positions: the selections split by position kind
+        _write_kinds(out, columns, analysis, dcfg)
     render_report(out)
     summary["output_dir"] = str(out)
     return summary
@@ -199,3 +204,36 @@ def _update_config(cfg: Config, out: Path) -> Config:
         if value is not None:
             data[section][key] = value
     return Config.model_validate(data)
+
+
+def _write_kinds(out: Path, columns: dict[str, Any], a: Analysis, dcfg: Any) -> None:
+    """matched_topn_by_kind.json and a section of diagnose.md: which kind each selector keeps
+    and what the kept positions of each kind gained."""
+    import json
+
+    kinds = np.asarray(columns["kind"])[a.keep]
+    split = topn_by_kind(a.table, a.gain, kinds, dcfg.selectors, dcfg.ratios, dcfg.seed)
+    (out / "matched_topn_by_kind.json").write_text(json.dumps(split, indent=2))
+    bank = split["bank"]
+
+    def f(x: float | None, pct: bool = False) -> str:
+        return "n/a" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.4f}")
+
+    lines = [
+        "",
+        f"## Split by position kind ({a.primary} gain)",
+        "",
+        f"Planted-style positions: {f(bank['style_share'], True)} of the bank; mean gain "
+        f"{f(bank['style'])} there, {f(bank['other'])} elsewhere.",
+        "",
+        "| selector | ratio | kept | style share of kept | gain, kept style | gain, kept other |",
+        "|---|---|---|---|---|---|",
+    ]
+    for sel in dcfg.selectors:
+        for r, c in split[sel].items():
+            lines.append(
+                f"| {sel} | {r} | {c['n']} | {f(c['style_share'], True)} | "
+                f"{f(c['gain_style'])} | {f(c['gain_other'])} |"
+            )
+    with open(out / "diagnose.md", "a") as fh:
+        fh.write("\n".join(lines) + "\n")

@@ -285,6 +285,40 @@ def matched_topn(
     return out["gain"] if single else out
 
 
+def topn_by_kind(
+    table: dict[str, np.ndarray],
+    gain: np.ndarray,
+    kinds: np.ndarray,
+    selectors: Sequence[str],
+    ratios: Sequence[float],
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The matched top-N selections split by position kind (planted style vs other): per
+    selector and ratio, the share of kept positions that are style positions and the mean gain
+    of the kept positions of each kind (point estimates; the bank's means per kind as "bank")."""
+    style = np.asarray(kinds) == "style"
+    masks = _topn_masks(table, selectors, ratios, None, seed)
+
+    def mean(m: np.ndarray) -> float | None:
+        return _num(float(gain[m].mean())) if m.any() else None
+
+    out: dict[str, Any] = {
+        "bank": {"style_share": _num(float(style.mean())), "style": mean(style),
+                 "other": mean(~style)},
+    }  # fmt: skip
+    for sel in selectors:
+        out[sel] = {
+            f"{r:g}": {
+                "n": int(m.sum()),
+                "style_share": _num(float(style[m].mean())) if m.any() else None,
+                "gain_style": mean(m & style),
+                "gain_other": mean(m & ~style),
+            }
+            for r, m in masks[sel].items()
+        }
+    return out
+
+
 def ols_standardized(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     """Coefficients of z-scored y on z-scored columns of x (with intercept), and R².
 
