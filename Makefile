@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 demo: venv
@@ -40,6 +41,7 @@ test-slow: venv
 lint: venv
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 clean-venv:
 	rm -rf $(VENV)

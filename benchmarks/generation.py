@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Rollout sampling speed: tokens/s of `taopd.rollout.generate` (HF generate) on SmolLM2.
+"""Rollout sampling speed: tokens/s of `taopd.training.rollout.generate` (HF generate) on SmolLM2.
 
 Settings: batch 1 / 8 / 32, KV cache on (`use_cache=True`, HF's dynamic cache, what taopd uses)
 or off (`use_cache=False`: every new token re-runs the whole prefix), greedy or sampled
@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from taopd.models import hidden_states, lm_head, load_model, load_tokenizer  # noqa: E402
-from taopd.rollout import generate  # noqa: E402
+from taopd.training.rollout import generate  # noqa: E402
 
 QUESTIONS = [
     "What is 12 + 7?", "Compute 45 - 19.", "What is 3 + 88? Answer with only the number.",

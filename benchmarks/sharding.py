@@ -3,8 +3,8 @@
 Spawns N CPU processes (gloo), builds the same randomly initialized Llama in each, takes one
 AdamW step on a trivial loss, and counts the bytes each rank keeps between steps: weights,
 gradients and optimizer state, as the trainer leaves them (replicated: whole on every rank;
-FSDP2 (taopd.engines.fsdp): this rank's shards, after the step's gathered weights were
-released; ZeRO-3 (taopd.engines.zero, when deepspeed is installed): the weight partitions,
+FSDP2 (taopd.training.engines.fsdp): this rank's shards, after the step's gathered weights were
+released; ZeRO-3 (taopd.training.engines.zero, when deepspeed is installed): the weight partitions,
 DeepSpeed's gradient partition buffer, and AdamW's moments plus the fp32 master partitions).
 Prints a table.
 
@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, shape: str, port: int, queue: mp.Queue) -> No
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from taopd.engines.fsdp import gather, release, shard_student
+    from taopd.training.engines.fsdp import gather, release, shard_student
 
     results = {}
     try:
@@ -105,7 +105,7 @@ def _zero3_state(shape: str) -> dict[str, int]:
     """Bytes this rank keeps between steps under ZeRO-3 as taopd drives it (DeepSpeed 0.19)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from taopd.engines import zero
+    from taopd.training.engines import zero
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))

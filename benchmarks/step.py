@@ -20,7 +20,7 @@ repeats (the arm order rotates each round), median of the repeats:
          signals then differ from fp32 scoring: the table reports the share of (b)'s kept
          positions bf16 scoring also keeps, per batch seed (`--agreement-seeds`).
 
-The taopd arms keep their scoring buffers in a `taopd.scores.Workspace` across steps, as the
+The taopd arms keep their scoring buffers in a `taopd.core.scores.Workspace` across steps, as the
 trainer does; their peak memory adds the workspace's bytes (resident before the step, so the
 high-water mark below would not see them).
 
@@ -63,10 +63,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from taopd.loss import opd_loss, selective_head_loss  # noqa: E402
+from taopd.core.loss import opd_loss, selective_head_loss  # noqa: E402
+from taopd.core.scores import Workspace, signals_from_hidden  # noqa: E402
+from taopd.core.selection import select_tokens  # noqa: E402
 from taopd.models import hidden_states, lm_head  # noqa: E402
-from taopd.scores import Workspace, signals_from_hidden  # noqa: E402
-from taopd.selection import select_tokens  # noqa: E402
 
 ARMS = ("full", "taopd", "trl", "floor", "taopd-bf16")
 ARM_TITLES = {

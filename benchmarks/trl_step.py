@@ -154,9 +154,9 @@ def step(trainer, arm: str, batch: dict) -> dict[str, float]:
 
 def scoring_parts(trainer, batch: dict) -> dict[str, float]:
     """Time the scoring pass's pieces once: student body, teacher body, signals, selection."""
+    from taopd.core.scores import signals_from_hidden
+    from taopd.core.selection import select_tokens
     from taopd.integrations.trl import head_spec
-    from taopd.scores import signals_from_hidden
-    from taopd.selection import select_tokens
 
     student, teacher = trainer.model, trainer.teacher_model
     box: dict = {}

@@ -2,9 +2,9 @@
 """GPU check of the vLLM rollout backend against HF generate, on the bundled SmolLM2 student.
 
 One run, in one process, on one CUDA GPU (engine colocated with the HF model, as in training):
-  1. greedy agreement: `VLLMSampler` vs `taopd.rollout.generate`, greedy, on N chain_sum prompts
-     of the demo recipe; a row agrees when its kept response tokens are identical. The prompt
-     blocks must be identical (both backends use taopd's tokenization);
+  1. greedy agreement: `VLLMSampler` vs `taopd.training.rollout.generate`, greedy, on N
+     chain_sum prompts of the demo recipe; a row agrees when its kept response tokens are
+     identical. The prompt blocks must be identical (both backends use taopd's tokenization);
   2. weight sync: noise is added to every student parameter (as a training step would change
      them), then greedy agreement again; the share of rows the change altered shows it mattered;
   3. speed: tokens/s of both backends at temperature 1 on a batch of prompts (kept response
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from taopd.config import VLLMCfg, load_config  # noqa: E402
 from taopd.data import make_task, render_prompt  # noqa: E402
 from taopd.models import load_model, load_tokenizer  # noqa: E402
-from taopd.rollout import Rollout, generate  # noqa: E402
+from taopd.training.rollout import Rollout, generate  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import transformers
 
-    from taopd.vllm_sampler import VLLMSampler
+    from taopd.training.vllm_sampler import VLLMSampler
 
     gpu = torch.cuda.get_device_name(0)
     print(

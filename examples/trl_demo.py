@@ -42,13 +42,13 @@ def main() -> None:
 
     from taopd.config import load_config
     from taopd.data import make_task, render_prompt
-    from taopd.evaluate import evaluate
     from taopd.integrations.trl import (
         TeachabilityDistillationConfig,
         TeachabilityDistillationTrainer,
     )
     from taopd.models import load_model, load_tokenizer
-    from taopd.sft import prepare_teacher
+    from taopd.training.evaluate import evaluate
+    from taopd.training.sft import prepare_teacher
 
     cfg = load_config("demo", [])
     steps = a.steps or cfg.train.steps
@@ -60,7 +60,7 @@ def main() -> None:
     tok.padding_side = "left"
     student_name = cfg.student
     if getattr(cfg, "student_sft", None) is not None:  # a warm-started student, as taopd does
-        from taopd.sft import prepare_student
+        from taopd.training.sft import prepare_student
 
         student_name = str(prepare_student(cfg))
     student = load_model(student_name)

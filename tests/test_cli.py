@@ -13,9 +13,9 @@ import torch
 import yaml
 
 import taopd.models as models
-import taopd.train as tr
+import taopd.training.train as tr
 from taopd.cli import main
-from taopd.run_dir import write_marker
+from taopd.training.run_dir import write_marker
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,15 @@ import pytest
 import yaml
 
 from taopd.cli import main
-from taopd.compare import CSV_FIELDS, Arm, aggregate, mean_curve, paired_differences, plan_arms
 from taopd.errors import UserError
+from taopd.experiments.compare import (
+    CSV_FIELDS,
+    Arm,
+    aggregate,
+    mean_curve,
+    paired_differences,
+    plan_arms,
+)
 
 
 def test_plan_runs_full_once_and_k_only_where_it_matters():

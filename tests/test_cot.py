@@ -10,9 +10,9 @@ import torch
 
 from taopd.cli import main
 from taopd.config import load_config
-from taopd.metrics import kl_concentration
-from taopd.sft import sft_cache_key, teacher_cache_key
-from taopd.train import train
+from taopd.training.metrics import kl_concentration
+from taopd.training.sft import sft_cache_key, teacher_cache_key
+from taopd.training.train import train
 from tests.test_train import tiny_cfg, weights
 
 

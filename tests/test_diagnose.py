@@ -15,7 +15,9 @@ import yaml
 
 from taopd.cli import main
 from taopd.config import load_config
-from taopd.diagnose import (
+from taopd.core.loss import per_token_loss
+from taopd.core.scores import token_signals
+from taopd.experiments.diagnose import (
     INTERACTION_MODEL,
     REGRESSION_MODELS,
     SIGNAL_FIELDS,
@@ -33,9 +35,7 @@ from taopd.diagnose import (
     spearman,
     winsorize,
 )
-from taopd.loss import per_token_loss
 from taopd.models import load_model, position_ids
-from taopd.scores import token_signals
 
 
 def tiny_diag_yaml(student: Path, teacher: Path, path: Path, **diagnose) -> Path:
@@ -400,7 +400,7 @@ def test_matched_count_is_round_half_up():
 
 
 def test_default_update_is_the_released_local_one(tmp_path):
-    from taopd.diagnose import _update_config
+    from taopd.experiments.diagnose import _update_config
 
     cfg = load_config("diagnose")
     upd = _update_config(cfg, tmp_path)
@@ -422,7 +422,7 @@ def test_gain_flags_choose_the_primary_gain():
 
 
 def test_topn_by_kind_splits_the_selections():
-    from taopd.diagnose.statistics import topn_by_kind
+    from taopd.experiments.diagnose.statistics import topn_by_kind
 
     raw, clusters, rng = _synthetic()
     table = analysis_table(raw)

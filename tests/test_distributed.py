@@ -254,7 +254,7 @@ def test_sharding_refusals(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_pa
     """FSDP or DeepSpeed on one process (by config or by launcher), both at once, or with LoRA
     stop with a message before the output folder is made."""
     from taopd.errors import UserError
-    from taopd.train import Trainer
+    from taopd.training.train import Trainer
     from tests.test_train import tiny_cfg
 
     out = tmp_path / "run"
@@ -275,8 +275,8 @@ def test_sharding_refusals(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_pa
 def test_deepspeed_config_from_accelerate(tmp_path):
     """accelerate's DeepSpeed settings (variables or a JSON file) become the engine's config;
     batch sizes, clipping and precision come from the taopd config."""
-    from taopd.engines.zero import deepspeed_config
     from taopd.errors import UserError
+    from taopd.training.engines.zero import deepspeed_config
 
     env = {
         "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
@@ -317,8 +317,8 @@ def test_deepspeed_config_from_accelerate(tmp_path):
 
 
 def test_deepspeed_missing_says_how_to_install(monkeypatch):
-    from taopd.engines import zero
     from taopd.errors import UserError
+    from taopd.training.engines import zero
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"pip install --no-build-isolation 'taopd\[deepspeed\]'"):

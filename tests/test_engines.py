@@ -1,4 +1,5 @@
-"""Student engines (taopd.engines): each one's step equals the replicated step on one process.
+"""Student engines (taopd.training.engines): each one's step equals the replicated step on
+one process.
 
 A tiny two-layer network takes one step on a fixed batch: the replicated engine in process (and
 its clipping, non-finite skip and resume), FSDP2 and DeepSpeed ZeRO-3 on two gloo processes,
@@ -20,11 +21,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from taopd.collectives import Group, leave_process_group
 from taopd.config import load_config
-from taopd.engines import ENGINES, make_engine
-from taopd.engines.zero import check_resumable
 from taopd.errors import UserError
+from taopd.training.collectives import Group, leave_process_group
+from taopd.training.engines import ENGINES, make_engine
+from taopd.training.engines.zero import check_resumable
 
 ROWS, WIDTH = 8, 6
 

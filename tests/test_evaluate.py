@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from taopd.data import Example, FileTask, ReasoningGymTask, extract_answer, render_prompt
-from taopd.evaluate import evaluate
 from taopd.models import load_model, load_tokenizer
-from taopd.rollout import generate
+from taopd.training.evaluate import evaluate
+from taopd.training.rollout import generate
 
 
 @pytest.fixture(scope="module")

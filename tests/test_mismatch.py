@@ -8,7 +8,7 @@ import pytest
 from taopd.config import load_config
 from taopd.data import make_task, style_positions, styled_solution
 from taopd.errors import UserError
-from taopd.sft import prepare_sft, sft_cache_key
+from taopd.training.sft import prepare_sft, sft_cache_key
 
 STYLES = [("» ", "line", 1), ("» ", "line", 2), ("so ", "result", 1), ("→", "result", 3)]
 
@@ -79,8 +79,8 @@ def test_style_needs_worked_solutions():
 def test_disagreement_kinds_on_a_known_batch():
     import torch
 
-    from taopd.metrics import disagreement_kinds
-    from taopd.scores import TokenSignals
+    from taopd.core.scores import TokenSignals
+    from taopd.training.metrics import disagreement_kinds
 
     n = 40
     kl = torch.arange(n, dtype=torch.float32).reshape(2, 20)  # positions 38, 39: the top 5%
@@ -102,7 +102,7 @@ def test_a_styled_run_tags_positions_in_metrics_samples_and_heldout_kl(
 ):
     import json
 
-    from taopd.train import train
+    from taopd.training.train import train
     from tests.test_train import tiny_cfg
 
     monkeypatch.setenv("TAOPD_CACHE", str(tmp_path / "cache"))

@@ -323,7 +323,7 @@ def test_bundled_smollm2_roundtrip(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from transformers import AutoModelForCausalLM
 
     from taopd.data import render_prompt
-    from taopd.rollout import generate
+    from taopd.training.rollout import generate
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     monkeypatch.setenv("TAOPD_CACHE", str(tmp_path))

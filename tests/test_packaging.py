@@ -30,7 +30,7 @@ def test_wheel_ships_configs_and_templates(tmp_path):
     pkg = ROOT / "src" / "taopd"
     wanted = [
         f"taopd/{p.relative_to(pkg).as_posix()}"
-        for sub in ("configs", "templates")
+        for sub in ("configs", "reports/templates")
         for p in (pkg / sub).rglob("*")
         if p.is_file()
     ]

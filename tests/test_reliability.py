@@ -19,12 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import taopd.train as tr
-from taopd.checkpoint import latest_checkpoint, save_checkpoint
+import taopd.training.train as tr
 from taopd.cli import main
 from taopd.config import Config, load_config
 from taopd.errors import UserError
-from taopd.train import Trainer, TrainingError, train
+from taopd.training.checkpoint import latest_checkpoint, save_checkpoint
+from taopd.training.train import Trainer, TrainingError, train
 
 SHORT = "What is {a} + {b}?"  # ~22 tokens with the chat template
 LONG = SHORT + " Please think step by step and check the sum twice." * 3  # ~140 tokens
@@ -34,7 +34,7 @@ LONG = SHORT + " Please think step by step and check the sum twice." * 3  # ~140
 PAUSING_CLI = """
 import os, sys, time
 from pathlib import Path
-import taopd.train as tr
+import taopd.training.train as tr
 from taopd.cli import main
 
 pause_at = int(os.environ["TAOPD_TEST_PAUSE_AT"])
@@ -764,7 +764,7 @@ def test_diagnose_into_a_training_run_and_report_on_a_non_run_are_refused(
 def test_saving_a_step_again_replaces_it_only_once_the_new_one_is_in(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    import taopd.checkpoint as ck
+    import taopd.training.checkpoint as ck
 
     def save_model(d: Path) -> None:
         d.mkdir()
@@ -984,8 +984,8 @@ def test_disk_full_ends_the_run_keeps_the_checkpoint_and_resume_finishes(
     """ENOSPC while writing the step-4 checkpoint (half of trainer_state.pt on disk) or step 5's
     metrics line: one line, the step-2 checkpoint loadable, and --resume ends on the weights and
     metrics of an uninterrupted run."""
-    import taopd.checkpoint as ck
-    import taopd.run_dir as rd
+    import taopd.training.checkpoint as ck
+    import taopd.training.run_dir as rd
 
     out = tmp_path / "run"
     cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from taopd.errors import UserError
-from taopd.report import plot_curves, render_report, write_markdown_table
+from taopd.reports.report import plot_curves, render_report, write_markdown_table
 
 CHROMIUM = "/usr/bin/chromium"
 

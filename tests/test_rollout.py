@@ -10,8 +10,8 @@ import torch
 from taopd.data import render_prompt
 from taopd.errors import UserError
 from taopd.models import hidden_states, lm_head, load_model, load_tokenizer
-from taopd.rollout import Rollout, generate, response_mask
-from taopd.sampling import make_sampler
+from taopd.training.rollout import Rollout, generate, response_mask
+from taopd.training.sampling import make_sampler
 
 EOS = 2
 QUESTIONS = [

@@ -292,7 +292,7 @@ def test_topk_signals_from_a_true_top_k_give_the_lower_bound():
 @pytest.mark.parametrize("vocab", [1000, 4096, 4099, 49_152])
 @pytest.mark.parametrize("k", [1, 4, 16])
 def test_block_topk_returns_the_topk_set(vocab, k):
-    from taopd.scores import _topk_ids
+    from taopd.core.scores import _topk_ids
 
     g = torch.Generator().manual_seed(vocab + k)
     x = torch.randn(5, 2, vocab, generator=g)
@@ -310,7 +310,7 @@ def test_signals_from_hidden_with_a_workspace_match_float64_reference():
     hs, ht = torch.randn(2, 9, 24, generator=g), torch.randn(2, 9, 40, generator=g)
     ws, wt = torch.randn(3000, 24, generator=g) * 0.4, torch.randn(3000, 40, generator=g) * 0.4
     tokens = torch.randint(0, 3000, (2, 9), generator=g)
-    workspace = taopd.scores.Workspace()
+    workspace = taopd.core.scores.Workspace()
     for chunk in (4, 64, 3):
         sig = taopd.signals_from_hidden(
             hs, ws, ht, wt, tokens=tokens, k=4, chunk_size=chunk, workspace=workspace

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import taopd
-from taopd.selection import STRATEGIES
+from taopd.core.selection import STRATEGIES
 from tests import reference as ref
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from taopd.config import load_config
-from taopd.train import train
+from taopd.training.train import train
 
 
 @pytest.mark.slow

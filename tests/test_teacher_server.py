@@ -1,7 +1,7 @@
 """A teacher served over HTTP (vLLM prompt_logprobs) against the in-process teacher, on tiny models.
 
 The fake server below (loopback only) answers GET /v1/models and POST /v1/completions in vLLM
-0.33.0's format (see taopd/teacher_server.py for the source lines): per prompt token a dict
+0.33.0's format (see taopd/training/teacher_server.py for the source lines): per prompt token a dict
 id -> {logprob, rank, decoded_token} holding the actual token (first) and the top-k, None for the
 first token. It can also blink: 503s, a hang, a dropped connection, malformed JSON.
 """
@@ -21,16 +21,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from taopd.checkpoint import latest_checkpoint
 from taopd.config import load_config
+from taopd.core.loss import selective_head_loss
+from taopd.core.scores import signals_from_hidden, signals_from_teacher_topk
+from taopd.core.selection import STRATEGIES, STRATEGY_SIGNALS, select_tokens, strategy_scores
 from taopd.errors import UserError
-from taopd.loss import selective_head_loss
 from taopd.models import lm_head, load_model, load_tokenizer
-from taopd.rollout import generate, response_hidden
-from taopd.scores import signals_from_hidden, signals_from_teacher_topk
-from taopd.selection import STRATEGIES, STRATEGY_SIGNALS, select_tokens, strategy_scores
-from taopd.teacher_server import TeacherServer
-from taopd.train import Trainer, train
+from taopd.training.checkpoint import latest_checkpoint
+from taopd.training.rollout import generate, response_hidden
+from taopd.training.teacher_server import TeacherServer
+from taopd.training.train import Trainer, train
 from tests.helpers import make_tiny_model_dir
 
 K = 16

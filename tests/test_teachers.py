@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from taopd.core.scores import signals_from_hidden
 from taopd.data import Example, render_prompt
 from taopd.models import lm_head, load_model, load_tokenizer
-from taopd.rollout import generate, response_hidden
-from taopd.scores import signals_from_hidden
-from taopd.teachers import LocalTeacher, ServedTeacher, score_rollout
+from taopd.training.rollout import generate, response_hidden
+from taopd.training.teachers import LocalTeacher, ServedTeacher, score_rollout
 
 QUESTIONS = ["1 + 2 =", "State the answer: 37 - 85 =", "9 + 9 ="]
 
@@ -30,7 +30,7 @@ class FakeServer:
 
     @torch.no_grad()
     def score(self, input_ids, attention_mask, response_mask, prompt_len, vocab_size):
-        from taopd.rollout import Rollout
+        from taopd.training.rollout import Rollout
 
         roll = Rollout(input_ids, attention_mask, response_mask, prompt_len, [""] * len(input_ids))
         logits = response_hidden(self.model, roll) @ lm_head(self.model)[:vocab_size].T
@@ -123,10 +123,10 @@ def test_teacher_accuracy_by_kind(pair):
 
 
 def test_served_accuracy_scores_the_servers_completions(pair, tmp_path):
-    from taopd.collectives import Group
     from taopd.config import load_config
     from taopd.data import make_task
-    from taopd.evaluate import Evaluator
+    from taopd.training.collectives import Group
+    from taopd.training.evaluate import Evaluator
 
     task_file = tmp_path / "t.jsonl"
     task_file.write_text('{"question": "1 + 2 =", "answer": "3"}\n')

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from taopd.token_view import MAX_SAMPLES, token_view_data, token_view_html
+from taopd.reports.token_view import MAX_SAMPLES, token_view_data, token_view_html
 
 
 def _record(step: int, values: list[float], selected: list[bool]) -> dict:

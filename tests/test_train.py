@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from taopd.config import load_config
+from taopd.core.selection import STRATEGIES
 from taopd.errors import UserError
-from taopd.selection import STRATEGIES
-from taopd.train import Trainer, TrainingError, train
+from taopd.training.train import Trainer, TrainingError, train
 
 
 def tiny_cfg(student: Path, teacher: Path, out: Path, *overrides: str):
@@ -218,7 +218,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_checkpoint(
         "train.max_nonfinite_steps=2",
         "train.eval_before=false",
     )
-    import taopd.train as tr
+    import taopd.training.train as tr
 
     real = tr.selective_head_loss
     calls = {"n": 0}
@@ -277,7 +277,7 @@ def test_lora_trains_only_the_adapter_and_resumes(
 def test_step_metrics_split_the_step_into_phases(
     micro_batch, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
 ):
-    from taopd.train import PHASES
+    from taopd.training.train import PHASES
 
     extra = [f"train.micro_batch_size={micro_batch}"] if micro_batch else []
     for r in two_step_metrics(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, *extra):

@@ -18,9 +18,9 @@ from taopd.config import VLLMCfg, load_config
 from taopd.data import render_prompt
 from taopd.errors import UserError
 from taopd.models import lm_head, load_model, load_tokenizer
-from taopd.rollout import Rollout, _generation_config, eos_token_ids, generate
-from taopd.sampling import make_sampler
-from taopd.vllm_sampler import VLLMSampler, sampling_kwargs, student_weights
+from taopd.training.rollout import Rollout, _generation_config, eos_token_ids, generate
+from taopd.training.sampling import make_sampler
+from taopd.training.vllm_sampler import VLLMSampler, sampling_kwargs, student_weights
 
 EOS = 2
 QUESTIONS = [

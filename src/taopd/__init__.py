@@ -1,11 +1,14 @@
 """taopd: selective on-policy distillation by token teachability (arXiv 2605.26844).
 
-The core (`scores`, `selection`, `loss`) imports torch only and is public here, so any trainer
-can compute signals, pick a token mask and apply the loss on the kept positions.
+The core (`taopd.core`: `scores`, `selection`, `loss`) imports torch only and is public here, so
+any trainer can compute signals, pick a token mask and apply the loss on the kept positions.
+The packages show the layers (docs/layout.md): core < config, data, models < training, reports
+< experiments < cli.
 """
 
-from .loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
-from .scores import (
+from . import _moved
+from .core.loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
+from .core.scores import (
     HeadSpec,
     TokenSignals,
     normalize,
@@ -17,9 +20,21 @@ from .scores import (
     topk_signals,
     trim_vocab,
 )
-from .selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
+from .core.selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
 
 __version__ = "0.1.0"
+
+_moved.install()  # the flat layout's module paths (taopd.train, ...) keep importing
+
+
+def __getattr__(name: str) -> object:
+    # `taopd.scores` & co. were attributes of the package before the core moved to taopd.core
+    if name in _moved.SHIM_FILES:
+        import importlib
+
+        return importlib.import_module(f"taopd.{name}")
+    raise AttributeError(f"module 'taopd' has no attribute {name!r}")
+
 
 __all__ = [
     "HeadSpec",

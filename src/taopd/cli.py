@@ -80,8 +80,8 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a config mistake is reported at once
-    from .collectives import leave_process_group
-    from .train import train
+    from .training.collectives import leave_process_group
+    from .training.train import train
 
     summary = train(
         cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import train
+    from .training.train import train
 
     overrides = list(args.overrides)
     out = args.output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -113,8 +113,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import make_task
-    from .evaluate import evaluate
     from .models import load_model, load_tokenizer
+    from .training.evaluate import evaluate
 
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be a positive number of test problems, got {args.n}")
@@ -149,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .diagnose import run_diagnose
+    from .experiments.diagnose import run_diagnose
 
     cfg = _load(args)
     s = run_diagnose(
@@ -171,7 +171,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_pilot(args: argparse.Namespace) -> int:
-    from .pilot import pilot
+    from .experiments.pilot import pilot
 
     cfg = _load(args)
     rows = pilot(cfg, steps=args.steps, progress=not args.no_progress)
@@ -202,8 +202,8 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
-    from .run_dir import check_report_folder
+    from .reports.report import render_report
+    from .training.run_dir import check_report_folder
 
     check_report_folder(Path(args.run_dir))
     path = render_report(Path(args.run_dir), signal=args.signal)
@@ -223,7 +223,7 @@ def _csv(kind: type) -> Any:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import choose_lrs, plan_arms, run_compare, with_lrs
+    from .experiments.compare import choose_lrs, plan_arms, run_compare, with_lrs
 
     for flag, value in (("--seeds", args.seeds), ("--parallel", args.parallel)):
         if value < 1:

@@ -147,7 +147,7 @@ class SelectionCfg(_Strict):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, v: str) -> str:
-        from .selection import STRATEGIES
+        from .core.selection import STRATEGIES
 
         if v not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}; got {v!r}")
@@ -306,7 +306,7 @@ class DiagnoseCfg(_Strict):
     @field_validator("selectors")
     @classmethod
     def _selectors(cls, v: list[str]) -> list[str]:
-        from .selection import STRATEGIES
+        from .core.selection import STRATEGIES
 
         bad = [s for s in v if s not in STRATEGIES]
         if bad or not v:
@@ -316,7 +316,7 @@ class DiagnoseCfg(_Strict):
     @field_validator("update_strategy")
     @classmethod
     def _update_strategy(cls, v: str | None) -> str | None:
-        from .selection import STRATEGIES
+        from .core.selection import STRATEGIES
 
         if v is not None and v not in STRATEGIES:
             raise ValueError(f"update_strategy must be one of {', '.join(sorted(STRATEGIES))}")
@@ -348,8 +348,8 @@ class Config(_Strict):
         needs more (non-pg losses, full-distribution strategies, a local teacher_sft)."""
         if self.teacher_server is None:
             return self
-        from .scores import TOPK_UNAVAILABLE
-        from .selection import strategies_without
+        from .core.scores import TOPK_UNAVAILABLE
+        from .core.selection import strategies_without
 
         if self.loss.kind != "pg":
             raise ValueError(

@@ -7,6 +7,7 @@ hidden states and multiplies only the rows it keeps by `lm_head(model)`.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -275,10 +276,35 @@ def load_model(
     return model
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (None when its header and size agree).
+
+    Reads only the header: cheap, and catches empty, truncated or foreign files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, too short for a safetensors file"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return "its header runs past the end of the file (truncated or not safetensors)"
+            header = json.loads(f.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not valid safetensors"
+    if 8 + n + end != size:
+        return f"{size} bytes where its header needs {8 + n + end} (truncated or damaged)"
+    return None
+
+
 def check_weight_files(resolved: str) -> None:
     """Refuse a local model folder whose *.safetensors files are empty, cut short or foreign."""
-    from .checkpoint import safetensors_problem
-
     folder = Path(resolved)
     if not folder.is_dir():
         return

@@ -40,8 +40,8 @@ import torch
 import trl
 from torch import Tensor, nn
 
-from taopd.scores import HeadSpec, TokenSignals, Workspace, normalize, signals_from_hidden
-from taopd.selection import select_tokens
+from taopd.core.scores import HeadSpec, TokenSignals, Workspace, normalize, signals_from_hidden
+from taopd.core.selection import select_tokens
 
 __all__ = [
     "SUPPORTED_TRL",

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .checkpoint import (
     LOCK_NAME,
     atomic_write_text,
@@ -27,7 +28,6 @@ from .checkpoint import (
     resume_checkpoint,
 )
 from .collectives import Group
-from .errors import UserError
 
 __all__ = [
     "LOGS",
@@ -48,7 +48,7 @@ _OURS = {LOCK_NAME, ".write-test"}  # what a run folder holds before its marker 
 
 def write_marker(folder: Path, kind: str) -> None:
     """Mark `folder` as a taopd run of `kind` ('train', 'diagnose', 'compare')."""
-    from . import __version__
+    from .. import __version__
 
     if marker_kind(folder) == kind:
         return

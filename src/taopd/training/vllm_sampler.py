@@ -24,7 +24,7 @@ from taopd import seeds
 from taopd.config import VLLMCfg
 from taopd.errors import UserError
 from taopd.models import _unwrap, resolve_model
-from taopd.rollout import Rollout, assemble_rollout, eos_token_ids, tokenize_left
+from taopd.training.rollout import Rollout, assemble_rollout, eos_token_ids, tokenize_left
 
 __all__ = ["VLLMSampler", "sampling_kwargs", "student_weights"]
 

@@ -31,8 +31,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from taopd.core.signal_names import PLOTTED_SIGNALS
 from taopd.errors import UserError
-from taopd.html_tables import (
+from taopd.reports.html_tables import (
     correlations_html,
     csv_html,
     esc,
@@ -44,8 +45,7 @@ from taopd.html_tables import (
     matched_topn_html,
     regression_html,
 )
-from taopd.signal_names import PLOTTED_SIGNALS
-from taopd.token_view import token_view_data, token_view_html
+from taopd.reports.token_view import token_view_data, token_view_html
 
 __all__ = ["render_report", "write_markdown_table", "plot_curves", "METRIC_GROUPS"]
 
@@ -347,7 +347,7 @@ def _last_values_table(metrics: list[dict[str, Any]]) -> str:
 
 
 def _template(name: str) -> str:
-    return (resources.files("taopd") / "templates" / name).read_text(encoding="utf-8")
+    return (resources.files("taopd.reports") / "templates" / name).read_text(encoding="utf-8")
 
 
 Section = tuple[str, str, str]  # (id, title, html)

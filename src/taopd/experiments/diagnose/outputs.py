@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..rollout import Rollout
-from ..scores import TokenSignals
+from ...core.scores import TokenSignals
+from ...training.rollout import Rollout
 from .statistics import DECILE_SIGNALS, Analysis, _topn_means, analysis_table
 
 __all__ = [
@@ -36,7 +36,7 @@ def _ci_text(e: dict[str, Any], key: str = "mean", fmt: str = ".4g") -> str:
 
 
 def _topn_markdown(topn: dict) -> str:
-    from ..report import write_markdown_table
+    from ...reports.report import write_markdown_table
 
     ratios = list(next(iter(topn.values())).keys())
     rows = []
@@ -53,7 +53,7 @@ def _topn_markdown(topn: dict) -> str:
 
 
 def _regression_markdown(reg: dict, r2: dict) -> list[str]:
-    from ..report import write_markdown_table
+    from ...reports.report import write_markdown_table
 
     lines = []
     for model, coefs in reg.items():
@@ -74,7 +74,7 @@ def diagnose_markdown(
     corr: dict,
     others: dict[str, tuple[dict, dict, dict]] | None = None,
 ) -> str:
-    from ..report import write_markdown_table
+    from ...reports.report import write_markdown_table
 
     s = summary
     gain_text = {

@@ -26,7 +26,21 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import seeds
+from .. import seeds
+from ..config import Config
+from ..core.loss import selective_head_loss
+from ..core.scores import TokenSignals, Workspace
+from ..core.selection import select_tokens
+from ..data import PromptStream, make_tagger, make_task, render_prompt
+from ..errors import UserError
+from ..models import (
+    apply_lora,
+    check_context,
+    check_models,
+    lm_head,
+    load_model,
+    shared_vocab_size,
+)
 from .checkpoint import (
     apply_optim_config,
     check_checkpoint_student,
@@ -37,27 +51,13 @@ from .checkpoint import (
     set_rng_state,
 )
 from .collectives import Group
-from .config import Config
-from .data import PromptStream, make_tagger, make_task, render_prompt
 from .engines import StudentEngine, engine_kind, make_engine, make_scheduler
-from .errors import UserError
 from .evaluate import Evaluator
-from .loss import selective_head_loss
 from .metrics import kind_metrics, signal_metrics
-from .models import (
-    apply_lora,
-    check_context,
-    check_models,
-    lm_head,
-    load_model,
-    shared_vocab_size,
-)
 from .rollout import Rollout, response_hidden
 from .run_dir import RunFolder, out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
-from .scores import TokenSignals, Workspace
-from .selection import select_tokens
 from .teacher_server import TeacherServer
 from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
 

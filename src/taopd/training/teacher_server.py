@@ -38,10 +38,10 @@ import httpx
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
-    from .config import TeacherServerCfg
+    from ..config import TeacherServerCfg
 
 __all__ = ["TeacherServer"]
 

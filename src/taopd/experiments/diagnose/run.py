@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ..config import Config, training_only
-from ..errors import UserError
-from ..models import load_tokenizer
-from ..run_dir import check_diagnose_output, write_marker
+from ...config import Config, training_only
+from ...errors import UserError
+from ...models import load_tokenizer
+from ...training.run_dir import check_diagnose_output, write_marker
 from .bank import BANK_FILE, Models, bank_meta, bank_samples, load_bank, make_bank, save_bank
 from .bank import score_bank as _score_bank
 from .gains import opd_gains, opd_update, single_step_gains
@@ -35,8 +35,8 @@ def run_diagnose(
     `mode` ('opd' / 'single-step') and `relative` override `cfg.diagnose`; `bank_path` reuses
     a saved bank instead of sampling one.
     """
-    from ..report import render_report
-    from ..train import Trainer
+    from ...reports.report import render_report
+    from ...training.train import Trainer
 
     start = time.perf_counter()
     dcfg, out, loaded = _prepare(cfg, mode, relative, overwrite, bank_path)

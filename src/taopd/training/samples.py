@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.scores import TokenSignals, teachability_of
+from ..core.signal_names import SAMPLE_SIGNALS
 from .rollout import Rollout
-from .scores import TokenSignals, teachability_of
-from .signal_names import SAMPLE_SIGNALS
 
 __all__ = ["token_samples"]
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from taopd.errors import UserError
-from taopd.rollout import Rollout, generate
+from taopd.training.rollout import Rollout, generate
 
 if TYPE_CHECKING:
     from taopd.config import Config, VLLMCfg
@@ -27,7 +27,7 @@ def make_sampler(
 
     `backend` may also be a run `Config`: its rollout.backend, student and rollout.vllm are
     used. 'vllm' imports vLLM only here and needs a CUDA GPU; `model_name` is the student the
-    engine is built from (see `taopd.vllm_sampler.VLLMSampler`), `vllm_cfg` its `VLLMCfg`.
+    engine is built from (see `taopd.training.vllm_sampler.VLLMSampler`), `vllm_cfg` its `VLLMCfg`.
     """
     if not isinstance(backend, str):  # a Config
         model_name = model_name or backend.student
@@ -48,7 +48,7 @@ def make_sampler(
                 "rollout.backend 'vllm' needs a CUDA GPU and none is visible; "
                 "use rollout.backend 'hf'"
             )
-        from taopd.vllm_sampler import VLLMSampler
+        from taopd.training.vllm_sampler import VLLMSampler
 
         return VLLMSampler(model_name, vllm_cfg)
     raise UserError(f"unknown sampling backend {backend!r}: use 'hf' or 'vllm'")

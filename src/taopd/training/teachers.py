@@ -9,17 +9,16 @@ diagnostic all score through it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .models import lm_head
+from ..core.scores import TokenSignals, Workspace, signals_from_hidden, signals_from_teacher_topk
+from ..models import lm_head
 from .rollout import Rollout, response_hidden
-from .scores import TokenSignals, Workspace, signals_from_hidden, signals_from_teacher_topk
 
 if TYPE_CHECKING:
-    from .evaluate import Evaluator
     from .teacher_server import TeacherServer
 
 __all__ = [
@@ -31,6 +30,15 @@ __all__ = [
     "TeacherView",
     "score_rollout",
 ]
+
+
+class Evaluator(Protocol):
+    """What a teacher's accuracy needs of `evaluate.Evaluator` (named here, not imported, so
+    `evaluate` can build on this module without an import circle)."""
+
+    def accuracy(self, model: Any) -> float: ...
+
+    def served_accuracy(self, server: TeacherServer) -> float: ...
 
 
 class TeacherView:

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor
 
-from .scores import TokenSignals, teachability_of
-from .signal_names import METRIC_SIGNALS
+from ..core.scores import TokenSignals, teachability_of
+from ..core.signal_names import METRIC_SIGNALS
 
 __all__ = ["disagreement_kinds", "kind_metrics", "kl_concentration", "signal_metrics"]
 

@@ -22,7 +22,7 @@ from ..checkpoint import load_student_weights
 from ..collectives import Group
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ...config import Config
 
 __all__ = ["ReplicatedEngine", "StudentEngine", "make_optimizer", "make_scheduler"]
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import UserError
-from ..scores import TokenSignals, normalize
-from ..selection import strategy_scores, top_n
+from ...core.scores import TokenSignals, normalize
+from ...core.selection import strategy_scores, top_n
+from ...errors import UserError
 
 __all__ = [
     "CORRELATION_SIGNALS",

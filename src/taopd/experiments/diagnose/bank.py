@@ -14,17 +14,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .. import seeds
-from ..checkpoint import load_rollout, save_rollout
-from ..config import Config
-from ..data import Example
-from ..errors import UserError
-from ..models import lm_head
-from ..rollout import Rollout, response_hidden
-from ..samples import token_samples
-from ..scores import TokenSignals
-from ..selection import select, strategy_scores
-from ..teachers import LocalView, score_rollout
+from ... import seeds
+from ...config import Config
+from ...core.scores import TokenSignals
+from ...core.selection import select, strategy_scores
+from ...data import Example
+from ...errors import UserError
+from ...models import lm_head
+from ...training.checkpoint import load_rollout, save_rollout
+from ...training.rollout import Rollout, response_hidden
+from ...training.samples import token_samples
+from ...training.teachers import LocalView, score_rollout
 
 __all__ = [
     "BANK_FILE",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from .config import Config, training_only
+from ..config import Config, training_only
 
 __all__ = ["PILOT_KEYS", "pilot"]
 
@@ -35,7 +35,7 @@ PILOT_KEYS = (
 
 def pilot(cfg: Config, steps: int = 1, progress: bool = True) -> list[dict[str, Any]]:
     """The first `steps` steps' spread of the reverse KL (and selection counts), one dict each."""
-    from .train import Trainer
+    from ..training.train import Trainer
 
     with tempfile.TemporaryDirectory(prefix="taopd-pilot-") as tmp:
         data = training_only(cfg, tmp)

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..loss import per_token_loss, selective_head_loss
-from ..models import lm_head
-from ..rollout import Rollout, response_hidden
-from ..scores import TokenSignals
+from ...core.loss import per_token_loss, selective_head_loss
+from ...core.scores import TokenSignals
+from ...models import lm_head
+from ...training.rollout import Rollout, response_hidden
 from .bank import Models, score_bank
 
 __all__ = [

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import UserError
 from ..collectives import Group
-from ..errors import UserError
 from .base import StudentEngine
 
 __all__ = [

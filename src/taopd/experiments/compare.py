@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write_text, latest_checkpoint
-from .config import Config, load_config
-from .errors import UserError
+from ..config import Config, load_config
+from ..errors import UserError
+from ..training.checkpoint import atomic_write_text, latest_checkpoint
 
 __all__ = [
     "Arm",
@@ -148,7 +148,7 @@ class Arm:
 def parse_arm_label(label: str) -> tuple[str, int]:
     """'teachability+1' → ('teachability', 1): a strategy and the released at-least-N-per-
     rollout rule (`selection.min_per_sequence`); a bare name → (name, 0)."""
-    from .selection import STRATEGIES
+    from ..core.selection import STRATEGIES
 
     name, plus, count = label.strip().partition("+")
     if name not in STRATEGIES:
@@ -225,7 +225,7 @@ def run_compare(
     """
     from tqdm.auto import tqdm
 
-    from .run_dir import marker_kind, write_marker
+    from ..training.run_dir import marker_kind, write_marker
 
     if marker_kind(out) not in (None, "compare"):
         raise UserError(f"{out} holds a taopd {marker_kind(out)} run; give compare its own folder")
@@ -257,7 +257,7 @@ def run_compare(
         pending = []
     if pending:
         # fine-tune (and cache) the shared teacher and warm start once, not once per arm
-        from .sft import prepare_student, prepare_teacher
+        from ..training.sft import prepare_student, prepare_teacher
 
         if cfg.teacher_sft is not None:
             prepare_teacher(cfg, progress=progress)
@@ -645,6 +645,6 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
         return
     atomic_write_text(out / "results.md", _markdown(rows))
     _curves(out, rows)
-    from .report import render_report
+    from ..reports.report import render_report
 
     render_report(out)

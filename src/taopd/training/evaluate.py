@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from taopd import seeds
-from taopd.checkpoint import load_rollout, save_rollout
 from taopd.data import Example, Task, render_prompt
 from taopd.models import lm_head
-from taopd.rollout import Rollout, generate, response_hidden, tokenize_left
-from taopd.teachers import Teacher, score_rollout
+from taopd.training.checkpoint import load_rollout, save_rollout
+from taopd.training.rollout import Rollout, generate, response_hidden, tokenize_left
+from taopd.training.teachers import Teacher, score_rollout
 
 if TYPE_CHECKING:
-    from taopd.collectives import Group
     from taopd.config import Config
-    from taopd.teacher_server import TeacherServer
+    from taopd.training.collectives import Group
+    from taopd.training.teacher_server import TeacherServer
 
 __all__ = ["Evaluator", "evaluate", "is_correct"]
 

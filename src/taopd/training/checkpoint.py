@@ -7,7 +7,6 @@ read back with `torch.load(weights_only=True)`: a crafted file cannot run code.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import pickle
 import random
@@ -19,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
+from ..models import safetensors_problem
 
 __all__ = [
     "save_checkpoint",
@@ -112,33 +112,6 @@ def load_plain(path: Path, what: str = "file") -> Any:
     except Exception as e:  # noqa: BLE001 - a corrupt file of any kind: one line, not a traceback
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"{what} {path} cannot be read ({first})") from None
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a complete safetensors file (None when its header and size agree).
-
-    Reads only the header: cheap, and catches empty, truncated or foreign files."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{size} bytes, too short for a safetensors file"
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                return "its header runs past the end of the file (truncated or not safetensors)"
-            header = json.loads(f.read(n))
-        end = max(
-            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-            default=0,
-        )
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return "its header is not valid safetensors"
-    if 8 + n + end != size:
-        return f"{size} bytes where its header needs {8 + n + end} (truncated or damaged)"
-    return None
 
 
 def _fsync_tree(root: Path) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, TeacherSFT
-from .data import Example, make_task, render_prompt, styled_solution
-from .errors import UserError
-from .models import cache_dir, hidden_states, lm_head, load_model, load_tokenizer
+from ..config import Config, TeacherSFT
+from ..data import Example, make_task, render_prompt, styled_solution
+from ..errors import UserError
+from ..models import cache_dir, hidden_states, lm_head, load_model, load_tokenizer
 
 __all__ = [
     "answer_loss",

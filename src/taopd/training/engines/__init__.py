@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ...errors import UserError
 from ..checkpoint import load_student_weights
 from ..collectives import Group
-from ..errors import UserError
 from .base import ReplicatedEngine, StudentEngine, make_optimizer, make_scheduler
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ...config import Config
 
 __all__ = [
     "ENGINES",
