@@ -110,7 +110,7 @@ def test_reasoning_gym_suffix_and_errors() -> None:
     with pytest.raises(UserError, match="no_such_task"):
         ReasoningGymTask("no_such_task", {})
     with pytest.raises(UserError, match="unknown split"):
-        task.examples("validation", 1, seed=0)
+        task.examples("dev", 1, seed=0)
 
 
 def test_reasoning_gym_too_few_distinct_questions() -> None:
