@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-slow lint demo clean-venv
+.PHONY: venv test test-slow lint demo docs docs-serve clean-venv
 
 venv: $(STAMP)
 
@@ -42,6 +42,15 @@ lint: venv
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
 	$(VENV)/bin/lint-imports
+
+# The manual: mkdocs-material + mkdocstrings (the `docs` extra), strict: a warning fails it.
+docs: venv
+	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: venv
+	$(PY) -m pip install -q -c constraints.txt -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,120 @@
+"""Write docs/reference/config.md from the pydantic classes in src/taopd/config.py.
+
+A field's one-line meaning is its ``Field(description=...)`` if set, else the comment on its line
+or the comment block right above it in config.py. Run by ``make docs`` (through the mkdocs hook
+in docs/hooks.py), so the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import typing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_PY = ROOT / "src" / "taopd" / "config.py"
+OUT = ROOT / "docs" / "reference" / "config.md"
+
+
+def comment_descriptions(path: Path = CONFIG_PY) -> dict[str, dict[str, str]]:
+    """{class name: {field: description from comments, '' if none}}."""
+    source = path.read_text()
+    lines = source.splitlines()
+    out: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields: dict[str, str] = {}
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            line = lines[stmt.end_lineno - 1]
+            text = ""
+            if "  # " in line:
+                text = line.split("  # ", 1)[1].strip()
+            else:
+                block, i = [], stmt.lineno - 2
+                while i >= 0 and lines[i].strip().startswith("#"):
+                    block.insert(0, lines[i].strip().lstrip("#").strip())
+                    i -= 1
+                text = " ".join(block)
+            fields[stmt.target.id] = text
+        out[node.name] = fields
+    return out
+
+
+def rows() -> list[tuple[str, str, str, str, str]]:
+    """(section, field, type, default, description) for every field reachable from Config."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from pydantic import BaseModel
+
+    from taopd import config as cfg
+
+    comments = comment_descriptions()
+    out = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            key = f"{prefix}{name}"
+            sub = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type)]
+            sub = [a for a in sub if issubclass(a, BaseModel)]
+            if sub:
+                walk(sub[0], key + ".")
+                continue
+            desc = info.description or comments.get(model.__name__, {}).get(name, "")
+            typ = ast.unparse(_annotation(model, name)) if _annotation(model, name) else str(ann)
+            default = (
+                "(required)"
+                if info.is_required()
+                else repr(info.get_default(call_default_factory=True))
+            )
+            out.append((prefix.rstrip(".") or "(top level)", key, typ, default, desc))
+
+    walk(cfg.Config, "")
+    return out
+
+
+def _annotation(model: type, name: str) -> ast.expr | None:
+    tree = ast.parse(CONFIG_PY.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == model.__name__:
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == name:
+                    return stmt.annotation
+    return None
+
+
+def render() -> str:
+    esc = lambda s: s.replace("|", "\\|")
+    parts = [
+        "# Config reference",
+        "",
+        "Generated from `src/taopd/config.py` by `scripts/config_reference.py` (do not edit).",
+        "Set any field from the command line with `--set section.field=value`.",
+    ]
+    section = None
+    for sec, key, typ, default, desc in rows():
+        if sec != section:
+            section = sec
+            parts += [
+                "",
+                f"## `{sec}`",
+                "",
+                "| field | type | default | meaning |",
+                "|---|---|---|---|",
+            ]
+        parts.append(f"| `{key}` | `{esc(typ)}` | `{esc(default)}` | {esc(desc) or '—'} |")
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    text = render()
+    if not OUT.exists() or OUT.read_text() != text:
+        OUT.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
