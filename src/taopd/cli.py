@@ -338,11 +338,24 @@ def _add_diagnose(sub: Any) -> None:
     p.set_defaults(func=cmd_diagnose)
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taopd")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taopd",
         description="Selective on-policy distillation by token teachability (arXiv 2605.26844).",
     )
+    parser.add_argument("--version", action="version", version=f"taopd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
