@@ -81,19 +81,27 @@ def test_aggregate_interval_over_seeds():
     assert agg["accuracy_ci95"] == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-3)
 
 
-def test_two_arm_comparison_end_to_end_and_resumable(
-    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, capsys
-):
+def tiny_compare_config(student, teacher, tmp_path, train: dict):
+    """A tiny-model config file for `taopd compare` (2 steps of 4 prompts), `train` added."""
     cfg = {
-        "student": str(tiny_model_dir),
-        "teacher": str(tiny_model_dir_same_tokenizer),
+        "student": str(student),
+        "teacher": str(teacher),
         "task": {"n_train": 32, "n_test": 6},
         "rollout": {"max_new_tokens": 4},
-        "train": {"steps": 2, "batch_size": 4, "eval_every": 1, "tensorboard": False},
+        "train": {"steps": 2, "batch_size": 4, "tensorboard": False, **train},
         "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 4},
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_two_arm_comparison_end_to_end_and_resumable(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, capsys
+):
+    path = tiny_compare_config(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, {"eval_every": 1}
+    )
     out = tmp_path / "sweep"
     argv = [
         "compare",
@@ -209,16 +217,9 @@ def test_paired_differences_match_seeds_and_name_the_outcome():
 def test_lr_grid_chooses_on_validation_and_trains_the_arms_with_it(
     tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, capsys
 ):
-    cfg = {
-        "student": str(tiny_model_dir),
-        "teacher": str(tiny_model_dir_same_tokenizer),
-        "task": {"n_train": 32, "n_test": 6},
-        "rollout": {"max_new_tokens": 4},
-        "train": {"steps": 2, "batch_size": 4, "tensorboard": False, "eval_teacher": False},
-        "eval": {"max_new_tokens": 3, "heldout_kl_prompts": 4},
-    }
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = tiny_compare_config(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, {"eval_teacher": False}
+    )
     out = tmp_path / "sweep"
     argv = ["compare", str(path), "--strategies", "full,teachability", "--ratios", "0.25",
             "--seeds", "1", "--lr-grid", "1e-6,3e-3", "--grid-steps", "2",
