@@ -493,7 +493,7 @@ class Trainer:
         metrics["selected_fraction"] = metrics["n_selected"] / max(1, metrics["n_valid"])
         if cfg.train.samples_every and step % cfg.train.samples_every == 0:
             with self.engine.whole():
-                self._write_samples(out)
+                self._write_samples(out, tags)
         if self.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
             self.log(metrics)  # the run stops here: still record the skipped step
             ckpt = latest_checkpoint(self.run_dir.checkpoints)
@@ -505,7 +505,7 @@ class Trainer:
             )
         return metrics
 
-    def _write_samples(self, out: StepPass) -> None:
+    def _write_samples(self, out: StepPass, tags: Tensor | None) -> None:
         """Append two rollouts of this step to samples.jsonl (the report's token view)."""
         if not self.group.is_main:
             return
@@ -520,9 +520,7 @@ class Trainer:
             step=self.step,
             rows=2,
             **out.teacher.sample_inputs(),
-            tags=self.tagger(
-                out.roll.response_ids, out.roll.response_mask[:, out.roll.prompt_len :]
-            ),
+            tags=tags,  # the step's position kinds, tagged once for its metrics
         )
         self.run_dir.append("samples.jsonl", lines)
 
