@@ -18,6 +18,7 @@ from taopd.experiments.compare import (
     mean_curve,
     paired_differences,
     plan_arms,
+    prune_checkpoints,
 )
 
 
@@ -135,6 +136,11 @@ def test_two_arm_comparison_end_to_end_and_resumable(
     assert "effective share" in md and "| full | 1 | 5e-05 | 100.0% |" in md  # lr: the config's
     assert (out / "plots" / "learning_curves.png").exists()
     assert (out / "report.html").exists()
+    folders = [d for d in (out / "arms").iterdir() if d.is_dir()]
+    assert len(folders) == 3
+    for folder in folders:  # a finished arm keeps its final weights, not its checkpoints (disk)
+        assert (folder / "model" / "model.safetensors").is_file()
+        assert not (folder / "checkpoints").exists()
     # a second call reruns nothing: the finished arms' summaries stay untouched
     arm = out / "arms" / Arm("full", 1.0, 16, 4, 0).name / "summary.json"
     stamp = arm.stat().st_mtime_ns
@@ -252,6 +258,10 @@ def test_lr_grid_chooses_on_validation_and_trains_the_arms_with_it(
         )
         assert r["accuracy"] != ""
     assert "| lr 1e-06 | lr 0.003 | chosen |" in (grid / "lr_choice.md").read_text()
+    for p in points:  # grid points keep no weights at all
+        folder = grid / "arms" / Arm.from_row(_typed(p)).name
+        assert (folder / "summary.json").is_file()
+        assert not (folder / "checkpoints").exists() and not (folder / "model").exists()
     stamp = (grid / "lr_choice.json").stat().st_mtime_ns
     points_stamp = (grid / "arms").stat().st_mtime_ns
     assert main(argv) == 0  # resumable: nothing retrained
@@ -261,3 +271,24 @@ def test_lr_grid_chooses_on_validation_and_trains_the_arms_with_it(
 def _typed(row):
     return {**row, "ratio": float(row["ratio"]), "k": int(row["k"]),
             "batch_size": int(row["batch_size"]), "seed": int(row["seed"])}  # fmt: skip
+
+
+@pytest.mark.parametrize("keep", ["final", "all", "none"])
+def test_prune_checkpoints_keeps_what_was_asked(tmp_path, keep):
+    folder = tmp_path / "arm"
+    for step in (2, 4):  # two complete checkpoints, as the trainer writes them
+        ck = folder / "checkpoints" / f"step-{step:06d}"
+        (ck / "model").mkdir(parents=True)
+        (ck / "model" / "model.safetensors").write_text(f"weights {step}")
+        (ck / "trainer_state.pt").write_text("adam")
+        (ck / "COMPLETE").write_text(str(step))
+    prune_checkpoints(folder, keep)
+    if keep == "all":
+        assert len(list((folder / "checkpoints").iterdir())) == 2
+        assert not (folder / "model").exists()
+    else:
+        assert not (folder / "checkpoints").exists()
+        if keep == "final":
+            assert (folder / "model" / "model.safetensors").read_text() == "weights 4"
+        else:
+            assert not (folder / "model").exists()

@@ -257,7 +257,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         arms = with_lrs(arms, choice)
     print(f"taopd compare: {len(arms)} runs in {out} ({args.parallel} at a time)", flush=True)
     rows = run_compare(
-        cfg, out, arms, parallel=args.parallel, progress=not args.no_progress, run=not args.no_run
+        cfg,
+        out,
+        arms,
+        parallel=args.parallel,
+        progress=not args.no_progress,
+        run=not args.no_run,
+        keep=args.keep_checkpoints,
     )
     if args.no_run:
         print(f"{len(rows)} of {len(arms)} runs finished; tables from those in {out}")
@@ -304,6 +310,13 @@ def _add_compare(sub: Any) -> None:
         "--no-run",
         action="store_true",
         help="train nothing: write the tables and plots of the arms already finished",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        choices=["final", "all", "none"],
+        default="final",
+        help="what of a finished arm's checkpoints stays: its final weights as ARM/model/ "
+        "(default), every checkpoint, or nothing; lr-grid runs keep nothing",
     )
     p.set_defaults(func=cmd_compare)
 
