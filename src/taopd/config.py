@@ -233,6 +233,10 @@ class LoraCfg(_Strict):
     target_modules: list[str] | str = "all-linear"
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+"""The experiment trackers `train.report_to` may name (through accelerate's tracker classes)."""
+
+
 class TrainCfg(_Strict):
     """The training loop: steps, batches, precision, evaluation and checkpoint cadence, logs."""
 
@@ -265,7 +269,14 @@ class TrainCfg(_Strict):
     collective_timeout_s: float = Field(600.0, gt=0)
     eval_before: bool = True  # measure the student's accuracy before the first step
     eval_teacher: bool = True  # measure the teacher's accuracy once (needs eval.accuracy)
-    tensorboard: bool = True  # also write the step metrics as TensorBoard events under tb/
+    # experiment trackers that also get every step's numeric metrics (metrics.jsonl is always
+    # written): tensorboard (tb/ in the run folder), wandb, trackio, mlflow; [none]: none
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # kept for compatibility: false drops tensorboard from report_to
+    tracker_project: str = Field("taopd", min_length=1)  # wandb/trackio project, mlflow experiment
+    run_name: str | None = None  # the tracker run's name; None: the output folder's name
+    # trackers' group of related runs (wandb/trackio group, mlflow tag); compare: the sweep folder
+    tracker_group: str | None = None
     # torch's CPU threads; None = the cores not busy with other jobs when the run starts (its
     # cores minus the 1-minute load average): more threads than free cores stall every step
     threads: int | None = Field(None, ge=1)
@@ -275,6 +286,37 @@ class TrainCfg(_Strict):
     # partition the student with DeepSpeed ZeRO (stage 3 by default, or the accelerate config's
     # zero_stage); also switched on by an accelerate DeepSpeed config. Needs taopd[deepspeed].
     deepspeed: bool = False
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v: Any) -> Any:
+        """`--set train.report_to=wandb` (or `wandb,trackio`): a name is a one-item list."""
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: list[str]) -> list[str]:
+        names = [x.strip().lower() for x in v]
+        bad = [x for x in names if x not in (*TRACKERS, "none")]
+        if bad:
+            raise ValueError(
+                f"unknown tracker(s) {', '.join(map(repr, bad))}; choose from "
+                f"{', '.join(TRACKERS)}, or none"
+            )
+        if not names:
+            raise ValueError("give at least one tracker, or [none] for none")
+        if "none" in names and len(names) > 1:
+            raise ValueError("none means no tracker: give it alone, not with others")
+        return list(dict.fromkeys(names))
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to: report_to less "none", less tensorboard when the
+        old `tensorboard: false` is set."""
+        return [
+            x for x in self.report_to if x != "none" and (self.tensorboard or x != "tensorboard")
+        ]
 
 
 class EvalCfg(_Strict):
@@ -424,7 +466,7 @@ class Config(_Strict):
 
 def training_only(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
     """`cfg` as a dict for a trainer that only trains (the diagnostic's update, the pilot):
-    no evaluation, checkpoints, samples, TensorBoard or held-out KL, into `output_dir`."""
+    no evaluation, checkpoints, samples, trackers or held-out KL, into `output_dir`."""
     data = cfg.model_dump(mode="json")
     data["output_dir"] = str(output_dir)
     data["train"].update(
@@ -434,6 +476,7 @@ def training_only(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
         save_every=0,
         samples_every=0,
         tensorboard=False,
+        report_to=["none"],
     )
     data["eval"]["heldout_kl_prompts"] = 0
     return data
