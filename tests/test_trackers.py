@@ -253,3 +253,25 @@ def test_trackio_gets_the_jsonl_metrics(tiny_model_dir, tiny_model_dir_same_toke
             {k: v for k, v in row.items() if k != "timestamp" and not k.startswith("_")}
         )
     assert_same(logged, jsonl_metrics(out))
+
+
+def test_mlflow_gets_the_jsonl_metrics(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
+):
+    """mlflow-skinny (the extra) into a local file store (opted in: MLflow 3 prefers a database)."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "run"
+    extra = ("train.report_to=[mlflow]", "train.tracker_group=sweep", "train.run_name=arm-b")
+    train(run_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, *extra), progress=False)
+    run_id = json.loads((out / trk.STATE_FILE).read_text())["mlflow_run_id"]
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.run_name == "arm-b" and run.data.tags["taopd.group"] == "sweep"
+    assert run.data.params["selection.strategy"] == "teachability"  # the config, flattened
+    logged: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            logged.setdefault(m.step, {})[key] = m.value
+    assert_same(logged, jsonl_metrics(out))
