@@ -193,13 +193,14 @@ def test_wandb_offline_gets_the_jsonl_metrics_and_resume_reuses_the_run(
 ):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wandb").mkdir()
+    # no WANDB_DIR: the run folder (under tmp_path) holds wandb/; wandb also keeps the
+    # environment of its first run in a process, which a later test's WANDB_DIR would not change
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     out = tmp_path / "run"
     extra = ("train.report_to=[wandb]", "train.tracker_group=sweep", "train.save_every=1")
     train(run_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, *extra), progress=False)
-    files = sorted((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history, runs = wandb_history(files[0])
     assert_same(history, jsonl_metrics(out))
@@ -210,7 +211,7 @@ def test_wandb_offline_gets_the_jsonl_metrics_and_resume_reuses_the_run(
     # resume (one more step): the same wandb run id, a new offline file holding step 3 only
     cfg = run_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, *extra, "train.steps=3")
     train(cfg, resume=True, progress=False)
-    files = sorted((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
     later = [h for h, _ in map(wandb_history, files) if 3 in h]
     assert len(later) == 1 and sorted(later[0]) == [3]
