@@ -169,11 +169,30 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a .wandb file once it holds the run's exit record: wandb's core process
+    may still be writing it for a moment after `finish()` has returned."""
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+        except (DecodeError, struct.error):  # a record cut short: still being written
+            pass
+        assert time.monotonic() < deadline, f"{path} holds no exit record after {timeout} s"
+        time.sleep(0.2)
+
+
 def wandb_history(run_file: Path) -> tuple[dict[int, dict[str, float]], list]:
     """{step: logged values, less wandb's own (_step, _runtime, ...)} and the run records."""
     history: dict[int, dict[str, float]] = {}
     runs = []
-    for r in wandb_records(run_file):
+    for r in finished_records(run_file):
         kind = r.WhichOneof("record_type")
         if kind == "run":
             runs.append(r.run)
