@@ -292,3 +292,25 @@ def test_prune_checkpoints_keeps_what_was_asked(tmp_path, keep):
             assert (folder / "model" / "model.safetensors").read_text() == "weights 4"
         else:
             assert not (folder / "model").exists()
+
+
+def test_each_arm_is_one_tracker_run_named_after_it_grouped_by_the_sweep(tmp_path, monkeypatch):
+    """The arm configs carry train.run_name (the arm) and train.tracker_group (the sweep's
+    folder); a missing tracker package stops the sweep before any arm starts."""
+    import sys
+
+    from taopd.config import load_config
+    from taopd.experiments.compare import run_compare
+
+    cfg = load_config("demo", ["train.report_to=[wandb]"])
+    arms = plan_arms(["teachability", "random"], [0.25], 1, [16], [8])
+    out = tmp_path / "my-sweep"
+    assert run_compare(cfg, out, arms, progress=False, run=False) == []  # configs written only
+    for arm in arms:
+        train = yaml.safe_load((out / "arms" / f"{arm.name}.yaml").read_text())["train"]
+        assert train["run_name"] == arm.name and train["tracker_group"] == "my-sweep"
+        assert train["report_to"] == ["wandb"]
+    monkeypatch.setitem(sys.modules, "wandb", None)  # its package missing
+    with pytest.raises(UserError, match=r"pip install 'taopd\[wandb\]'"):
+        run_compare(cfg, out, arms, progress=False)
+    assert not list((out / "arms").glob("*.log"))  # no arm was launched

@@ -441,3 +441,54 @@ def test_topn_by_kind_splits_the_selections():
             if c["gain_style"] is not None and c["gain_other"] is not None:
                 assert c["gain_style"] == pytest.approx(-1.0, abs=0.05)
                 assert c["gain_other"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_matched_topn_table_goes_once_to_the_trackers(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path, monkeypatch
+):
+    """train.report_to [tensorboard, wandb]: matched_topn.json's means and lifts as scalars at
+    step 0 (tb/ of the diagnostic's folder), and as a table in the wandb run (offline)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_trackers import wandb_history
+
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # wandb/ in the diagnostic's folder
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_diag_yaml(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "d.yaml", ratios=[0.1, 0.3]
+    )
+    out = tmp_path / "diag"
+    argv = ["diagnose", str(cfg), "--output-dir", str(out), "--no-progress"]
+    argv += ["--set", "train.tensorboard=true", "--set", "train.report_to=[tensorboard,wandb]"]
+    assert main(argv) == 0
+    topn = json.loads((out / "matched_topn.json").read_text())
+    want = {
+        f"matched_topn/{sel}@{r}/{k}": e[k]
+        for sel, per in topn.items()
+        for r, e in per.items()
+        for k in ("mean", "lift")
+        if e.get(k) is not None and math.isfinite(e[k])
+    }
+    assert len(want) >= 2 * len(topn)
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tb = {t: acc.Scalars(t) for t in acc.Tags()["scalars"]}
+    for key, value in want.items():
+        (event,) = tb[key]  # once, at step 0
+        assert event.step == 0 and math.isclose(event.value, value, rel_tol=1e-6, abs_tol=1e-7)
+    assert "summary/gain_mean" in tb and not (out / "update" / "tb").exists()  # no update run
+    (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    history, runs = wandb_history(run_file)
+    assert list(history) == [0] and runs[0].display_name == "diag"
+    assert history[0]["matched_topn/_type"] == "table-file"  # the table, beside its scalars
+    table = json.loads((run_file.parent / "files" / history[0]["matched_topn/path"]).read_text())
+    assert table["columns"][:4] == ["arm", "selector", "ratio", "n"]
+    means = {row[0]: row[4] for row in table["data"]}
+    assert (
+        len(means) == 2 * len(topn)
+        and means["teachability@0.1"] == topn["teachability"]["0.1"]["mean"]
+    )
+    for key, value in want.items():
+        assert math.isclose(history[0][key], value, rel_tol=1e-9), key

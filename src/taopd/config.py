@@ -37,10 +37,10 @@ class TeacherSFT(_Strict):
     """Fine-tune a model on the task's train split before distilling (cached by content): the
     teacher (`teacher_sft`), or the student as a warm start on the answer format (`student_sft`)."""
 
-    steps: int = Field(60, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    seed: int = 0
+    steps: int = Field(60, ge=1)  # AdamW steps of the fine-tune
+    batch_size: int = Field(16, ge=1)  # train-split examples per step (cycled in a seeded order)
+    lr: float = Field(5e-5, gt=0)  # AdamW learning rate (no weight decay, no schedule)
+    seed: int = 0  # torch seed of the fine-tune and of its example order
     # worked solutions in another style (task.solution: worked only); None: the task's own format
     style: StyleCfg | None = None
 
@@ -52,17 +52,19 @@ class TeacherSFT(_Strict):
 class TaskCfg(_Strict):
     """A reasoning-gym task by `name` (+ `params`) or a local JSONL/JSON/parquet file by `path`."""
 
-    name: str | None = "chain_sum"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = "chain_sum"  # reasoning-gym task name (ignored when `path` is set)
+    params: dict[str, Any] = Field(default_factory=dict)  # the reasoning-gym task's own options
+    # a local .jsonl/.json/.parquet file of records (a "split" field, else a hash of the prompt,
+    # picks train or test); replaces `name`
     path: str | None = None
-    prompt_field: str = "question"
-    answer_field: str = "answer"
-    n_train: int = Field(2000, ge=1)
-    n_test: int = Field(200, ge=1)
-    seed: int = 0
-    system_prompt: str | None = None
-    chat_template: bool = True
-    prompt_suffix: str = ""
+    prompt_field: str = "question"  # file task: the record field holding the question
+    answer_field: str = "answer"  # file task: the record field holding the reference answer
+    n_train: int = Field(2000, ge=1)  # training examples drawn (the prompt stream cycles them)
+    n_test: int = Field(200, ge=1)  # evaluation examples (of eval.split) for accuracy and KL
+    seed: int = 0  # which examples are drawn and their order (also keys the fine-tune caches)
+    system_prompt: str | None = None  # a system message before every question; None: none
+    chat_template: bool = True  # render prompts with the tokenizer's chat template (else q + "\n")
+    prompt_suffix: str = ""  # an instruction appended to every question ('' = none)
     # fine-tuning target: "answer" (the bare answer) or "worked" (a worked solution ending in
     # '#### answer'; chain_sum only); evaluation always scores the final answer
     solution: Literal["answer", "worked"] = "answer"
@@ -104,12 +106,16 @@ class VLLMCfg(_Strict):
 
 
 class RolloutCfg(_Strict):
-    backend: Literal["hf", "vllm"] = "hf"
-    max_new_tokens: int = Field(6, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    """How the student samples its training rollouts (on-policy responses to the prompts)."""
+
+    backend: Literal["hf", "vllm"] = "hf"  # "hf": transformers generate; "vllm": a vLLM engine
+    max_new_tokens: int = Field(6, ge=1)  # response length cap of a training rollout, in tokens
+    temperature: float = Field(1.0, gt=0)  # sampling temperature (1: the student's distribution)
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass (1: the whole vocabulary)
     greedy: bool = False  # argmax rollouts (deterministic; for checks, not for training)
-    max_prompt_tokens: int = Field(512, ge=1)
+    max_prompt_tokens: int = Field(512, ge=1)  # longest rendered prompt, in tokens (see overflow)
+    # a longer prompt: "truncate" keeps its last max_prompt_tokens tokens, "skip" drops it
+    # (both counted in summary.json)
     prompt_overflow: Literal["truncate", "skip"] = "truncate"
     vllm: VLLMCfg = Field(default_factory=VLLMCfg)  # used when backend is "vllm"
 
@@ -125,11 +131,18 @@ class RolloutCfg(_Strict):
 
 
 class SelectionCfg(_Strict):
+    """Which response positions the loss keeps: a strategy's scores, top share `ratio`."""
+
+    # how positions are ranked (core/selection.py STRATEGIES; "full" keeps all, "teachability"
+    # is TA-OPD)
     strategy: str = "teachability"
-    ratio: float = 0.05
-    k: int = Field(16, ge=1)
+    ratio: float = 0.05  # share ρ of the valid response positions kept, in (0, 1]
+    k: int = Field(16, ge=1)  # K of the student's and teacher's top-K supports the signals use
+    # "batch": one top-n over the whole global batch (the paper); "sequence": top-n per rollout
     scope: Literal["batch", "sequence"] = "batch"
+    # keep at least this many positions in every non-empty rollout (1: the released code's rule)
     min_per_sequence: int = Field(0, ge=0)
+    # positions projected through the vocabulary at a time while scoring (memory vs. speed)
     chunk_size: int = Field(512, ge=1)
     # precision of the scoring pass's vocabulary projections (softmaxes and sums stay float32):
     # "auto" = the models' dtype. "bfloat16" is faster where bf16 matmuls are native (GPUs, CPUs
@@ -155,23 +168,33 @@ class SelectionCfg(_Strict):
 
 
 class LossCfg(_Strict):
+    """The per-token distillation loss on the kept positions and how it is averaged."""
+
+    # per-token loss: KL(p_S‖p_T), KL(p_T‖p_S), generalized JSD (`beta`), or "pg" (the
+    # sampled-token policy gradient, PPO-clipped; the only one a served teacher allows)
     kind: Literal["reverse_kl", "forward_kl", "jsd", "pg"] = "reverse_kl"
     # "kept": mean over the kept positions (Eq. 7); "valid": the kept sum over all valid positions
     # (a fixed per-token weight: the loss is `kept` times kept/valid)
     normalize: Literal["kept", "valid"] = "kept"
+    # "token": one mean over all kept positions (the paper); "sequence": mean per rollout, then
+    # over rollouts (the released code)
     reduction: Literal["token", "sequence"] = "token"
-    beta: float = Field(0.5, gt=0, lt=1)
+    beta: float = Field(0.5, gt=0, lt=1)  # jsd only: teacher weight β of the mix β·p_T+(1-β)·p_S
+    # softmax temperature of both models' logits, in the loss and in the selection signals
     temperature: float = Field(1.0, gt=0)
-    chunk_size: int = Field(1024, ge=1)
+    chunk_size: int = Field(1024, ge=1)  # kept positions projected through the vocabulary at a time
 
 
 class OptimCfg(_Strict):
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = Field(1.0, ge=0)
+    """The student's AdamW optimizer and learning-rate schedule (over train.steps)."""
+
+    lr: float = Field(5e-5, gt=0)  # peak learning rate (after warmup)
+    weight_decay: float = Field(0.0, ge=0)  # AdamW's decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's (β1, β2)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm (0: no clipping)
+    # after warmup: constant, or decaying linearly / by a cosine to 0 at train.steps
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0)  # steps of linear warmup from 0 to lr
 
 
 class TeacherServerCfg(_Strict):
@@ -185,12 +208,12 @@ class TeacherServerCfg(_Strict):
     model: str | None = None  # served model name; None = the server's only model
     top_k: int = Field(20, ge=1)  # prompt_logprobs requested per position
     timeout_s: float = Field(120.0, gt=0)  # read timeout of one request
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0)  # seconds to open a connection to the server
     batch_size: int = Field(16, ge=1)  # sequences per HTTP request
     # a connection error, timeout, 429 or 5xx is tried again up to `retries` times, waiting
     # backoff_s * 2**(n-1) seconds (±50% jitter) before try n+1; other 4xx end the run at once
     retries: int = Field(5, ge=0)
-    backoff_s: float = Field(1.0, ge=0)
+    backoff_s: float = Field(1.0, ge=0)  # the first retry's wait; doubles on each further try
 
     @field_validator("url")
     @classmethod
@@ -201,15 +224,25 @@ class TeacherServerCfg(_Strict):
 
 
 class LoraCfg(_Strict):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    """Train LoRA adapters on the student instead of all its weights (needs taopd[peft])."""
+
+    r: int = Field(16, ge=1)  # rank of each adapter
+    alpha: int = Field(32, ge=1)  # LoRA scaling numerator: the update is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
+    # module names to adapt (peft's target_modules), or "all-linear": every linear layer
     target_modules: list[str] | str = "all-linear"
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+"""The experiment trackers `train.report_to` may name (through accelerate's tracker classes)."""
+
+
 class TrainCfg(_Strict):
-    steps: int = Field(30, ge=1)
-    batch_size: int = Field(16, ge=1)
+    """The training loop: steps, batches, precision, evaluation and checkpoint cadence, logs."""
+
+    steps: int = Field(30, ge=1)  # optimizer steps of the run
+    batch_size: int = Field(16, ge=1)  # prompts per step over all processes (one rollout each)
+    # rollouts per gradient pass on each process, to bound memory; None: the process's whole share
     micro_batch_size: int | None = Field(None, ge=1)
     # the student's gradient pass. "batch": one body forward with gradient over every row, its
     # detached hidden states also feed scoring. "kept": scoring runs the body without gradient,
@@ -218,21 +251,32 @@ class TrainCfg(_Strict):
     # previous step's kept region was under half the batch's tokens. With micro-batches the
     # scoring pass is gradient-free anyway and the gradient passes always cover the kept region.
     grad_pass: Literal["auto", "batch", "kept"] = "auto"
+    # accuracy and held-out KL every this many steps and at the last (0: only after training)
     eval_every: int = Field(0, ge=0)
-    save_every: int = Field(0, ge=0)
-    keep_last: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
-    samples_every: int = Field(0, ge=0)
-    seed: int = 0
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    save_every: int = Field(0, ge=0)  # checkpoint every this many steps (0: only the final one)
+    keep_last: int = Field(2, ge=1)  # checkpoints kept on disk (older ones are deleted)
+    log_every: int = Field(1, ge=1)  # not used: every step goes to metrics.jsonl (old configs load)
+    samples_every: int = Field(0, ge=0)  # token-view records to samples.jsonl every N steps (0: no)
+    seed: int = 0  # the run's one seed: prompt order, rollouts, selection ties (seeds.py)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # student weights (and teacher's)
+    # the teacher's weights; None: train.dtype
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # stop (keeping the last checkpoint) after this many steps in a row with a non-finite loss or
+    # gradient; such steps change no weights
     max_nonfinite_steps: int = Field(3, ge=1)
     # multi-process: how long a collective waits for the other processes (one that died, or
     # hangs) before this one ends with an error instead of waiting for ever
     collective_timeout_s: float = Field(600.0, gt=0)
-    eval_before: bool = True
-    eval_teacher: bool = True
-    tensorboard: bool = True
+    eval_before: bool = True  # measure the student's accuracy before the first step
+    eval_teacher: bool = True  # measure the teacher's accuracy once (needs eval.accuracy)
+    # experiment trackers that also get every step's numeric metrics (metrics.jsonl is always
+    # written): tensorboard (tb/ in the run folder), wandb, trackio, mlflow; [none]: none
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # kept for compatibility: false drops tensorboard from report_to
+    tracker_project: str = Field("taopd", min_length=1)  # wandb/trackio project, mlflow experiment
+    run_name: str | None = None  # the tracker run's name; None: the output folder's name
+    # trackers' group of related runs (wandb/trackio group, mlflow tag); compare: the sweep folder
+    tracker_group: str | None = None
     # torch's CPU threads; None = the cores not busy with other jobs when the run starts (its
     # cores minus the 1-minute load average): more threads than free cores stall every step
     threads: int | None = Field(None, ge=1)
@@ -243,10 +287,43 @@ class TrainCfg(_Strict):
     # zero_stage); also switched on by an accelerate DeepSpeed config. Needs taopd[deepspeed].
     deepspeed: bool = False
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v: Any) -> Any:
+        """`--set train.report_to=wandb` (or `wandb,trackio`): a name is a one-item list."""
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: list[str]) -> list[str]:
+        names = [x.strip().lower() for x in v]
+        bad = [x for x in names if x not in (*TRACKERS, "none")]
+        if bad:
+            raise ValueError(
+                f"unknown tracker(s) {', '.join(map(repr, bad))}; choose from "
+                f"{', '.join(TRACKERS)}, or none"
+            )
+        if not names:
+            raise ValueError("give at least one tracker, or [none] for none")
+        if "none" in names and len(names) > 1:
+            raise ValueError("none means no tracker: give it alone, not with others")
+        return list(dict.fromkeys(names))
+
+    def trackers(self) -> list[str]:
+        """The trackers this run reports to: report_to less "none", less tensorboard when the
+        old `tensorboard: false` is set."""
+        return [
+            x for x in self.report_to if x != "none" and (self.tensorboard or x != "tensorboard")
+        ]
+
 
 class EvalCfg(_Strict):
-    batch_size: int = Field(64, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
+    """Evaluations: greedy accuracy on the eval split and KL(student‖teacher) on a fixed bank."""
+
+    batch_size: int = Field(64, ge=1)  # prompts per greedy-generation batch when evaluating
+    max_new_tokens: int = Field(8, ge=1)  # answer length cap of greedy evaluation, in tokens
     heldout_kl_prompts: int = Field(32, ge=0)  # fixed bank of rollouts for KL(student‖teacher)
     # the split evaluations (accuracy, held-out KL bank) draw from: "validation" is disjoint from
     # train and test (reasoning-gym tasks), for choosing settings such as the lr without the test
@@ -271,13 +348,16 @@ class DiagnoseCfg(_Strict):
 
     n_contexts: int = Field(100, ge=1)  # held-out prompts in the bank (one rollout each)
     max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
+    # "opd": a short OPD update, then every position's gain; "single-step": one SGD step per
+    # sampled position (n_single of them) and its gain on the whole bank
     mode: Literal["opd", "single-step"] = "opd"
     update_strategy: str | None = "full"  # OPD update's selection.strategy (None: `selection`)
     # The OPD update, as released: a small move around θ0 (the local regime of Eq. 1 and
     # Proposition 1): Adam at lr 1e-6 for 150 steps of 2 prompts. None: optim.lr /
     # train.steps / train.batch_size (e.g. the former 8 steps of 16 at 5e-5)
     update_lr: float | None = Field(1e-6, gt=0)
-    update_steps: int | None = Field(150, ge=1)
+    update_steps: int | None = Field(150, ge=1)  # OPD update's optimizer steps (None: train.steps)
+    # prompts per step of the OPD update (None: train.batch_size)
     update_batch_size: int | None = Field(2, ge=1)
     # gain for the statistics: the released relative reduction (KL0 - KLτ) / (KL0 + 1e-12);
     # false: Eq. 1's absolute KL0 - KLτ (both are always written and tabled)
@@ -289,11 +369,13 @@ class DiagnoseCfg(_Strict):
     split_interaction: bool = False  # also fit the split model with H̃·D̃ ("split+H*D")
     n_single: int = Field(16, ge=0)  # single-step: positions updated one at a time (0: all)
     single_lr: float = Field(1e-5, gt=0)  # single-step: SGD step size η (keep η‖∇ℓ_t‖² ≪ ℓ_t)
+    # kept shares ρ at which every selector's matched top-N gain is measured
     ratios: list[float] = Field(default_factory=lambda: [0.03, 0.05, 0.1])
+    # the strategies compared in the statistics (names of core/selection.py STRATEGIES)
     selectors: list[str] = Field(default_factory=lambda: list(DIAGNOSE_SELECTORS))
     bootstrap: int = Field(1000, ge=0)  # prompt-clustered bootstrap draws
     batch_size: int = Field(32, ge=1)  # contexts per forward pass when sampling / scoring
-    seed: int = 0
+    seed: int = 0  # the bank's rollouts, single-step's positions, the bootstrap and selection ties
     save_student: bool = False  # also save θτ (OPD mode) under update/student
 
     @field_validator("ratios")
@@ -326,7 +408,9 @@ class DiagnoseCfg(_Strict):
 class Config(_Strict):
     """One run: models, task, rollout, selection, loss, optimizer, loop, evaluation, output."""
 
+    # the model trained: "smollm2" (the bundled SmolLM2-135M-Instruct), an HF folder or a hub id
     student: str = "smollm2"
+    # the model distilled from (same naming; with teacher_server only its tokenizer is loaded)
     teacher: str = "smollm2"
     teacher_sft: TeacherSFT | None = None
     student_sft: TeacherSFT | None = None  # warm start: the student fine-tuned on the format
@@ -340,7 +424,7 @@ class Config(_Strict):
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
     diagnose: DiagnoseCfg = Field(default_factory=DiagnoseCfg)
-    output_dir: str = "runs/run"
+    output_dir: str = "runs/run"  # the run folder (config, logs, checkpoints, summary)
 
     @model_validator(mode="after")
     def _server_fits(self) -> Config:
@@ -382,7 +466,7 @@ class Config(_Strict):
 
 def training_only(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
     """`cfg` as a dict for a trainer that only trains (the diagnostic's update, the pilot):
-    no evaluation, checkpoints, samples, TensorBoard or held-out KL, into `output_dir`."""
+    no evaluation, checkpoints, samples, trackers or held-out KL, into `output_dir`."""
     data = cfg.model_dump(mode="json")
     data["output_dir"] = str(output_dir)
     data["train"].update(
@@ -392,6 +476,7 @@ def training_only(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
         save_every=0,
         samples_every=0,
         tensorboard=False,
+        report_to=["none"],
     )
     data["eval"]["heldout_kl_prompts"] = 0
     return data

@@ -259,6 +259,8 @@ def run_compare(
     (out / "arms").mkdir(exist_ok=True)
     atomic_write_text(out / "base_config.yaml", cfg.to_yaml())
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    # train.report_to: one tracker run per arm, named after it, grouped by the sweep's folder
+    group = cfg.train.tracker_group or out.resolve().name
     pending = []
     for i, arm in enumerate(arms):
         folder = out / "arms" / arm.name
@@ -268,6 +270,7 @@ def run_compare(
         # arm of each seed measures them, the others skip the two evaluations
         first_of_seed = all(a.seed != arm.seed or a.batch_size != arm.batch_size for a in arms[:i])
         data = cfg.model_dump(mode="json")
+        data["train"].update(run_name=arm.name, tracker_group=group)  # not parsed as YAML
         overrides = arm.overrides() + [
             f"output_dir={folder}",
             f"train.eval_teacher={str(first_of_seed).lower()}",
@@ -281,8 +284,11 @@ def run_compare(
     if not run:
         pending = []
     if pending:
-        # fine-tune (and cache) the shared teacher and warm start once, not once per arm
         from ..training.sft import prepare_student, prepare_teacher
+        from ..training.trackers import check_trackers
+
+        check_trackers(cfg.train)  # a missing tracker package: one line, before any arm
+        # fine-tune (and cache) the shared teacher and warm start once, not once per arm
 
         if cfg.teacher_sft is not None:
             prepare_teacher(cfg, progress=progress)
@@ -349,6 +355,10 @@ def choose_lrs(
             "train.samples_every=0",
             f"train.save_every={min(steps, cfg.train.save_every or steps)}",
         ],
+    )
+    # the grid's tracker runs: their own group, "<sweep folder>-<grid folder>"
+    grid_cfg.train.tracker_group = (
+        f"{cfg.train.tracker_group or out.resolve().parent.name}-{out.name}"
     )
     seed = min(a.seed for a in arms)
     groups = list(dict.fromkeys(a for a in arms if a.seed == seed))

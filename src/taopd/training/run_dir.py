@@ -4,8 +4,9 @@ and (`RunFolder`) a training run's view of it: its logs, cut back to a checkpoin
 A folder is only ever cleared (`--overwrite`) when it holds the marker `taopd-run.json`, written
 when taopd creates a run; every check that can fail runs before the folder is created or locked.
 Layout of a training run: taopd-run.json, config.yaml, metrics.jsonl, samples.jsonl,
-heldout_bank.pt, checkpoints/step-NNNNNN/, summary.json, tb/ (tensorboard), .taopd.lock (held
-by the trainer using the folder).
+heldout_bank.pt, checkpoints/step-NNNNNN/, summary.json, tb/ (tensorboard), wandb/ (wandb, unless
+WANDB_DIR is set), trackers.json (the tracker run ids a resume reopens), .taopd.lock (held by the
+trainer using the folder).
 """
 
 from __future__ import annotations
@@ -315,17 +316,6 @@ class RunFolder:
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.group.is_main:
             atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
-
-    def tensorboard(self) -> Any:
-        """A SummaryWriter into tb/ on the main process (None elsewhere, or without
-        tensorboard installed: the JSONL logs only)."""
-        if not self.group.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            return None
-        return SummaryWriter(str(self.path / "tb"))
 
     def close(self) -> None:
         """Let go of the folder's lock (e.g. for another trainer in this process)."""

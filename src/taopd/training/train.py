@@ -60,6 +60,7 @@ from .samples import token_samples
 from .sampling import make_sampler
 from .teacher_server import TeacherServer
 from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
+from .trackers import Trackers, check_trackers
 
 __all__ = [
     "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "train", "token_samples",
@@ -176,6 +177,7 @@ class Trainer:
                 f"{self.world} processes"
             )
         self.threads = set_threads(cfg.train.threads, self.acc.device)
+        check_trackers(cfg.train)  # train.report_to: a missing package fails before any work
         self.server: TeacherServer | None = None
         if cfg.teacher_server is not None:  # fail fast, before the output folder is touched
             self.server = TeacherServer.from_config(cfg.teacher_server)
@@ -263,7 +265,10 @@ class Trainer:
         self.history: dict[str, Any] = {}
         if self.resume_from is not None:
             self._load(self.resume_from)
-        self.tb = self.run_dir.tensorboard() if cfg.train.tensorboard else None
+        self.trackers = Trackers.start(  # train.report_to, on the main process
+            cfg.train, self.out, cfg.model_dump(mode="json"), self.group.is_main,
+            resume=self.resume_from is not None,
+        )  # fmt: skip
 
     def _load_models(self) -> tuple[str, torch.nn.Module | None, torch.nn.Module]:
         """The teacher (its name, and its weights unless served) and the student, after their
@@ -614,12 +619,9 @@ class Trainer:
         self.run_dir.truncate_logs(self.step)
 
     def log(self, metrics: dict[str, Any]) -> None:
-        """Append a step's metrics to metrics.jsonl (and TensorBoard)."""
+        """Append a step's metrics to metrics.jsonl (and the trackers of train.report_to)."""
         self.run_dir.append("metrics.jsonl", [metrics])
-        if self.tb is not None and self.group.is_main:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(k, v, metrics["step"])
+        self.trackers.log(metrics, metrics["step"])
 
     # ----------------------------------------------------------------------------- run
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -657,8 +659,7 @@ class Trainer:
         finally:
             for s, old in old_handlers.items():
                 signal.signal(s, old)
-            if self.tb is not None:
-                self.tb.flush()
+            self.trackers.finish()
             self.close()
         return summary
 

@@ -13,6 +13,7 @@ from ...config import Config, training_only
 from ...errors import UserError
 from ...models import load_tokenizer
 from ...training.run_dir import check_diagnose_output, write_marker
+from ...training.trackers import Trackers, check_trackers
 from .bank import BANK_FILE, Models, bank_meta, bank_samples, load_bank, make_bank, save_bank
 from .bank import score_bank as _score_bank
 from .gains import opd_gains, opd_update, single_step_gains
@@ -84,9 +85,28 @@ def run_diagnose(
     write_results(out, summary, analysis, start)
     if "kind" in columns:  # planted-style positions: the selections split by position kind
         _write_kinds(out, columns, analysis, dcfg)
+    log_to_trackers(cfg, out, summary, analysis)
     render_report(out)
     summary["output_dir"] = str(out)
     return summary
+
+
+def log_to_trackers(cfg: Config, out: Path, summary: dict[str, Any], a: Analysis) -> None:
+    """The diagnostic's result, once, to the trackers of train.report_to (one tracker run named
+    after `out`): the matched top-N table (`matched_topn`: a table in wandb, and the scalars
+    `matched_topn/<selector>@<ratio>/<stat>` everywhere) and the summary's numbers at step 0."""
+    trackers = Trackers.start(cfg.train, out, cfg.model_dump(mode="json"))
+    try:
+        stats = ("n", "mean", "low", "high", "lift", "share_of_gain", "q3_fraction")
+        rows = [
+            [f"{sel}@{r}", sel, str(r), *(e.get(k) for k in stats)]
+            for sel, per in a.topn.items()
+            for r, e in per.items()
+        ]
+        trackers.log_table("matched_topn", ["arm", "selector", "ratio", *stats], rows)
+        trackers.log({f"summary/{k}": v for k, v in summary.items()}, step=0)
+    finally:
+        trackers.finish()
 
 
 def _prepare(
@@ -110,6 +130,7 @@ def _prepare(
         raise UserError(f"mode must be 'opd' or 'single-step', got {dcfg.mode!r}")
     out = Path(cfg.output_dir)
     check_diagnose_output(out, overwrite)
+    check_trackers(cfg.train)  # train.report_to: a missing package, before any work
     loaded = load_bank(bank_path) if bank_path is not None else None
     if loaded is not None and int(loaded[0].input_ids.max()) >= len(load_tokenizer(cfg.student)):
         raise UserError(f"bank {bank_path} holds token ids beyond this tokenizer's vocabulary")
