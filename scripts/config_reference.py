@@ -95,7 +95,9 @@ def render() -> str:
         "Set any field from the command line with `--set section.field=value`.",
     ]
     section = None
-    for sec, key, typ, default, desc in rows():
+    all_rows = rows()
+    order = list(dict.fromkeys(r[0] for r in all_rows))  # one section each, first-seen order
+    for sec, key, typ, default, desc in sorted(all_rows, key=lambda r: order.index(r[0])):
         if sec != section:
             section = sec
             parts += [

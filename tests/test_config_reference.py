@@ -42,3 +42,12 @@ def test_a_field_without_a_comment_reads_as_undescribed(tmp_path):
     )
     found = reference_script().comment_descriptions(src)["A"]
     assert found == {"x": "on its line", "y": "above it, over two lines", "z": ""}
+
+
+def test_each_section_is_one_table():
+    """Top-level fields declared after the sections still land in the one `(top level)` table."""
+    text = reference_script().render()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), headings
+    top = text.split("## `(top level)`", 1)[1].split("\n## ", 1)[0]
+    assert "`output_dir`" in top and "`student`" in top
