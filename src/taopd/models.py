@@ -39,6 +39,7 @@ __all__ = [
     "lm_head",
     "load_model",
     "load_tokenizer",
+    "model_skeleton",
     "position_ids",
     "resolve_model",
     "shared_vocab_size",
@@ -274,6 +275,26 @@ def load_model(
         eos = gen.eos_token_id
         gen.pad_token_id = eos[0] if isinstance(eos, list) else eos
     return model
+
+
+def model_skeleton(name: str) -> Any:
+    """The causal LM `name` built from its config on the meta device: its names, shapes and
+    config for the checks made before any weights load (no weights read, no memory taken).
+
+    Its weight files are checked first, as `load_model` does, so a corrupt folder is named
+    before anything else happens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_model(name)
+    check_weight_files(resolved)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except OSError as err:
+        if _is_local(resolved):
+            raise UserError(f"could not load a model from {resolved}: {err}") from err
+        raise _hub_error(name, err) from err
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing of a run's RNG
+        return AutoModelForCausalLM.from_config(config)
 
 
 def safetensors_problem(path: Path) -> str | None:

@@ -257,6 +257,11 @@ class RunFolder:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def replaces_run(self) -> bool:
+        """Whether `commit` clears a run in the folder (--overwrite of one), by `prepare`."""
+        return self._replace_run
+
     def prepare(self, resume: bool, overwrite: bool) -> Path | None:
         """Every check of the folder, writing nothing; return the checkpoint to resume."""
         ckpt, has_run = check_output(self.path, resume, overwrite, self.group.is_main)

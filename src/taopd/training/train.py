@@ -18,7 +18,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,40 +28,24 @@ from tqdm.auto import tqdm
 from .. import seeds
 from ..config import Config
 from ..core.loss import selective_head_loss
-from ..core.scores import TokenSignals, Workspace
+from ..core.scores import TokenSignals
 from ..core.selection import select_tokens
-from ..data import PromptStream, make_tagger, make_task, render_prompt
+from ..data import render_prompt
 from ..errors import UserError
-from ..models import (
-    apply_lora,
-    check_context,
-    check_models,
-    lm_head,
-    load_model,
-    shared_vocab_size,
-)
-from .checkpoint import (
-    apply_optim_config,
-    check_checkpoint_student,
-    latest_checkpoint,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .collectives import Group
-from .engines import StudentEngine, engine_kind, make_engine, make_scheduler
-from .evaluate import Evaluator
+from ..models import lm_head, load_model
+from .checkpoint import latest_checkpoint, rng_state, save_checkpoint
+from .checkpoint import load_trainer_state as load_trainer_state  # still importable from here
 from .metrics import kind_metrics, signal_metrics
 from .rollout import Rollout, response_hidden
-from .run_dir import RunFolder, out_of_memory
+from .run_dir import out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
-from .teacher_server import TeacherServer
-from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
+from .setup import Loaders, Run, build, check, claim
+from .teachers import TeacherView, score_rollout
 
 __all__ = [
-    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "train", "token_samples",
+    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "setup_run", "train",
+    "token_samples",
 ]  # fmt: skip
 
 
@@ -151,145 +134,39 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: Config | Run,
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
         accelerator: Any | None = None,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        self.cfg = cfg
-        self.progress = progress
-        # train.collective_timeout_s: a dead or hung peer ends a collective with an error
-        pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-        self.acc = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), kwargs_handlers=[pg]
-        )
-        self.engine_kind = engine_kind(cfg, self.acc)
-        self.group = Group(self.acc)
+        """A trainer over what setup built (a `Run`); a Config is set up first (`setup_run`)."""
+        if isinstance(cfg, Run):
+            run = cfg
+        else:
+            run = setup_run(cfg, resume, overwrite, progress, accelerator)
+        p, cfg = run.plan, run.plan.cfg
+        self.cfg, self.progress, self.threads = cfg, run.progress, run.threads
+        self.acc, self.group, self.engine_kind = p.acc, p.group, p.engine_kind
         self.rank, self.world = self.group.rank, self.group.world
-        if cfg.train.batch_size % self.world:
-            raise UserError(
-                f"train.batch_size={cfg.train.batch_size} must be divisible by the "
-                f"{self.world} processes"
-            )
-        self.threads = set_threads(cfg.train.threads, self.acc.device)
-        self.server: TeacherServer | None = None
-        if cfg.teacher_server is not None:  # fail fast, before the output folder is touched
-            self.server = TeacherServer.from_config(cfg.teacher_server)
-            self.server.connect()
-        self.out = Path(cfg.output_dir)
-        self.run_dir = RunFolder(self.out, self.group)
-        self.resume_from = self.run_dir.prepare(resume, overwrite)
+        self.server, self.run_dir, self.resume_from = p.server, p.run_dir, p.resume_from
+        self.out = p.run_dir.path
+        self.task, self.test_examples, self.tokenizer = p.task, p.test_examples, p.tokenizer
+        self.vocab_size = p.vocab_size
+        self.student, self.teacher, self.engine = run.student, run.teacher, run.engine
+        self.opt, self.sched, self.sampler = run.engine.opt, run.sched, run.sampler
+        self.score_kw, self.loss_kw = run.score_kw, run.loss_kw
+        self.prompts, self.tagger, self.evaluator = run.prompts, run.tagger, run.evaluator
         self.stop_requested = False
-        self._setup()
-
-    # ----------------------------------------------------------------------------- set-up
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
-        train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
-        # eval.split: "validation" (disjoint from train and test) for choosing settings
-        self.test_examples = self.task.examples(cfg.eval.split, cfg.task.n_test, seed=cfg.task.seed)
-        if not train_examples:
-            raise UserError("the task gave no training examples")
-        if cfg.train.batch_size > len(train_examples):
-            raise UserError(
-                f"train.batch_size={cfg.train.batch_size} exceeds the task's "
-                f"{len(train_examples)} training examples; lower it or raise task.n_train"
-            )
-        self.tokenizer = check_models(cfg, teacher_served=self.server is not None)
-        teacher_name, teacher_model, student = self._load_models()
-        self.student = student
-        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
-        check_context(
-            {"student": student, "teacher": teacher_model}, self.tokenizer, self.render, cfg,
-            [e.question for e in train_examples], [e.question for e in self.test_examples],
-        )  # fmt: skip
-        if self.resume_from is not None and cfg.lora is None:
-            check_checkpoint_student(self.resume_from, student)
-        if self.resume_from is not None and self.engine_kind == "deepspeed":
-            from .engines.zero import check_resumable
-
-            check_resumable(student, self.world)  # before the run folder is touched
-        self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
-        self.teacher: Teacher = (
-            LocalTeacher(teacher_model, teacher_name)
-            if self.server is None
-            else ServedTeacher(self.server, self.vocab_size)
-        )
-        self.engine: StudentEngine = make_engine(
-            self.engine_kind, student, self.group, cfg, self.resume_from
-        )
-        pd = cfg.selection.projection_dtype
-        self.score_kw = dict(
-            k=cfg.selection.k,
-            vocab_size=self.vocab_size,
-            chunk_size=cfg.selection.chunk_size,
-            temperature=cfg.loss.temperature,
-            projection_dtype=None if pd == "auto" else getattr(torch, pd),
-            workspace=Workspace(),  # the scoring buffers stay allocated from step to step
-        )
-        lc = cfg.loss
-        self.loss_kw = dict(
-            kind=lc.kind,
-            reduction=lc.reduction,
-            beta=lc.beta,
-            temperature=lc.temperature,
-            vocab_size=self.vocab_size,
-            chunk_size=lc.chunk_size,
-        )
-        self.opt = self.engine.opt
-        self.sched = make_scheduler(self.opt, cfg)
-        self.sampler = make_sampler(cfg)  # rollout.backend; vllm: student + rollout.vllm
-        ro = cfg.rollout
-        self.prompts = PromptStream(
-            train_examples, self.render, self.tokenizer, cfg.train.seed,
-            ro.max_prompt_tokens, ro.prompt_overflow, self.group,
-        )  # fmt: skip
-        style = cfg.teacher_sft.style if cfg.teacher_sft is not None else None
-        self.tagger = make_tagger(style, self.tokenizer)  # position kinds (planted style or none)
         self.kl_kinds: dict[str, float] = {}  # the last held-out KL split by position kind
-        self.evaluator = Evaluator(
-            self.task, self.test_examples, self.tokenizer, cfg, self.group, self.progress
-        )
-        self.step = 0
-        self.kept_share: float | None = None  # of the last step; train.grad_pass "auto" reads it
+        state = run.state or {"step": 0, "tokens_trained": 0}
+        self.step = state["step"]
+        self.kept_share: float | None = state.get("kept_share")  # train.grad_pass "auto"
         self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.tokens_trained = 0
-        self.history: dict[str, Any] = {}
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.tokens_trained = state["tokens_trained"]
+        self.history: dict[str, Any] = state.get("history", {})
         self.tb = self.run_dir.tensorboard() if cfg.train.tensorboard else None
-
-    def _load_models(self) -> tuple[str, torch.nn.Module | None, torch.nn.Module]:
-        """The teacher (its name, and its weights unless served) and the student, after their
-        cached fine-tunes (teacher_sft, student_sft) when configured."""
-        cfg, acc = self.cfg, self.acc
-        teacher_name = cfg.teacher
-        if cfg.teacher_sft is not None:
-            from .sft import prepare_teacher
-
-            with acc.main_process_first():
-                teacher_name = str(prepare_teacher(cfg, progress=self.progress))
-        student_name = cfg.student
-        if cfg.student_sft is not None:  # warm start on the task's format (cached)
-            from .sft import prepare_student
-
-            with acc.main_process_first():
-                student_name = str(prepare_student(cfg, progress=self.progress))
-        teacher_model = None
-        if self.server is None:
-            t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
-            teacher_model = load_model(teacher_name, dtype=t_dtype, device=acc.device)
-            teacher_model.eval().requires_grad_(False)
-        student = load_model(student_name, dtype=cfg.train.dtype, device=acc.device)
-        if cfg.lora is not None:
-            student = apply_lora(student, cfg.lora)
-        return teacher_name, teacher_model, student
 
     def render(self, question: str) -> str:
         cfg = self.cfg.task
@@ -590,29 +467,6 @@ class Trainer:
         self.group.wait()
         return path
 
-    def _load(self, ckpt: Path) -> None:
-        """Weights (unless already loaded before sharding), optimizer, schedule, RNG, counters."""
-        state = load_trainer_state(ckpt)
-        written = state.get("optimizer_format") or "replicated"
-        if written != self.engine.optimizer_format:
-            how = {"fsdp-full": "FSDP", "deepspeed-full": "DeepSpeed"}
-            raise UserError(
-                f"checkpoint {ckpt} was written by a {how.get(written, 'replicated')} run and "
-                f"this one is {how.get(self.engine.optimizer_format, 'replicated')}; resume it "
-                "the same way (train.fsdp / train.deepspeed, or the same accelerate config)"
-            )
-        self.engine.load_state(ckpt, state["optimizer"], self.cfg.lora is not None)
-        self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        self.prompts.load_state(state)
-        self.tokens_trained = state["tokens_trained"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.kept_share = state.get("kept_share")
-        self.history = state.get("history", {})
-        apply_optim_config(self.opt, self.sched, self.cfg.optim)
-        self.run_dir.truncate_logs(self.step)
-
     def log(self, metrics: dict[str, Any]) -> None:
         """Append a step's metrics to metrics.jsonl (and TensorBoard)."""
         self.run_dir.append("metrics.jsonl", [metrics])
@@ -792,6 +646,26 @@ class Trainer:
             "truncated_prompts": self.prompts.truncated,
             "output_dir": str(self.out),
         }
+
+
+def setup_run(
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    accelerator: Any | None = None,
+) -> Run:
+    """A run's setup in its three phases (setup.py): check every input, claim the run folder,
+    build; torch's threads are set once the checks pass, the models load with this module's
+    `load_model` and the sampler is this module's `make_sampler`."""
+    plan = check(cfg, resume, overwrite, accelerator)
+    threads = set_threads(cfg.train.threads, plan.acc.device)
+    try:
+        claim(plan)
+        return build(plan, threads, progress, Loaders(load_model, make_sampler))
+    except BaseException:
+        plan.close()
+        raise
 
 
 def train(
