@@ -5,8 +5,9 @@ the student samples responses; the teacher answers for them (teachers.py: in pro
 server's top-k log-probs); signals are scored from detached hidden states in chunks; the strategy
 keeps a share of the global batch's response positions; only those rows go through the student's
 lm_head with gradient, and the student engine (engines/: replicated, FSDP2, DeepSpeed ZeRO)
-backpropagates and steps. Around the step: the run folder (run_dir.py), checkpoints and resume
-(checkpoint.py), the prompt stream (data.py), evaluation and the held-out KL (evaluate.py).
+backpropagates and steps (its pieces: step.py). Before it, setup.py checks every input, claims
+the run folder and builds what the Trainer runs on (`setup_run`); around it: the run folder
+(run_dir.py), checkpoints (checkpoint.py), evaluation and the held-out KL (evaluate.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,20 +29,29 @@ from tqdm.auto import tqdm
 from .. import seeds
 from ..config import Config
 from ..core.loss import selective_head_loss
-from ..core.scores import TokenSignals
-from ..core.selection import select_tokens
 from ..data import render_prompt
-from ..errors import UserError
 from ..models import lm_head, load_model
 from .checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from .checkpoint import load_trainer_state as load_trainer_state  # still importable from here
-from .metrics import kind_metrics, signal_metrics
-from .rollout import Rollout, response_hidden
-from .run_dir import out_of_memory
+from .metrics import kind_metrics, run_summary, signal_metrics
+from .rollout import Rollout
+from .run_dir import lost_peer, out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
 from .setup import Loaders, Run, build, check, claim
-from .teachers import TeacherView, score_rollout
+from .step import (
+    PHASES,
+    PhaseClock,
+    StepPass,
+    TrainingError,
+    kept_pass,
+    kept_share,
+    micro_batches,
+    pass_input,
+    select_batch,
+    student_hidden,
+)
+from .teachers import score_rollout
 
 __all__ = [
     "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "setup_run", "train",
@@ -70,63 +80,6 @@ def set_threads(threads: int | None, device: torch.device) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-PHASES = (
-    "rollout", "teacher", "student_forward", "scoring", "selection", "loss", "backward",
-    "optimizer",
-)  # fmt: skip
-"""The phases of a step whose seconds `train_step` logs as `<phase>_seconds` (metrics.jsonl)."""
-
-
-class PhaseClock:
-    """Wall seconds per phase of a step, read at phase boundaries (`lap`).
-
-    CUDA kernels run asynchronously: each reading first waits for the device, so a phase is
-    charged the GPU work it queued rather than the next phase's first synchronizing call.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.device = device
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.start = self.last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        """Charge the time since the previous lap to `phase` (added up over micro-batches)."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[phase] += now - self.last
-        self.last = now
-
-
-class StepPass(NamedTuple):
-    """What a step's forward and backward passes leave for its metrics and samples."""
-
-    roll: Rollout
-    sig: TokenSignals
-    mask: Tensor
-    h_s: Tensor
-    teacher: TeacherView
-    loss: float
-    clock: PhaseClock
-
-
-def _kept_region(mask: Tensor, rows: slice) -> tuple[Tensor, int] | None:
-    """The rows of micro-batch `rows` with a kept position (rollout row indices) and the number
-    of response columns up to the last kept one: all a gradient pass needs, since a causal
-    body's hidden states at a kept position do not depend on what follows. None if none kept."""
-    m = mask[rows]
-    hit = m.any(-1)
-    if not bool(hit.any()):
-        return None
-    cols = int(m.any(0).nonzero().max()) + 1
-    return hit.nonzero().squeeze(-1) + (rows.start or 0), cols
-
-
-class TrainingError(UserError):
-    """A run that cannot go on (e.g. repeated non-finite losses); its last checkpoint is kept."""
 
 
 class Trainer:
@@ -184,19 +137,20 @@ class Trainer:
                 return None
             clock.lap("rollout")
             tokens, valid = roll.response_ids, roll.response_mask[:, roll.prompt_len :]
-            chunks, n_passes = self._micro_batches(len(roll))
+            chunks, n_passes = micro_batches(len(roll), self.cfg.train.micro_batch_size, self.group)
             teacher = self.teacher.view(roll, chunks)
             clock.lap("teacher")
-            h_s, h_grad = self._student_hidden(roll, chunks, n_passes, self._kept_pass())
+            kept = kept_pass(self.cfg.train.grad_pass, self.kept_share)
+            h_s, h_grad = student_hidden(self.engine, self.student, roll, chunks, n_passes, kept)
             clock.lap("student_forward")
             sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
             clock.lap("scoring")
-            mask, normalizer = self._select(sig, valid, step)
-            self.kept_share = self._kept_share(mask, roll)
+            mask, normalizer = select_batch(sig, valid, step, self.cfg, self.group)
+            self.kept_share = kept_share(mask, roll, self.group)
             clock.lap("selection")
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
-                rows, cols, h, live = self._pass_input(roll, mask, chunks, i, h_grad)
+                rows, cols, h, live = pass_input(self.engine, roll, mask, chunks, i, h_grad)
                 clock.lap("student_forward")
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
                 if live:
@@ -216,23 +170,6 @@ class Trainer:
         self.step = step
         out = StepPass(roll, sig, mask, h_s, teacher, loss, clock)
         return self._step_metrics(out, grad_norm, applied)
-
-    def _pass_input(
-        self, roll: Rollout, mask: Tensor, chunks: list[slice], i: int, h_grad: Tensor | None
-    ) -> tuple[Any, int | None, Tensor, bool]:
-        """Rows, columns and hidden states of gradient pass `i`, and whether it is live.
-
-        With the shared forward (`h_grad`) a pass is a micro-batch; otherwise it runs its own
-        forward over the micro-batch's kept region (rows with a kept position, up to the last
-        kept column). Passes past this rank's micro-batches, or with nothing kept, are padding
-        passes (not live) that only keep the collectives aligned across ranks."""
-        c = chunks[min(i, len(chunks) - 1)]
-        live = i < len(chunks)
-        if h_grad is not None:
-            return c, None, h_grad, live
-        region = _kept_region(mask, c) if live else None
-        rows, cols = region or (torch.tensor([c.start or 0]), 1)  # a padding pass: one token
-        return rows, cols, self._grad_hidden(roll, rows, cols), region is not None
 
     def _rollout(self, step: int) -> Rollout | None:
         """Student rollouts of this rank's share of the next batch (None on every rank when a
@@ -257,82 +194,6 @@ class Trainer:
             greedy=ro.greedy,
             seed=seed,
         )
-
-    def _micro_batches(self, n_rows: int) -> tuple[list[slice], int]:
-        """This rank's micro-batches and the number of passes every rank runs (the most)."""
-        mb = self.cfg.train.micro_batch_size or n_rows
-        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
-        return chunks, self.group.all_reduce_max(len(chunks))
-
-    def _grad_hidden(self, roll: Rollout, rows: slice | Tensor, cols: int | None = None) -> Tensor:
-        """The student's response hidden states of `rows` (first `cols` response columns), with
-        gradient (through the engine)."""
-        return self.engine.forward(lambda m: response_hidden(m, roll, rows, cols))
-
-    def _kept_pass(self) -> bool:
-        """Whether this step's gradient pass covers only the kept region (train.grad_pass)."""
-        mode = self.cfg.train.grad_pass
-        if mode == "auto":  # the previous step's kept region predicts this one's
-            return self.kept_share is not None and self.kept_share < 0.5
-        return mode == "kept"
-
-    def _kept_share(self, mask: Tensor, roll: Rollout) -> float:
-        """Share of the batch's body tokens (all ranks) that a kept-region pass would run: the
-        rows with a kept position, each up to its last kept column."""
-        p, width = roll.prompt_len, mask.shape[-1]
-        cols = torch.arange(1, width + 1, device=mask.device)
-        last = (mask * cols).amax(-1)  # 1 + the last kept column, 0 without one
-        region = float(((p + last) * (last > 0)).sum())
-        group = self.group
-        return group.all_reduce_sum(region) / group.all_reduce_sum(
-            float(mask.shape[0] * (p + width))
-        )
-
-    def _student_hidden(
-        self, roll: Rollout, chunks: list[slice], n_passes: int, kept_pass: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """Detached student hidden states for scoring, and the grad pass when there is one.
-
-        With one micro-batch the same body forward serves scoring (detached) and the loss, unless
-        `kept_pass`; otherwise scoring runs without gradient and each loss pass runs its own
-        forward over the kept region of its micro-batch.
-        """
-        self.student.train()
-        if n_passes == 1 and not kept_pass:
-            h_grad = self._grad_hidden(roll, chunks[0])
-            return h_grad.detach(), h_grad
-        with torch.no_grad():
-            return torch.cat([response_hidden(self.student, roll, c) for c in chunks]), None
-
-    def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
-        """Selection over the global batch: this rank's mask and the loss normalizer (the
-        global count of kept tokens, or of sequences with one, per loss.reduction; of valid
-        ones with loss.normalize=valid)."""
-        sel, group = self.cfg.selection, self.group
-        names = [name for name, _ in sig.items()]
-        shapes = group.row_shapes(valid)
-        g_valid = group.gather_rows(valid, False, shapes)
-        g_sig = {n: group.gather_rows(getattr(sig, n), 0.0, shapes) for n in names}
-        gen = torch.Generator(device="cpu").manual_seed(seeds.selection(self.cfg.train.seed, step))
-        mask = select_tokens(
-            TokenSignals(**{n: x.cpu() for n, x in g_sig.items()}),
-            g_valid.cpu(),
-            strategy=sel.strategy,
-            ratio=sel.ratio,
-            scope=sel.scope,
-            min_per_sequence=sel.min_per_sequence,
-            generator=gen,
-        ).to(valid.device)
-        if not mask.any():
-            raise TrainingError("selection kept no positions in the whole batch")
-        # loss.normalize "kept": mean over kept (Eq. 7); "valid": kept sum over all valid
-        counted = mask if self.cfg.loss.normalize == "kept" else g_valid.to(mask.device)
-        if self.cfg.loss.reduction == "token":
-            normalizer = float(counted.sum())
-        else:
-            normalizer = float((counted.sum(-1) > 0).sum())
-        first = group.first_row(shapes)
-        return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
 
     def _step_metrics(self, out: StepPass, grad_norm: float, applied: bool) -> dict[str, Any]:
         """Count the step, log-ready metrics, samples; stop after too many non-finite steps."""
@@ -522,20 +383,10 @@ class Trainer:
         try:
             yield
         except RuntimeError as e:
-            text = str(e)
-            lost = isinstance(e, torch.distributed.DistError) or any(
-                w in text for w in ("Connection closed", "Connection reset", "imed out", "gloo")
-            )
-            if self.world == 1 or not lost:
+            timeout = self.cfg.train.collective_timeout_s
+            if (why := lost_peer(e, self.group, self.step + 1, timeout, self.out)) is None:
                 raise
-            last = latest_checkpoint(self.run_dir.checkpoints)
-            first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
-            raise TrainingError(
-                f"process {self.rank} of {self.world}: a collective at step {self.step + 1} "
-                "failed or waited past train.collective_timeout_s="
-                f"{self.cfg.train.collective_timeout_s:g} s (another process died or hangs: "
-                f"{first}); last checkpoint: {last or 'none'}, continue with --resume"
-            ) from None
+            raise TrainingError(why) from None
 
     def _evaluate_before(self) -> None:
         """Teacher and initial student accuracy and held-out KL (once; kept across resumes)."""
@@ -594,7 +445,7 @@ class Trainer:
         else:
             after, kl_after = self.evaluate(), self.heldout_kl()
             h.update(self.kl_kinds)
-        summary = self._summary(after, kl_after, self._wall_seconds())
+        summary = run_summary(self, after, kl_after, self._wall_seconds())
         if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
             self.save()  # the final weights (unless the last step was just saved)
         self.run_dir.write_summary(summary)
@@ -608,44 +459,6 @@ class Trainer:
         server = getattr(self, "server", None)
         if server is not None:
             server.close()
-
-    def _summary(
-        self, after: float | None, kl_after: float | None, seconds: float
-    ) -> dict[str, Any]:
-        h, cfg = self.history, self.cfg
-        fr = h.get("selected_fractions") or [float("nan")]
-        return {
-            "teacher_accuracy": h.get("teacher_accuracy"),
-            "student_accuracy_before": h.get("student_accuracy_before"),
-            "student_accuracy_after": after,
-            "n_test": len(self.test_examples),
-            "eval_split": cfg.eval.split,
-            "heldout_kl_before": h.get("heldout_kl_before"),
-            "heldout_kl": kl_after,
-            **{k: h.get(k) for k in h if k.startswith("heldout_kl_") and k != "heldout_kl_before"},
-            "selected_fraction": sum(fr) / len(fr),
-            "tokens_trained": self.tokens_trained,
-            "steps": self.step,
-            "strategy": cfg.selection.strategy,
-            "ratio": cfg.selection.ratio,
-            "k": cfg.selection.k,
-            "batch_size": cfg.train.batch_size,
-            "world_size": self.world,
-            "threads": self.threads,  # torch's CPU threads (train.threads, or the free cores)
-            "fsdp": self.engine.name == "fsdp",
-            "deepspeed": self.engine.name == "deepspeed",
-            "seed": cfg.train.seed,
-            "lr": cfg.optim.lr,
-            "wall_seconds": seconds,
-            "accuracy_curve": h.get("accuracy_curve", []),
-            "teacher": self.teacher.label,
-            "student": cfg.student,
-            "task": cfg.task.name or cfg.task.path,
-            "nonfinite_steps": self.nonfinite_total,
-            "skipped_prompts": self.prompts.skipped,
-            "truncated_prompts": self.prompts.truncated,
-            "output_dir": str(self.out),
-        }
 
 
 def setup_run(
