@@ -404,39 +404,67 @@ def selective_head_loss(
     student_head.check(w_s.shape[0], "student")
     b_s = student_head.bias
     rows, weights = row_weights(mask, reduction, normalizer)
-    d = student_hidden.shape[-1]
-    h_rows = student_hidden.reshape(-1, d)[rows]
+    h_rows = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
     if rows.numel() == 0:
-        zero = student_hidden.reshape(-1)[:1].sum() * 0.0 + w_s.reshape(-1)[:1].sum() * 0.0
-        return zero + b_s[:1].sum() * 0.0 if b_s is not None else zero
+        return _no_rows_loss(student_hidden, w_s, b_s)
     tok_rows = _rows(tokens, mask, rows)
     old_rows = _rows(old_logprobs, mask, rows)
     if teacher_token_logprobs is not None:
         if tok_rows is None:
             raise ValueError("kind='pg' needs the sampled token ids (tokens=...)")
         lt_rows = _rows(teacher_token_logprobs.detach(), mask, rows)
-
-        def token_chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
-            dtype = torch.promote_types(student_chunk_logits.dtype, torch.float32)
-            ls = torch.log_softmax(student_chunk_logits.to(dtype) / temperature, dim=-1)
-            old = old_rows[sl] if old_rows is not None else None
-            per = _pg_loss(ls, lt_rows[sl], tok_rows[sl], old, CLIP_LOW, CLIP_HIGH)
-            return (per * weights[sl].to(per.dtype)).sum()
-
-        return _FusedHeadLoss.apply(
-            h_rows, w_s, b_s, student_head, token_chunk_loss, chunk_size, None
-        )
+        token_loss = _served_pg_loss(lt_rows, tok_rows, old_rows, weights, temperature)
+        return _FusedHeadLoss.apply(h_rows, w_s, b_s, student_head, token_loss, chunk_size, None)
     teacher_chunk = _teacher_chunks(
-        teacher_logits,
-        teacher_hidden,
-        teacher_weight,
-        teacher_head,
-        mask,
-        rows,
-        vocab_size,
-        w_s.shape[0],
-        h_rows.device,
+        teacher_logits, teacher_hidden, teacher_weight, teacher_head, mask, rows, vocab_size,
+        w_s.shape[0], h_rows.device,
+    )  # fmt: skip
+    chunk_loss, fast = _chunk_losses(
+        teacher_chunk, kind, tok_rows, old_rows, weights, beta, temperature
     )
+    return _FusedHeadLoss.apply(h_rows, w_s, b_s, student_head, chunk_loss, chunk_size, fast)
+
+
+def _no_rows_loss(student_hidden: Tensor, w_s: Tensor, b_s: Tensor | None) -> Tensor:
+    """A zero loss with a (zero) gradient path to every input, for a mask that keeps nothing."""
+    zero = student_hidden.reshape(-1)[:1].sum() * 0.0 + w_s.reshape(-1)[:1].sum() * 0.0
+    return zero + b_s[:1].sum() * 0.0 if b_s is not None else zero
+
+
+ChunkLoss = Callable[[Tensor, slice], Tensor]
+"""A chunk's weighted loss from its student logits and its slice of the kept rows."""
+
+
+def _served_pg_loss(
+    lt_rows: Tensor,
+    tok_rows: Tensor,
+    old_rows: Tensor | None,
+    weights: Tensor,
+    temperature: float,
+) -> ChunkLoss:
+    """The 'pg' chunk loss against a served teacher's log p_T(y) of the sampled tokens."""
+
+    def token_chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
+        dtype = torch.promote_types(student_chunk_logits.dtype, torch.float32)
+        ls = torch.log_softmax(student_chunk_logits.to(dtype) / temperature, dim=-1)
+        old = old_rows[sl] if old_rows is not None else None
+        per = _pg_loss(ls, lt_rows[sl], tok_rows[sl], old, CLIP_LOW, CLIP_HIGH)
+        return (per * weights[sl].to(per.dtype)).sum()
+
+    return token_chunk_loss
+
+
+def _chunk_losses(
+    teacher_chunk: Callable[[slice], Tensor],
+    kind: str,
+    tok_rows: Tensor | None,
+    old_rows: Tensor | None,
+    weights: Tensor,
+    beta: float,
+    temperature: float,
+) -> tuple[ChunkLoss, Callable[[Tensor, slice], tuple[Tensor, Tensor]] | None]:
+    """A chunk's loss against the teacher's logits of its rows (`teacher_chunk(sl)`), and for
+    reverse KL its value and logit gradient in one pass (the fused backward's fast path)."""
 
     def chunk_loss(student_chunk_logits: Tensor, sl: slice) -> Tensor:
         per = per_token_loss(
@@ -458,6 +486,4 @@ def selective_head_loss(
                 student_chunk_logits, teacher_chunk(sl), weights[sl], temperature
             )
 
-    return _FusedHeadLoss.apply(
-        h_rows, w_s, b_s, student_head, chunk_loss, chunk_size, value_and_grad
-    )
+    return chunk_loss, value_and_grad

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,7 +12,9 @@ from torch import Tensor
 from ..core.scores import TokenSignals, teachability_of
 from ..core.signal_names import METRIC_SIGNALS
 
-__all__ = ["disagreement_kinds", "kind_metrics", "kl_concentration", "signal_metrics"]
+__all__ = [
+    "disagreement_kinds", "kind_metrics", "kl_concentration", "run_summary", "signal_metrics",
+]  # fmt: skip
 
 
 def _mean(x: Tensor, m: Tensor) -> float:
@@ -112,4 +115,45 @@ def kind_metrics(
         "reverse_kl_other": _mean(sig.reverse_kl, other),
         "compatibility_style": _mean(sig.compatibility, style),
         "compatibility_other": _mean(sig.compatibility, other),
+    }
+
+
+def run_summary(
+    t: Any, after: float | None, kl_after: float | None, seconds: float
+) -> dict[str, Any]:
+    """A run's summary.json from its Trainer `t`: accuracies and held-out KLs before and after
+    (its history, `after`, `kl_after`), what it trained, its settings and `seconds` of wall time."""
+    h, cfg = t.history, t.cfg
+    fr = h.get("selected_fractions") or [float("nan")]
+    return {
+        "teacher_accuracy": h.get("teacher_accuracy"),
+        "student_accuracy_before": h.get("student_accuracy_before"),
+        "student_accuracy_after": after,
+        "n_test": len(t.test_examples),
+        "eval_split": cfg.eval.split,
+        "heldout_kl_before": h.get("heldout_kl_before"),
+        "heldout_kl": kl_after,
+        **{k: h.get(k) for k in h if k.startswith("heldout_kl_") and k != "heldout_kl_before"},
+        "selected_fraction": sum(fr) / len(fr),
+        "tokens_trained": t.tokens_trained,
+        "steps": t.step,
+        "strategy": cfg.selection.strategy,
+        "ratio": cfg.selection.ratio,
+        "k": cfg.selection.k,
+        "batch_size": cfg.train.batch_size,
+        "world_size": t.world,
+        "threads": t.threads,  # torch's CPU threads (train.threads, or the free cores)
+        "fsdp": t.engine.name == "fsdp",
+        "deepspeed": t.engine.name == "deepspeed",
+        "seed": cfg.train.seed,
+        "lr": cfg.optim.lr,
+        "wall_seconds": seconds,
+        "accuracy_curve": h.get("accuracy_curve", []),
+        "teacher": t.teacher.label,
+        "student": cfg.student,
+        "task": cfg.task.name or cfg.task.path,
+        "nonfinite_steps": t.nonfinite_total,
+        "skipped_prompts": t.prompts.skipped,
+        "truncated_prompts": t.prompts.truncated,
+        "output_dir": str(t.out),
     }

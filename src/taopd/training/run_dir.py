@@ -38,7 +38,9 @@ __all__ = [
     "check_diagnose_output",
     "check_report_folder",
     "claim",
+    "lost_peer",
     "marker_kind",
+    "out_of_memory",
     "write_marker",
 ]
 
@@ -245,6 +247,29 @@ def out_of_memory(err: BaseException, step: int, out: Path) -> str | None:
     )
 
 
+def lost_peer(
+    err: BaseException, group: Group, step: int, timeout_s: float, out: Path
+) -> str | None:
+    """The one-line message for a collective that failed (a process died) or waited past
+    train.collective_timeout_s (one hangs) in `step`; None: `err` is something else."""
+    import torch
+
+    text = str(err)
+    lost = isinstance(err, torch.distributed.DistError) or any(
+        w in text for w in ("Connection closed", "Connection reset", "imed out", "gloo")
+    )
+    if group.world == 1 or not lost:
+        return None
+    last = latest_checkpoint(out / "checkpoints")
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    return (
+        f"process {group.rank} of {group.world}: a collective at step {step} "
+        "failed or waited past train.collective_timeout_s="
+        f"{timeout_s:g} s (another process died or hangs: "
+        f"{first}); last checkpoint: {last or 'none'}, continue with --resume"
+    )
+
+
 class RunFolder:
     """The output folder of one training run, as seen by every process of `group`."""
 
@@ -257,6 +282,11 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def replaces_run(self) -> bool:
+        """Whether `commit` clears a run in the folder (--overwrite of one), by `prepare`."""
+        return self._replace_run
 
     def prepare(self, resume: bool, overwrite: bool) -> Path | None:
         """Every check of the folder, writing nothing; return the checkpoint to resume."""

@@ -5,8 +5,9 @@ the student samples responses; the teacher answers for them (teachers.py: in pro
 server's top-k log-probs); signals are scored from detached hidden states in chunks; the strategy
 keeps a share of the global batch's response positions; only those rows go through the student's
 lm_head with gradient, and the student engine (engines/: replicated, FSDP2, DeepSpeed ZeRO)
-backpropagates and steps. Around the step: the run folder (run_dir.py), checkpoints and resume
-(checkpoint.py), the prompt stream (data.py), evaluation and the held-out KL (evaluate.py).
+backpropagates and steps (its pieces: step.py). Before it, setup.py checks every input, claims
+the run folder and builds what the Trainer runs on (`setup_run`); around it: the run folder
+(run_dir.py), checkpoints (checkpoint.py), evaluation and the held-out KL (evaluate.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,41 +29,34 @@ from tqdm.auto import tqdm
 from .. import seeds
 from ..config import Config
 from ..core.loss import selective_head_loss
-from ..core.scores import TokenSignals, Workspace
-from ..core.selection import select_tokens
-from ..data import PromptStream, make_tagger, make_task, render_prompt
-from ..errors import UserError
-from ..models import (
-    apply_lora,
-    check_context,
-    check_models,
-    lm_head,
-    load_model,
-    shared_vocab_size,
-)
-from .checkpoint import (
-    apply_optim_config,
-    check_checkpoint_student,
-    latest_checkpoint,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from .collectives import Group
-from .engines import StudentEngine, engine_kind, make_engine, make_scheduler
-from .evaluate import Evaluator
-from .metrics import kind_metrics, signal_metrics
-from .rollout import Rollout, response_hidden
-from .run_dir import RunFolder, out_of_memory
+from ..data import render_prompt
+from ..models import lm_head, load_model
+from .checkpoint import latest_checkpoint, rng_state, save_checkpoint
+from .checkpoint import load_trainer_state as load_trainer_state  # still importable from here
+from .metrics import kind_metrics, run_summary, signal_metrics
+from .rollout import Rollout
+from .run_dir import lost_peer, out_of_memory
 from .samples import token_samples
 from .sampling import make_sampler
-from .teacher_server import TeacherServer
-from .teachers import LocalTeacher, ServedTeacher, Teacher, TeacherView, score_rollout
-from .trackers import Trackers, check_trackers
+from .setup import Loaders, Run, build, check, claim
+from .step import (
+    PHASES,
+    PhaseClock,
+    StepPass,
+    TrainingError,
+    kept_pass,
+    kept_share,
+    micro_batches,
+    pass_input,
+    select_batch,
+    student_hidden,
+)
+from .teachers import score_rollout
+from .trackers import Trackers
 
 __all__ = [
-    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "train", "token_samples",
+    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "setup_run", "train",
+    "token_samples",
 ]  # fmt: skip
 
 
@@ -90,211 +83,47 @@ def set_threads(threads: int | None, device: torch.device) -> int:
     return torch.get_num_threads()
 
 
-PHASES = (
-    "rollout", "teacher", "student_forward", "scoring", "selection", "loss", "backward",
-    "optimizer",
-)  # fmt: skip
-"""The phases of a step whose seconds `train_step` logs as `<phase>_seconds` (metrics.jsonl)."""
-
-
-class PhaseClock:
-    """Wall seconds per phase of a step, read at phase boundaries (`lap`).
-
-    CUDA kernels run asynchronously: each reading first waits for the device, so a phase is
-    charged the GPU work it queued rather than the next phase's first synchronizing call.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.device = device
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.start = self.last = time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        """Charge the time since the previous lap to `phase` (added up over micro-batches)."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        self.seconds[phase] += now - self.last
-        self.last = now
-
-
-class StepPass(NamedTuple):
-    """What a step's forward and backward passes leave for its metrics and samples."""
-
-    roll: Rollout
-    sig: TokenSignals
-    mask: Tensor
-    h_s: Tensor
-    teacher: TeacherView
-    loss: float
-    clock: PhaseClock
-
-
-def _kept_region(mask: Tensor, rows: slice) -> tuple[Tensor, int] | None:
-    """The rows of micro-batch `rows` with a kept position (rollout row indices) and the number
-    of response columns up to the last kept one: all a gradient pass needs, since a causal
-    body's hidden states at a kept position do not depend on what follows. None if none kept."""
-    m = mask[rows]
-    hit = m.any(-1)
-    if not bool(hit.any()):
-        return None
-    cols = int(m.any(0).nonzero().max()) + 1
-    return hit.nonzero().squeeze(-1) + (rows.start or 0), cols
-
-
-class TrainingError(UserError):
-    """A run that cannot go on (e.g. repeated non-finite losses); its last checkpoint is kept."""
-
-
 class Trainer:
     """Selective OPD trainer; `run()` trains, evaluates, checkpoints and writes summary.json."""
 
     def __init__(
         self,
-        cfg: Config,
+        cfg: Config | Run,
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
         accelerator: Any | None = None,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
-        self.cfg = cfg
-        self.progress = progress
-        # train.collective_timeout_s: a dead or hung peer ends a collective with an error
-        pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-        self.acc = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), kwargs_handlers=[pg]
-        )
-        self.engine_kind = engine_kind(cfg, self.acc)
-        self.group = Group(self.acc)
+        """A trainer over what setup built (a `Run`); a Config is set up first (`setup_run`)."""
+        if isinstance(cfg, Run):
+            run = cfg
+        else:
+            run = setup_run(cfg, resume, overwrite, progress, accelerator)
+        p, cfg = run.plan, run.plan.cfg
+        self.cfg, self.progress, self.threads = cfg, run.progress, run.threads
+        self.acc, self.group, self.engine_kind = p.acc, p.group, p.engine_kind
         self.rank, self.world = self.group.rank, self.group.world
-        if cfg.train.batch_size % self.world:
-            raise UserError(
-                f"train.batch_size={cfg.train.batch_size} must be divisible by the "
-                f"{self.world} processes"
-            )
-        self.threads = set_threads(cfg.train.threads, self.acc.device)
-        check_trackers(cfg.train)  # train.report_to: a missing package fails before any work
-        self.server: TeacherServer | None = None
-        if cfg.teacher_server is not None:  # fail fast, before the output folder is touched
-            self.server = TeacherServer.from_config(cfg.teacher_server)
-            self.server.connect()
-        self.out = Path(cfg.output_dir)
-        self.run_dir = RunFolder(self.out, self.group)
-        self.resume_from = self.run_dir.prepare(resume, overwrite)
+        self.server, self.run_dir, self.resume_from = p.server, p.run_dir, p.resume_from
+        self.out = p.run_dir.path
+        self.task, self.test_examples, self.tokenizer = p.task, p.test_examples, p.tokenizer
+        self.vocab_size = p.vocab_size
+        self.student, self.teacher, self.engine = run.student, run.teacher, run.engine
+        self.opt, self.sched, self.sampler = run.engine.opt, run.sched, run.sampler
+        self.score_kw, self.loss_kw = run.score_kw, run.loss_kw
+        self.prompts, self.tagger, self.evaluator = run.prompts, run.tagger, run.evaluator
         self.stop_requested = False
-        self._setup()
-
-    # ----------------------------------------------------------------------------- set-up
-    def _setup(self) -> None:
-        cfg = self.cfg
-        self.task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
-        train_examples = self.task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
-        # eval.split: "validation" (disjoint from train and test) for choosing settings
-        self.test_examples = self.task.examples(cfg.eval.split, cfg.task.n_test, seed=cfg.task.seed)
-        if not train_examples:
-            raise UserError("the task gave no training examples")
-        if cfg.train.batch_size > len(train_examples):
-            raise UserError(
-                f"train.batch_size={cfg.train.batch_size} exceeds the task's "
-                f"{len(train_examples)} training examples; lower it or raise task.n_train"
-            )
-        self.tokenizer = check_models(cfg, teacher_served=self.server is not None)
-        teacher_name, teacher_model, student = self._load_models()
-        self.student = student
-        self.vocab_size = shared_vocab_size(self.tokenizer, self.student, teacher_model)
-        check_context(
-            {"student": student, "teacher": teacher_model}, self.tokenizer, self.render, cfg,
-            [e.question for e in train_examples], [e.question for e in self.test_examples],
-        )  # fmt: skip
-        if self.resume_from is not None and cfg.lora is None:
-            check_checkpoint_student(self.resume_from, student)
-        if self.resume_from is not None and self.engine_kind == "deepspeed":
-            from .engines.zero import check_resumable
-
-            check_resumable(student, self.world)  # before the run folder is touched
-        self.run_dir.commit(cfg.to_yaml())  # inputs look sound: only now touch the output folder
-        self.teacher: Teacher = (
-            LocalTeacher(teacher_model, teacher_name)
-            if self.server is None
-            else ServedTeacher(self.server, self.vocab_size)
-        )
-        self.engine: StudentEngine = make_engine(
-            self.engine_kind, student, self.group, cfg, self.resume_from
-        )
-        pd = cfg.selection.projection_dtype
-        self.score_kw = dict(
-            k=cfg.selection.k,
-            vocab_size=self.vocab_size,
-            chunk_size=cfg.selection.chunk_size,
-            temperature=cfg.loss.temperature,
-            projection_dtype=None if pd == "auto" else getattr(torch, pd),
-            workspace=Workspace(),  # the scoring buffers stay allocated from step to step
-        )
-        lc = cfg.loss
-        self.loss_kw = dict(
-            kind=lc.kind,
-            reduction=lc.reduction,
-            beta=lc.beta,
-            temperature=lc.temperature,
-            vocab_size=self.vocab_size,
-            chunk_size=lc.chunk_size,
-        )
-        self.opt = self.engine.opt
-        self.sched = make_scheduler(self.opt, cfg)
-        self.sampler = make_sampler(cfg)  # rollout.backend; vllm: student + rollout.vllm
-        ro = cfg.rollout
-        self.prompts = PromptStream(
-            train_examples, self.render, self.tokenizer, cfg.train.seed,
-            ro.max_prompt_tokens, ro.prompt_overflow, self.group,
-        )  # fmt: skip
-        style = cfg.teacher_sft.style if cfg.teacher_sft is not None else None
-        self.tagger = make_tagger(style, self.tokenizer)  # position kinds (planted style or none)
         self.kl_kinds: dict[str, float] = {}  # the last held-out KL split by position kind
-        self.evaluator = Evaluator(
-            self.task, self.test_examples, self.tokenizer, cfg, self.group, self.progress
-        )
-        self.step = 0
-        self.kept_share: float | None = None  # of the last step; train.grad_pass "auto" reads it
+        state = run.state or {"step": 0, "tokens_trained": 0}
+        self.step = state["step"]
+        self.kept_share: float | None = state.get("kept_share")  # train.grad_pass "auto"
         self.nonfinite_in_row = 0
-        self.nonfinite_total = 0
-        self.tokens_trained = 0
-        self.history: dict[str, Any] = {}
-        if self.resume_from is not None:
-            self._load(self.resume_from)
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.tokens_trained = state["tokens_trained"]
+        self.history: dict[str, Any] = state.get("history", {})
         self.trackers = Trackers.start(  # train.report_to, on the main process
             cfg.train, self.out, cfg.model_dump(mode="json"), self.group.is_main,
             resume=self.resume_from is not None,
         )  # fmt: skip
-
-    def _load_models(self) -> tuple[str, torch.nn.Module | None, torch.nn.Module]:
-        """The teacher (its name, and its weights unless served) and the student, after their
-        cached fine-tunes (teacher_sft, student_sft) when configured."""
-        cfg, acc = self.cfg, self.acc
-        teacher_name = cfg.teacher
-        if cfg.teacher_sft is not None:
-            from .sft import prepare_teacher
-
-            with acc.main_process_first():
-                teacher_name = str(prepare_teacher(cfg, progress=self.progress))
-        student_name = cfg.student
-        if cfg.student_sft is not None:  # warm start on the task's format (cached)
-            from .sft import prepare_student
-
-            with acc.main_process_first():
-                student_name = str(prepare_student(cfg, progress=self.progress))
-        teacher_model = None
-        if self.server is None:
-            t_dtype = cfg.train.teacher_dtype or cfg.train.dtype
-            teacher_model = load_model(teacher_name, dtype=t_dtype, device=acc.device)
-            teacher_model.eval().requires_grad_(False)
-        student = load_model(student_name, dtype=cfg.train.dtype, device=acc.device)
-        if cfg.lora is not None:
-            student = apply_lora(student, cfg.lora)
-        return teacher_name, teacher_model, student
 
     def render(self, question: str) -> str:
         cfg = self.cfg.task
@@ -312,19 +141,20 @@ class Trainer:
                 return None
             clock.lap("rollout")
             tokens, valid = roll.response_ids, roll.response_mask[:, roll.prompt_len :]
-            chunks, n_passes = self._micro_batches(len(roll))
+            chunks, n_passes = micro_batches(len(roll), self.cfg.train.micro_batch_size, self.group)
             teacher = self.teacher.view(roll, chunks)
             clock.lap("teacher")
-            h_s, h_grad = self._student_hidden(roll, chunks, n_passes, self._kept_pass())
+            kept = kept_pass(self.cfg.train.grad_pass, self.kept_share)
+            h_s, h_grad = student_hidden(self.engine, self.student, roll, chunks, n_passes, kept)
             clock.lap("student_forward")
             sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
             clock.lap("scoring")
-            mask, normalizer = self._select(sig, valid, step)
-            self.kept_share = self._kept_share(mask, roll)
+            mask, normalizer = select_batch(sig, valid, step, self.cfg, self.group)
+            self.kept_share = kept_share(mask, roll, self.group)
             clock.lap("selection")
             loss = 0.0
             for i in range(n_passes):  # every rank runs as many; extra ones are zero-loss
-                rows, cols, h, live = self._pass_input(roll, mask, chunks, i, h_grad)
+                rows, cols, h, live = pass_input(self.engine, roll, mask, chunks, i, h_grad)
                 clock.lap("student_forward")
                 w_s = lm_head(self.student)  # after a re-gather (FSDP), the whole weight again
                 if live:
@@ -344,23 +174,6 @@ class Trainer:
         self.step = step
         out = StepPass(roll, sig, mask, h_s, teacher, loss, clock)
         return self._step_metrics(out, grad_norm, applied)
-
-    def _pass_input(
-        self, roll: Rollout, mask: Tensor, chunks: list[slice], i: int, h_grad: Tensor | None
-    ) -> tuple[Any, int | None, Tensor, bool]:
-        """Rows, columns and hidden states of gradient pass `i`, and whether it is live.
-
-        With the shared forward (`h_grad`) a pass is a micro-batch; otherwise it runs its own
-        forward over the micro-batch's kept region (rows with a kept position, up to the last
-        kept column). Passes past this rank's micro-batches, or with nothing kept, are padding
-        passes (not live) that only keep the collectives aligned across ranks."""
-        c = chunks[min(i, len(chunks) - 1)]
-        live = i < len(chunks)
-        if h_grad is not None:
-            return c, None, h_grad, live
-        region = _kept_region(mask, c) if live else None
-        rows, cols = region or (torch.tensor([c.start or 0]), 1)  # a padding pass: one token
-        return rows, cols, self._grad_hidden(roll, rows, cols), region is not None
 
     def _rollout(self, step: int) -> Rollout | None:
         """Student rollouts of this rank's share of the next batch (None on every rank when a
@@ -385,82 +198,6 @@ class Trainer:
             greedy=ro.greedy,
             seed=seed,
         )
-
-    def _micro_batches(self, n_rows: int) -> tuple[list[slice], int]:
-        """This rank's micro-batches and the number of passes every rank runs (the most)."""
-        mb = self.cfg.train.micro_batch_size or n_rows
-        chunks = [slice(i, min(i + mb, n_rows)) for i in range(0, n_rows, mb)]
-        return chunks, self.group.all_reduce_max(len(chunks))
-
-    def _grad_hidden(self, roll: Rollout, rows: slice | Tensor, cols: int | None = None) -> Tensor:
-        """The student's response hidden states of `rows` (first `cols` response columns), with
-        gradient (through the engine)."""
-        return self.engine.forward(lambda m: response_hidden(m, roll, rows, cols))
-
-    def _kept_pass(self) -> bool:
-        """Whether this step's gradient pass covers only the kept region (train.grad_pass)."""
-        mode = self.cfg.train.grad_pass
-        if mode == "auto":  # the previous step's kept region predicts this one's
-            return self.kept_share is not None and self.kept_share < 0.5
-        return mode == "kept"
-
-    def _kept_share(self, mask: Tensor, roll: Rollout) -> float:
-        """Share of the batch's body tokens (all ranks) that a kept-region pass would run: the
-        rows with a kept position, each up to its last kept column."""
-        p, width = roll.prompt_len, mask.shape[-1]
-        cols = torch.arange(1, width + 1, device=mask.device)
-        last = (mask * cols).amax(-1)  # 1 + the last kept column, 0 without one
-        region = float(((p + last) * (last > 0)).sum())
-        group = self.group
-        return group.all_reduce_sum(region) / group.all_reduce_sum(
-            float(mask.shape[0] * (p + width))
-        )
-
-    def _student_hidden(
-        self, roll: Rollout, chunks: list[slice], n_passes: int, kept_pass: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """Detached student hidden states for scoring, and the grad pass when there is one.
-
-        With one micro-batch the same body forward serves scoring (detached) and the loss, unless
-        `kept_pass`; otherwise scoring runs without gradient and each loss pass runs its own
-        forward over the kept region of its micro-batch.
-        """
-        self.student.train()
-        if n_passes == 1 and not kept_pass:
-            h_grad = self._grad_hidden(roll, chunks[0])
-            return h_grad.detach(), h_grad
-        with torch.no_grad():
-            return torch.cat([response_hidden(self.student, roll, c) for c in chunks]), None
-
-    def _select(self, sig: TokenSignals, valid: Tensor, step: int) -> tuple[Tensor, float]:
-        """Selection over the global batch: this rank's mask and the loss normalizer (the
-        global count of kept tokens, or of sequences with one, per loss.reduction; of valid
-        ones with loss.normalize=valid)."""
-        sel, group = self.cfg.selection, self.group
-        names = [name for name, _ in sig.items()]
-        shapes = group.row_shapes(valid)
-        g_valid = group.gather_rows(valid, False, shapes)
-        g_sig = {n: group.gather_rows(getattr(sig, n), 0.0, shapes) for n in names}
-        gen = torch.Generator(device="cpu").manual_seed(seeds.selection(self.cfg.train.seed, step))
-        mask = select_tokens(
-            TokenSignals(**{n: x.cpu() for n, x in g_sig.items()}),
-            g_valid.cpu(),
-            strategy=sel.strategy,
-            ratio=sel.ratio,
-            scope=sel.scope,
-            min_per_sequence=sel.min_per_sequence,
-            generator=gen,
-        ).to(valid.device)
-        if not mask.any():
-            raise TrainingError("selection kept no positions in the whole batch")
-        # loss.normalize "kept": mean over kept (Eq. 7); "valid": kept sum over all valid
-        counted = mask if self.cfg.loss.normalize == "kept" else g_valid.to(mask.device)
-        if self.cfg.loss.reduction == "token":
-            normalizer = float(counted.sum())
-        else:
-            normalizer = float((counted.sum(-1) > 0).sum())
-        first = group.first_row(shapes)
-        return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
 
     def _step_metrics(self, out: StepPass, grad_norm: float, applied: bool) -> dict[str, Any]:
         """Count the step, log-ready metrics, samples; stop after too many non-finite steps."""
@@ -595,29 +332,6 @@ class Trainer:
         self.group.wait()
         return path
 
-    def _load(self, ckpt: Path) -> None:
-        """Weights (unless already loaded before sharding), optimizer, schedule, RNG, counters."""
-        state = load_trainer_state(ckpt)
-        written = state.get("optimizer_format") or "replicated"
-        if written != self.engine.optimizer_format:
-            how = {"fsdp-full": "FSDP", "deepspeed-full": "DeepSpeed"}
-            raise UserError(
-                f"checkpoint {ckpt} was written by a {how.get(written, 'replicated')} run and "
-                f"this one is {how.get(self.engine.optimizer_format, 'replicated')}; resume it "
-                "the same way (train.fsdp / train.deepspeed, or the same accelerate config)"
-            )
-        self.engine.load_state(ckpt, state["optimizer"], self.cfg.lora is not None)
-        self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        self.prompts.load_state(state)
-        self.tokens_trained = state["tokens_trained"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.kept_share = state.get("kept_share")
-        self.history = state.get("history", {})
-        apply_optim_config(self.opt, self.sched, self.cfg.optim)
-        self.run_dir.truncate_logs(self.step)
-
     def log(self, metrics: dict[str, Any]) -> None:
         """Append a step's metrics to metrics.jsonl (and the trackers of train.report_to)."""
         self.run_dir.append("metrics.jsonl", [metrics])
@@ -669,20 +383,10 @@ class Trainer:
         try:
             yield
         except RuntimeError as e:
-            text = str(e)
-            lost = isinstance(e, torch.distributed.DistError) or any(
-                w in text for w in ("Connection closed", "Connection reset", "imed out", "gloo")
-            )
-            if self.world == 1 or not lost:
+            timeout = self.cfg.train.collective_timeout_s
+            if (why := lost_peer(e, self.group, self.step + 1, timeout, self.out)) is None:
                 raise
-            last = latest_checkpoint(self.run_dir.checkpoints)
-            first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
-            raise TrainingError(
-                f"process {self.rank} of {self.world}: a collective at step {self.step + 1} "
-                "failed or waited past train.collective_timeout_s="
-                f"{self.cfg.train.collective_timeout_s:g} s (another process died or hangs: "
-                f"{first}); last checkpoint: {last or 'none'}, continue with --resume"
-            ) from None
+            raise TrainingError(why) from None
 
     def _evaluate_before(self) -> None:
         """Teacher and initial student accuracy and held-out KL (once; kept across resumes)."""
@@ -741,7 +445,7 @@ class Trainer:
         else:
             after, kl_after = self.evaluate(), self.heldout_kl()
             h.update(self.kl_kinds)
-        summary = self._summary(after, kl_after, self._wall_seconds())
+        summary = run_summary(self, after, kl_after, self._wall_seconds())
         if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
             self.save()  # the final weights (unless the last step was just saved)
         self.run_dir.write_summary(summary)
@@ -756,43 +460,25 @@ class Trainer:
         if server is not None:
             server.close()
 
-    def _summary(
-        self, after: float | None, kl_after: float | None, seconds: float
-    ) -> dict[str, Any]:
-        h, cfg = self.history, self.cfg
-        fr = h.get("selected_fractions") or [float("nan")]
-        return {
-            "teacher_accuracy": h.get("teacher_accuracy"),
-            "student_accuracy_before": h.get("student_accuracy_before"),
-            "student_accuracy_after": after,
-            "n_test": len(self.test_examples),
-            "eval_split": cfg.eval.split,
-            "heldout_kl_before": h.get("heldout_kl_before"),
-            "heldout_kl": kl_after,
-            **{k: h.get(k) for k in h if k.startswith("heldout_kl_") and k != "heldout_kl_before"},
-            "selected_fraction": sum(fr) / len(fr),
-            "tokens_trained": self.tokens_trained,
-            "steps": self.step,
-            "strategy": cfg.selection.strategy,
-            "ratio": cfg.selection.ratio,
-            "k": cfg.selection.k,
-            "batch_size": cfg.train.batch_size,
-            "world_size": self.world,
-            "threads": self.threads,  # torch's CPU threads (train.threads, or the free cores)
-            "fsdp": self.engine.name == "fsdp",
-            "deepspeed": self.engine.name == "deepspeed",
-            "seed": cfg.train.seed,
-            "lr": cfg.optim.lr,
-            "wall_seconds": seconds,
-            "accuracy_curve": h.get("accuracy_curve", []),
-            "teacher": self.teacher.label,
-            "student": cfg.student,
-            "task": cfg.task.name or cfg.task.path,
-            "nonfinite_steps": self.nonfinite_total,
-            "skipped_prompts": self.prompts.skipped,
-            "truncated_prompts": self.prompts.truncated,
-            "output_dir": str(self.out),
-        }
+
+def setup_run(
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    accelerator: Any | None = None,
+) -> Run:
+    """A run's setup in its three phases (setup.py): check every input, claim the run folder,
+    build; torch's threads are set once the checks pass, the models load with this module's
+    `load_model` and the sampler is this module's `make_sampler`."""
+    plan = check(cfg, resume, overwrite, accelerator)
+    threads = set_threads(cfg.train.threads, plan.acc.device)
+    try:
+        claim(plan)
+        return build(plan, threads, progress, Loaders(load_model, make_sampler))
+    except BaseException:
+        plan.close()
+        raise
 
 
 def train(

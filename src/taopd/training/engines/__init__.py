@@ -27,6 +27,7 @@ __all__ = [
     "engine_kind",
     "make_engine",
     "make_scheduler",
+    "optimizer_format",
 ]
 
 ENGINES = ("replicated", "fsdp", "deepspeed")
@@ -50,6 +51,20 @@ def engine_kind(cfg: Config, acc: Any) -> str:
     if fsdp and deepspeed:
         raise UserError("train.fsdp and DeepSpeed both shard the student: choose one")
     return "fsdp" if fsdp else "deepspeed" if deepspeed else "replicated"
+
+
+def optimizer_format(kind: str) -> str:
+    """How an engine of `kind` holds the optimizer state in its checkpoints (a resume needs the
+    same): the `optimizer_format` of its class."""
+    if kind == "fsdp":
+        from .fsdp import FSDPEngine
+
+        return FSDPEngine.optimizer_format
+    if kind == "deepspeed":
+        from .zero import ZeroEngine
+
+        return ZeroEngine.optimizer_format
+    return ReplicatedEngine.optimizer_format
 
 
 def make_engine(

