@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from taopd.errors import UserError
-from taopd.reports.curves import CURVE_PREFIX, METRIC_GROUPS, plot_curves
+from taopd.reports.curves import CURVE_PREFIX, MAX_OTHER_PANELS, METRIC_GROUPS, Panel, plot_curves
 from taopd.reports.html_tables import (
     correlations_html,
     csv_html,
@@ -46,7 +46,10 @@ from taopd.reports.html_tables import (
 )
 from taopd.reports.token_view import token_view_data, token_view_html
 
-__all__ = ["render_report", "write_markdown_table", "plot_curves", "METRIC_GROUPS"]
+__all__ = [
+    "CURVE_PREFIX", "MAX_OTHER_PANELS", "METRIC_GROUPS", "Panel", "plot_curves", "render_report",
+    "write_markdown_table",
+]  # fmt: skip
 
 _CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
