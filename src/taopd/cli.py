@@ -405,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(sub)
     _add_diagnose(sub)
 
+    _add_pilot(sub)
+    _add_report(sub)
+    return parser
+
+
+def _add_pilot(sub: Any) -> None:
+    """`taopd pilot`: the first steps' KL spread of a config."""
     p = sub.add_parser(
         "pilot",
         help="does a setting leave room for selection? the first steps' KL spread",
@@ -417,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_pilot)
 
+
+def _add_report(sub: Any) -> None:
+    """`taopd report`: the HTML page of a run folder."""
     p = sub.add_parser(
         "report",
         help="HTML report of a run folder",
@@ -425,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--signal", default="teachability", help="signal that colors the token view")
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,26 +3,27 @@
 Every arm uses the same config (rollout budget, optimizer steps, seeds); only the selection
 (strategy, ratio, K) and the batch size vary. Arms run as `taopd train` subprocesses; a finished
 arm (summary.json present) is never rerun, a killed one resumes from its last checkpoint.
+This module runs the sweep; `arms.py` plans it, `compare_tables.py` writes its tables and plots.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
 from ..errors import UserError
 from ..training.checkpoint import atomic_write_text, latest_checkpoint
+from .arms import Arm, parse_arm_label, plan_arms, with_lrs
+from .compare_tables import CSV_FIELDS, aggregate, mean_curve, paired_differences, write_results
 
 __all__ = [
     "Arm",
@@ -35,168 +36,10 @@ __all__ = [
     "aggregate",
     "mean_curve",
     "CSV_FIELDS",
+    "collect",
+    "parse_arm_label",
+    "write_results",
 ]
-
-CSV_FIELDS = [
-    "strategy",
-    "ratio",
-    "k",
-    "batch_size",
-    "seed",
-    "lr",
-    "accuracy",
-    "accuracy_before",
-    "teacher_accuracy",
-    "tokens_trained",
-    "steps",
-    "wall_seconds",
-    "heldout_kl",
-    "heldout_kl_before",
-    "heldout_kl_other",
-    "selected_fraction",
-    "kept_per_step",
-]
-
-# two-sided 95% Student-t quantiles by degrees of freedom (1..30); normal beyond
-_T95 = [
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-]
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One run of the comparison. `min_per_sequence` > 0 is the released budget rule (at least
-    that many kept positions per rollout), labelled `strategy+N` (e.g. `teachability+1`);
-    `normalize="valid"` the fixed per-token weight (`loss.normalize`), labelled `strategy:valid`;
-    `lr` (None: the config's optim.lr) the arm's learning rate, chosen by `--lr-grid`."""
-
-    strategy: str
-    ratio: float
-    k: int
-    batch_size: int
-    seed: int
-    min_per_sequence: int = 0
-    normalize: str = "kept"
-    lr: float | None = None
-
-    @property
-    def label(self) -> str:
-        return (
-            self.strategy
-            + (f"+{self.min_per_sequence}" if self.min_per_sequence else "")
-            + (":valid" if self.normalize == "valid" else "")
-        )
-
-    @property
-    def name(self) -> str:
-        lr = "" if self.lr is None else f"-lr{self.lr:g}"
-        return f"{self.label}-r{self.ratio:g}-k{self.k}-b{self.batch_size}{lr}-s{self.seed}"
-
-    @property
-    def group(self) -> tuple[str, float, int, int]:
-        return (self.label, self.ratio, self.k, self.batch_size)
-
-    def overrides(self) -> list[str]:
-        return [
-            f"selection.strategy={self.strategy}",
-            f"selection.ratio={self.ratio}",
-            f"selection.k={self.k}",
-            f"selection.min_per_sequence={self.min_per_sequence}",
-            f"loss.normalize={self.normalize}",
-            f"train.batch_size={self.batch_size}",
-            f"train.seed={self.seed}",
-        ] + ([] if self.lr is None else [f"optim.lr={self.lr}"])
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Arm:
-        label, _, norm = str(row["strategy"]).partition(":")
-        strategy, minimum = parse_arm_label(label)
-        lr = row.get("lr")
-        return cls(
-            strategy, row["ratio"], row["k"], row["batch_size"], row["seed"], minimum,
-            norm or "kept", None if lr in (None, "") else float(lr),
-        )  # fmt: skip
-
-
-def parse_arm_label(label: str) -> tuple[str, int]:
-    """'teachability+1' → ('teachability', 1): a strategy and the released at-least-N-per-
-    rollout rule (`selection.min_per_sequence`); a bare name → (name, 0)."""
-    from ..core.selection import STRATEGIES
-
-    name, plus, count = label.strip().partition("+")
-    if name not in STRATEGIES:
-        raise UserError(
-            f"unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))} "
-            "(a '+N' suffix, e.g. teachability+1, keeps at least N positions per rollout; "
-            "a ':valid' suffix normalizes the loss by all valid positions)"
-        )
-    if not plus:
-        return name, 0
-    if not count.isdigit() or int(count) < 1:
-        raise UserError(f"strategy {label!r}: the suffix must be '+N' with N >= 1 (e.g. +1)")
-    if name == "full":
-        raise UserError(f"strategy {label!r}: full already keeps every position")
-    return name, int(count)
-
-
-def _parse_normalize(label: str) -> tuple[str, str]:
-    """'teachability:valid' → ('teachability', 'valid'); a label without ':' → (label, 'kept')."""
-    base, colon, norm = label.strip().partition(":")
-    if colon and norm not in ("kept", "valid"):
-        raise UserError(f"strategy {label!r}: the suffix after ':' must be 'kept' or 'valid'")
-    return base, norm or "kept"
-
-
-def plan_arms(
-    strategies: list[str], ratios: list[float], seeds: int, ks: list[int], batch_sizes: list[int]
-) -> list[Arm]:
-    """All arms; `full` keeps every position, so it runs once at ratio 1 (and one K).
-    A strategy `name+N` keeps at least N positions per rollout (the released rule)."""
-    parsed = []
-    for label in strategies:
-        base, norm = _parse_normalize(label)
-        parsed.append((*parse_arm_label(base), norm))
-    for r in ratios:
-        if not 0 < r <= 1:
-            raise UserError(f"--ratios: each ratio must be in (0, 1], got {r}")
-    arms: list[Arm] = []
-    for bs in batch_sizes:
-        for seed in range(seeds):
-            for s, minimum, norm in parsed:
-                uses_k = s not in ("full", "random", "entropy", "reverse_kl")
-                for k in ks if uses_k else ks[:1]:
-                    for r in [1.0] if s == "full" else ratios:
-                        arms.append(Arm(s, r, k, bs, seed, minimum, norm))
-    return arms
 
 
 def _arm_done(folder: Path) -> bool:
@@ -248,8 +91,6 @@ def run_compare(
     """
     if keep not in KEEP:
         raise UserError(f"keep checkpoints: {keep!r} is not one of {', '.join(KEEP)}")
-    from tqdm.auto import tqdm
-
     from ..training.run_dir import marker_kind, write_marker
 
     if marker_kind(out) not in (None, "compare"):
@@ -259,6 +100,34 @@ def run_compare(
     (out / "arms").mkdir(exist_ok=True)
     atomic_write_text(out / "base_config.yaml", cfg.to_yaml())
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    pending = _arm_configs(cfg, out, arms, threads)
+    if not run:
+        pending = []
+    if pending:
+        # fine-tune (and cache) the shared teacher and warm start once, not once per arm
+        from ..training.sft import prepare_student, prepare_teacher
+        from ..training.trackers import check_trackers
+
+        check_trackers(cfg.train)  # a missing tracker package: one line, before any arm
+        if cfg.teacher_sft is not None:
+            prepare_teacher(cfg, progress=progress)
+        if cfg.student_sft is not None:
+            prepare_student(cfg, progress=progress)
+    failed = _run_arms(out, pending, len(arms), parallel, threads, keep, progress)
+    rows = collect(out, arms)
+    write_results(out, rows)
+    if failed:
+        raise UserError(
+            f"{len(failed)} arm(s) failed: {', '.join(failed)}; see their logs in {out / 'arms'}; "
+            "rerun the same command to retry them (finished arms are kept)"
+        )
+    return rows
+
+
+def _arm_configs(
+    cfg: Config, out: Path, arms: list[Arm], threads: int
+) -> list[tuple[Arm, Path, Path]]:
+    """(arm, folder, config file) of every unfinished arm, its config written under out/arms/."""
     # train.report_to: one tracker run per arm, named after it, grouped by the sweep's folder
     group = cfg.train.tracker_group or out.resolve().name
     pending = []
@@ -281,24 +150,26 @@ def run_compare(
         cfg_path = out / "arms" / f"{arm.name}.yaml"
         atomic_write_text(cfg_path, arm_cfg.to_yaml())
         pending.append((arm, folder, cfg_path))
-    if not run:
-        pending = []
-    if pending:
-        from ..training.sft import prepare_student, prepare_teacher
-        from ..training.trackers import check_trackers
+    return pending
 
-        check_trackers(cfg.train)  # a missing tracker package: one line, before any arm
-        # fine-tune (and cache) the shared teacher and warm start once, not once per arm
 
-        if cfg.teacher_sft is not None:
-            prepare_teacher(cfg, progress=progress)
-        if cfg.student_sft is not None:
-            prepare_student(cfg, progress=progress)
+def _run_arms(
+    out: Path,
+    pending: list[tuple[Arm, Path, Path]],
+    total: int,
+    parallel: int,
+    threads: int,
+    keep: str,
+    progress: bool,
+) -> list[str]:
+    """Train the `pending` arms, `parallel` subprocesses at a time, pruning each finished one's
+    checkpoints (`keep`); returns the names of the arms that failed."""
+    from tqdm.auto import tqdm
+
+    pending = list(pending)
     running: list[tuple[Arm, subprocess.Popen]] = []
     failed: list[str] = []
-    bar = tqdm(
-        total=len(arms), initial=len(arms) - len(pending), desc="compare arms", disable=not progress
-    )
+    bar = tqdm(total=total, initial=total - len(pending), desc="compare arms", disable=not progress)
     while pending or running:
         while pending and len(running) < parallel:
             arm, folder, cfg_path = pending.pop(0)
@@ -315,14 +186,7 @@ def run_compare(
                 elif _arm_done(out / "arms" / arm.name):
                     prune_checkpoints(out / "arms" / arm.name, keep)
     bar.close()
-    rows = collect(out, arms)
-    write_results(out, rows)
-    if failed:
-        raise UserError(
-            f"{len(failed)} arm(s) failed: {', '.join(failed)}; see their logs in {out / 'arms'}; "
-            "rerun the same command to retry them (finished arms are kept)"
-        )
-    return rows
+    return failed
 
 
 def choose_lrs(
@@ -345,21 +209,7 @@ def choose_lrs(
     if not lrs or any(not lr > 0 for lr in lrs):
         raise UserError(f"--lr-grid: give positive learning rates, got {lrs}")
     steps = steps or cfg.train.steps
-    grid_cfg = load_config(
-        cfg.model_dump(mode="json"),
-        [
-            "eval.split=validation",
-            "eval.accuracy=false",
-            f"train.steps={steps}",
-            "train.eval_every=0",
-            "train.samples_every=0",
-            f"train.save_every={min(steps, cfg.train.save_every or steps)}",
-        ],
-    )
-    # the grid's tracker runs: their own group, "<sweep folder>-<grid folder>"
-    grid_cfg.train.tracker_group = (
-        f"{cfg.train.tracker_group or out.resolve().parent.name}-{out.name}"
-    )
+    grid_cfg = _grid_config(cfg, out, steps)
     seed = min(a.seed for a in arms)
     groups = list(dict.fromkeys(a for a in arms if a.seed == seed))
     grid = [replace(a, lr=lr) for a in groups for lr in lrs]
@@ -390,9 +240,24 @@ def choose_lrs(
     return choice
 
 
-def with_lrs(arms: list[Arm], choice: dict[tuple[str, float, int, int], float]) -> list[Arm]:
-    """The arms, each with its group's chosen learning rate."""
-    return [replace(a, lr=choice[a.group]) for a in arms]
+def _grid_config(cfg: Config, out: Path, steps: int) -> Config:
+    """The grid points' config: `steps` steps, held-out KL on the validation split, no accuracy
+    evaluation; their tracker runs in their own group, "<sweep folder>-<grid folder>"."""
+    grid_cfg = load_config(
+        cfg.model_dump(mode="json"),
+        [
+            "eval.split=validation",
+            "eval.accuracy=false",
+            f"train.steps={steps}",
+            "train.eval_every=0",
+            "train.samples_every=0",
+            f"train.save_every={min(steps, cfg.train.save_every or steps)}",
+        ],
+    )
+    grid_cfg.train.tracker_group = (
+        f"{cfg.train.tracker_group or out.resolve().parent.name}-{out.name}"
+    )
+    return grid_cfg
 
 
 def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
@@ -433,255 +298,3 @@ def collect(out: Path, arms: list[Arm]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _ci95(values: list[float]) -> float:
-    if len(values) < 2:
-        return float("nan")
-    t = _T95[min(len(values) - 1, len(_T95)) - 1] if len(values) - 1 <= len(_T95) else 1.96
-    return t * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def _mean_of(rows: list[dict[str, Any]], key: str) -> float:
-    values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-    return statistics.mean(values) if values else float("nan")
-
-
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± 95% t-interval over seeds for each (strategy, ratio, K, batch size)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["strategy"], r["ratio"], r["k"], r["batch_size"]), []).append(r)
-    table = []
-    for (strategy, ratio, k, bs), rs in groups.items():
-        acc = [r["accuracy"] for r in rs if r["accuracy"] not in (None, "")]
-        kls = [r["heldout_kl"] for r in rs if r["heldout_kl"] is not None]
-        lrs = sorted({float(r["lr"]) for r in rs if r.get("lr") not in (None, "")})
-        table.append(
-            {
-                "strategy": strategy,
-                "ratio": ratio,
-                "k": k,
-                "batch_size": bs,
-                "seeds": len(rs),
-                "lr": "/".join(f"{x:g}" for x in lrs),
-                "accuracy": statistics.mean(acc) if acc else float("nan"),
-                "accuracy_ci95": _ci95(acc),
-                "tokens_trained": statistics.mean(r["tokens_trained"] for r in rs),
-                "selected_fraction": _mean_of(rs, "selected_fraction"),
-                "kept_per_step": _mean_of(rs, "kept_per_step"),
-                "wall_seconds": statistics.mean(r["wall_seconds"] for r in rs),
-                "heldout_kl": statistics.mean(kls) if kls else float("nan"),
-                "heldout_kl_other": _mean_of(rs, "heldout_kl_other"),
-            }
-        )
-    table.sort(key=lambda r: (r["batch_size"], -r["ratio"], r["strategy"], r["k"]))
-    return table
-
-
-def _markdown(rows: list[dict[str, Any]]) -> str:
-    table = aggregate(rows)
-    before = [r["accuracy_before"] for r in rows if r.get("accuracy_before") is not None]
-    teacher = [r["teacher_accuracy"] for r in rows if r.get("teacher_accuracy") is not None]
-    lines = ["# Selection strategies compared", ""]
-    if before:
-        lines.append(
-            f"Student before training: {100 * statistics.mean(before):.1f}%; "
-            f"teacher: {100 * statistics.mean(teacher):.1f}% (mean over seeds)."
-        )
-        lines.append("")
-    other = any(not math.isnan(r["heldout_kl_other"]) for r in table)
-    lines.append(
-        "| strategy | ratio | lr | effective share | kept / step | K | batch | seeds "
-        "| accuracy (mean ± 95% CI) | tokens trained | wall time (s) | held-out KL |"
-        + (" held-out KL, non-style |" if other else "")
-    )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if other else ""))
-    for r in table:
-        ci = "" if math.isnan(r["accuracy_ci95"]) else f" ± {100 * r['accuracy_ci95']:.1f}"
-        share = r.get("selected_fraction", float("nan"))
-        kept = r.get("kept_per_step", float("nan"))
-        acc = "n/a" if math.isnan(r["accuracy"]) else f"{100 * r['accuracy']:.1f}%{ci}"
-        lines.append(
-            f"| {r['strategy']} | {r['ratio']:g} | {r['lr'] or 'config'} | "
-            f"{'n/a' if math.isnan(share) else f'{100 * share:.1f}%'} | "
-            f"{'n/a' if math.isnan(kept) else f'{kept:.1f}'} | {r['k']} | {r['batch_size']} | "
-            f"{r['seeds']} | {acc} | {r['tokens_trained']:.0f} | "
-            f"{r['wall_seconds']:.0f} | {r['heldout_kl']:.4f} |"
-            + (f" {r['heldout_kl_other']:.4f} |" if other else "")
-        )
-    lines.append("")
-    diffs = paired_differences(rows)
-    if diffs:
-        lines += [
-            "Paired differences (mean over seeds of the per-seed difference, 95% t-interval; "
-            "ahead / behind when the interval excludes 0, else tied):",
-            "",
-            "| difference | seeds | accuracy (points) | | held-out KL | |",
-            "|---|---|---|---|---|---|",
-        ]
-        for d in diffs:
-            lines.append(
-                f"| {d['difference']} | {d['seeds']} | {_interval(d['accuracy'], 100)} | "
-                f"{d['accuracy_word']} | {_interval(d['heldout_kl'])} | {d['heldout_kl_word']} |"
-            )
-        lines.append("")
-    lines.append(
-        "ratio: the nominal share; effective share: the share of response positions actually "
-        "trained on (mean over steps; `+N` arms keep at least N per rollout, so more); "
-        "kept / step: positions trained on per step."
-    )
-    return "\n".join(lines) + "\n"
-
-
-def _interval(x: tuple[float, float, float] | None, scale: float = 1.0) -> str:
-    if x is None or math.isnan(x[0]):
-        return "n/a"
-    m, lo, hi = (scale * v for v in x)
-    digits = 1 if scale == 100 else 3
-    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
-def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float] | None:
-    seeds = sorted(set(a) & set(b))
-    d = [a[s] - b[s] for s in seeds]
-    if not d:
-        return None
-    m = statistics.mean(d)
-    h = _ci95(d)
-    return (m, m - h, m + h)
-
-
-def _word(x: tuple[float, float, float] | None, higher_is_better: bool) -> str:
-    """'ahead' / 'behind' when the interval excludes 0, 'tied' otherwise (n/a: < 2 seeds)."""
-    if x is None or math.isnan(x[1]):
-        return "n/a"
-    if x[1] > 0:
-        return "ahead" if higher_is_better else "behind"
-    if x[2] < 0:
-        return "behind" if higher_is_better else "ahead"
-    return "tied"
-
-
-def paired_differences(rows: list[dict[str, Any]], reference: str = "teachability") -> list[dict]:
-    """Per-seed paired differences of the `reference` strategy (at each ratio) against every
-    other arm of the same batch size at that ratio, and against full-token OPD: accuracy (higher
-    is better) and held-out KL (lower is better), with a 95% t-interval and a word."""
-    by_group: dict[tuple, dict[str, dict[int, float]]] = {}
-    for r in rows:
-        g = by_group.setdefault((r["strategy"], float(r["ratio"]), r["k"], r["batch_size"]), {})
-        for key in ("accuracy", "heldout_kl", "heldout_kl_other"):
-            if r.get(key) not in (None, ""):
-                g.setdefault(key, {})[int(r["seed"])] = float(r[key])
-    out = []
-    for (label, ratio, _k, bs), ref in sorted(by_group.items(), key=lambda x: -x[0][1]):
-        if label != reference:
-            continue
-        for (other, o_ratio, _ok, o_bs), vals in sorted(by_group.items()):
-            if other == reference or o_bs != bs or not (o_ratio == ratio or other == "full"):
-                continue
-            row: dict[str, Any] = {
-                "difference": f"{reference} {ratio:g} − {other}"
-                + ("" if other == "full" else f" {o_ratio:g}"),
-            }
-            for key, better in (("accuracy", True), ("heldout_kl", False)):
-                x = _paired(ref.get(key, {}), vals.get(key, {}))
-                row[key], row[f"{key}_word"] = x, _word(x, better)
-            x = _paired(ref.get("heldout_kl_other", {}), vals.get("heldout_kl_other", {}))
-            row["heldout_kl_other"] = x
-            row["seeds"] = len(set(ref.get("heldout_kl", {})) & set(vals.get("heldout_kl", {})))
-            out.append(row)
-    return out
-
-
-def mean_curve(curves: list[list[list[Any]]]) -> list[list[float]]:
-    """Mean over seeds of [step, tokens, accuracy, held-out KL, ...] points, matched by step.
-
-    Only the steps every seed evaluated are kept, so each point averages the same seeds (a seed
-    whose 'before' evaluation is missing does not shift the others' points)."""
-    by_step = [{int(p[0]): p for p in c} for c in curves]
-    common = sorted(set.intersection(*(set(b) for b in by_step))) if by_step else []
-    width = min(len(p) for c in curves for p in c) if common else 0
-    return [
-        [
-            statistics.mean(math.nan if b[step][j] is None else float(b[step][j]) for b in by_step)
-            for j in range(width)
-        ]
-        for step in common
-    ]
-
-
-def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Accuracy and held-out KL vs step and vs tokens trained, mean over seeds per group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups: dict[tuple[str, str], list[list[list[float]]]] = {}
-    for r in rows:
-        arm = Arm.from_row(r)
-        s = json.loads((out / "arms" / r.get("arm", arm.name) / "summary.json").read_text())
-        curve = s.get("accuracy_curve") or []
-        if curve and r.get("accuracy_before") is not None:
-            curve = [[0, 0, r["accuracy_before"], r.get("heldout_kl_before")], *curve]
-        if curve:
-            variant = f"{arm.ratio:g}" + (f" K{arm.k}" if arm.k != 16 else "")
-            variant += f" b{arm.batch_size}" if len({x["batch_size"] for x in rows}) > 1 else ""
-            groups.setdefault((arm.label, variant), []).append(curve)
-    if not groups:
-        return
-    (out / "plots").mkdir(exist_ok=True)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    # one colour per strategy, one line style per ratio / K / batch: 13 arms stay apart
-    palette = plt.get_cmap("tab10").colors
-    colours = {name: palette[i % 10] for i, name in enumerate(sorted({n for n, _ in groups}))}
-    variants = sorted({v for _, v in groups})
-    styles = {v: ("-", "--", ":", "-.")[i % 4] for i, v in enumerate(variants)}
-    for (name, variant), curves in sorted(groups.items()):
-        mean = mean_curve(curves)
-        if not mean:
-            continue
-        steps = [m[0] for m in mean]
-        tokens = [m[1] for m in mean]
-        style = {"color": colours[name], "linestyle": styles[variant], "marker": "o"}
-        label = f"{name} {variant}"
-        axes[0][0].plot(steps, [m[2] for m in mean], label=label, **style)
-        axes[0][1].plot(tokens, [m[2] for m in mean], label=label, **style)
-        if len(mean[0]) > 3:
-            axes[1][0].plot(steps, [m[3] for m in mean], label=label, **style)
-            axes[1][1].plot(tokens, [m[3] for m in mean], label=label, **style)
-    for ax, (x, y) in zip(
-        axes.flat,
-        [
-            ("step", "accuracy"),
-            ("tokens trained", "accuracy"),
-            ("step", "held-out KL"),
-            ("tokens trained", "held-out KL"),
-        ],
-    ):
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.grid(alpha=0.3)
-    axes[0][1].set_xscale("symlog")
-    axes[1][1].set_xscale("symlog")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "plots" / "learning_curves.png", dpi=110)
-    plt.close(fig)
-
-
-def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
-    """results.csv (one row per arm and seed), results.md (aggregated), plots, report.html."""
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for r in sorted(rows, key=lambda r: (r["strategy"], r["ratio"], r["k"], r["seed"])):
-            writer.writerow(r)
-    if not rows:
-        return
-    atomic_write_text(out / "results.md", _markdown(rows))
-    _curves(out, rows)
-    from ..reports.report import render_report
-
-    render_report(out)

@@ -32,6 +32,28 @@ def is_correct(score: float) -> bool:
     return score >= 1.0 - 1e-9
 
 
+def _score_batch(
+    task: Task,
+    batch: list[Example],
+    texts: list[str],
+    scores: list[float],
+    samples: list[dict[str, Any]],
+) -> None:
+    """Score a batch's completions into `scores`; the first N_SAMPLES records into `samples`."""
+    for ex, text in zip(batch, texts, strict=True):
+        score = task.score(text, ex)
+        scores.append(score)
+        if len(samples) < N_SAMPLES:
+            samples.append(
+                {
+                    "question": ex.question,
+                    "completion": text,
+                    "answer": ex.answer,
+                    "correct": is_correct(score),
+                }
+            )
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -72,18 +94,7 @@ def evaluate(
                 temperature=temperature,
                 greedy=greedy,
             )
-            for ex, text in zip(batch, roll.texts, strict=True):
-                score = task.score(text, ex)
-                scores.append(score)
-                if len(samples) < N_SAMPLES:
-                    samples.append(
-                        {
-                            "question": ex.question,
-                            "completion": text,
-                            "answer": ex.answer,
-                            "correct": is_correct(score),
-                        }
-                    )
+            _score_batch(task, batch, roll.texts, scores, samples)
             bar.update(len(batch))
     finally:
         bar.close()

@@ -26,6 +26,42 @@ def _candidates(tokenizer: Any, ids: Tensor, probs: Tensor) -> list[list[list[An
     ]
 
 
+def _top_candidates(
+    tokenizer: Any,
+    b: int,
+    idx: Tensor,
+    sides: list[tuple[str, Tensor, Tensor]],
+    vocab_size: int,
+    top: int,
+    teacher_top: tuple[Tensor, Tensor] | None,
+) -> dict[str, list[list[list[Any]]]]:
+    """Row `b`'s top candidates at positions `idx`: each side's (name, hidden states, lm_head)
+    projected there, and a served teacher's returned ids (`teacher_top`)."""
+    cands = {}
+    for side, h, w in sides:
+        logits = h[b, idx].float() @ w[:vocab_size].float().T
+        pr, ti = torch.softmax(logits, -1).topk(top, -1)
+        cands[side] = _candidates(tokenizer, ti, pr)
+    if teacher_top is not None:
+        lp, order = teacher_top[1][b, idx].float().topk(top, -1)
+        cands["teacher_top"] = _candidates(
+            tokenizer, teacher_top[0][b, idx].gather(-1, order), lp.exp()
+        )
+    return cands
+
+
+def _position_signals(
+    sig: TokenSignals, teach: Tensor, b: int, idx: Tensor
+) -> dict[str, list[float]]:
+    """Row `b`'s signals at positions `idx`, teachability first; NaN-only ones left out."""
+    signals = {"teachability": teach[b, idx].tolist()}
+    for name in SAMPLE_SIGNALS:
+        values = getattr(sig, name)[b, idx]
+        if not bool(torch.isnan(values).all()):  # NaN: not available (served teacher)
+            signals[name] = values.tolist()
+    return signals
+
+
 @torch.no_grad()
 def token_samples(
     tokenizer: Any,
@@ -60,24 +96,11 @@ def token_samples(
     for b in range(min(rows, valid.shape[0])):
         idx = valid[b].nonzero().squeeze(-1)
         ids = roll.input_ids[b, p:][idx].tolist()
-        cands = {}
         sides = [("student_top", h_s, w_s)] + (
             [("teacher_top", h_t, w_t)] if h_t is not None else []
         )
-        for side, h, w in sides:
-            logits = h[b, idx].float() @ w[:vocab_size].float().T
-            pr, ti = torch.softmax(logits, -1).topk(top, -1)
-            cands[side] = _candidates(tokenizer, ti, pr)
-        if teacher_top is not None:
-            lp, order = teacher_top[1][b, idx].float().topk(top, -1)
-            cands["teacher_top"] = _candidates(
-                tokenizer, teacher_top[0][b, idx].gather(-1, order), lp.exp()
-            )
-        signals = {"teachability": teach[b, idx].tolist()}
-        for name in SAMPLE_SIGNALS:
-            values = getattr(sig, name)[b, idx]
-            if not bool(torch.isnan(values).all()):  # NaN: not available (served teacher)
-                signals[name] = values.tolist()
+        cands = _top_candidates(tokenizer, b, idx, sides, vocab_size, top, teacher_top)
+        signals = _position_signals(sig, teach, b, idx)
         prompt_ids = roll.input_ids[b, :p][roll.attention_mask[b, :p].bool()]
         out.append(
             {

@@ -118,6 +118,31 @@ def student_weights(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(k, v.detach()) for k, v in inner.state_dict().items()]
 
 
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, greedy: bool) -> None:
+    """Refuse settings vLLM would reject or misread, with the knob to change."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if not greedy:
+        if temperature <= 0:
+            raise UserError(
+                f"temperature must be > 0 for sampling (got {temperature}); "
+                "use greedy decoding instead"
+            )
+        if not 0 < top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+
+
+def _sampling_params(vllm: Any, n: int, settings: tuple, seed: int | None) -> Any:
+    """One `SamplingParams` for all `n` requests, or with `seed` (and sampling) one per request
+    with its own seed derived from it. `settings`: `sampling_kwargs`' first five arguments."""
+    if seed is None or settings[3]:  # no seed, or greedy
+        return vllm.SamplingParams(**sampling_kwargs(*settings, None))
+    return [
+        vllm.SamplingParams(**sampling_kwargs(*settings, seeds.per_prompt(seed, i) % _SEED_MOD))
+        for i in range(n)
+    ]
+
+
 class VLLMSampler:
     """A `Sampler` backed by a colocated vLLM engine that gets the student's weights every call.
 
@@ -218,16 +243,7 @@ class VLLMSampler:
         """
         if not prompts:
             raise ValueError("the vLLM sampler needs at least one prompt")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
-        if not greedy:
-            if temperature <= 0:
-                raise UserError(
-                    f"temperature must be > 0 for sampling (got {temperature}); "
-                    "use greedy decoding instead"
-                )
-            if not 0 < top_p <= 1:
-                raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+        _check_sampling(max_new_tokens, temperature, top_p, greedy)
         import vllm
 
         eos_ids = eos_token_ids(model, tokenizer)
@@ -242,24 +258,8 @@ class VLLMSampler:
             vllm.TokensPrompt(prompt_token_ids=ids[mask.bool()].tolist())
             for ids, mask in zip(prompt_ids, prompt_mask)
         ]
-        if seed is None or greedy:
-            params: Any = vllm.SamplingParams(
-                **sampling_kwargs(max_new_tokens, temperature, top_p, greedy, eos_ids, None)
-            )
-        else:
-            params = [
-                vllm.SamplingParams(
-                    **sampling_kwargs(
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        greedy,
-                        eos_ids,
-                        seeds.per_prompt(seed, i) % _SEED_MOD,
-                    )
-                )
-                for i in range(len(requests))
-            ]
+        settings = (max_new_tokens, temperature, top_p, greedy, eos_ids)
+        params = _sampling_params(vllm, len(requests), settings, seed)
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         responses = [list(out.outputs[0].token_ids) for out in outputs]
         return assemble_rollout(

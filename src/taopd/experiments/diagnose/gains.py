@@ -120,6 +120,35 @@ def _fixed_kl_grad(
     return grads
 
 
+def _sampled_positions(valid: Tensor, seed: int, n_single: int) -> Tensor:
+    """`n_single` seeded random valid positions of the bank (0: all), as sorted flat indices."""
+    flat = valid.reshape(-1).nonzero().squeeze(-1)
+    gen = torch.Generator().manual_seed(seed)
+    n = flat.numel() if n_single == 0 else min(n_single, flat.numel())
+    return flat[torch.randperm(flat.numel(), generator=gen)[:n]].sort().values
+
+
+def _record_gain(
+    out: dict[str, np.ndarray],
+    at: tuple[int, int],
+    gains_valid: Tensor,
+    gain_self: float,
+    grads: Any,
+    g_fix: Any,
+    l0: float,
+    dcfg: Any,
+) -> None:
+    """Write position `at`'s gains (absolute, relative, on itself) and the first-order
+    prediction lr * <∇L_fix, ∇ℓ_t> into `out`."""
+    g_mean = float(gains_valid.mean())
+    lt = l0 - g_mean
+    out["gain_absolute"][at] = g_mean
+    out["gain_relative"][at] = (l0 - lt) / (l0 + REL_EPS)
+    out["gain_self"][at] = gain_self
+    dot = sum(float((gf.double() * g.double()).sum()) for gf, g in zip(g_fix, grads, strict=True))
+    out["first_order"][at] = dcfg.single_lr * dot
+
+
 def single_step_gains(
     models: Models,
     bank: Rollout,
@@ -135,10 +164,7 @@ def single_step_gains(
     device = next(student.parameters()).device
     p = bank.prompt_len
     valid = bank.response_mask[:, p:]
-    flat = valid.reshape(-1).nonzero().squeeze(-1)
-    gen = torch.Generator().manual_seed(dcfg.seed)
-    n = flat.numel() if dcfg.n_single == 0 else min(dcfg.n_single, flat.numel())
-    chosen = flat[torch.randperm(flat.numel(), generator=gen)[:n]].sort().values
+    chosen = _sampled_positions(valid, dcfg.seed, dcfg.n_single)
     width = valid.shape[1]
     kl0 = sig0.forward_kl
     shape = tuple(valid.shape)
@@ -179,15 +205,7 @@ def single_step_gains(
             return per_token_loss(s_logits, t_logits, "reverse_kl").sum()
 
         gains, grads = single_step_gain(params, step_loss, fixed_kl, dcfg.single_lr, kl0=kl0)
-        g_mean = float(gains[valid].mean())
-        lt = l0 - g_mean
-        out["gain_absolute"][b, j] = g_mean
-        out["gain_relative"][b, j] = (l0 - lt) / (l0 + REL_EPS)
-        out["gain_self"][b, j] = float(gains[b, j])
-        dot = sum(
-            float((gf.double() * g.double()).sum()) for gf, g in zip(g_fix, grads, strict=True)
-        )
-        out["first_order"][b, j] = dcfg.single_lr * dot
+        _record_gain(out, (b, j), gains[valid], float(gains[b, j]), grads, g_fix, l0, dcfg)
     key = "gain_relative" if dcfg.relative else "gain_absolute"
     out["gain"] = out[key].copy()
     return out

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
@@ -19,6 +20,10 @@ from .bank import score_bank as _score_bank
 from .gains import opd_gains, opd_update, single_step_gains
 from .outputs import position_columns, write_positions, write_results, write_samples
 from .statistics import REGRESSION_TERMS, Analysis, analyse, topn_by_kind
+
+if TYPE_CHECKING:
+    from ...core.scores import TokenSignals
+    from ...training.rollout import Rollout
 
 __all__ = ["run_diagnose"]
 
@@ -63,17 +68,7 @@ def run_diagnose(
     sig0 = score("bank: scoring θ0")
     kl0 = sig0.forward_kl.double().numpy()
     samples = bank_samples(models, bank, sig0)
-    if dcfg.mode == "opd":
-        info = opd_update(trainer, progress)
-        gains = opd_gains(kl0, score("bank: scoring θτ").forward_kl.double().numpy(), dcfg.relative)
-        if dcfg.save_student:
-            student = trainer.acc.unwrap_model(trainer.student)
-            student.save_pretrained(out / "update" / "student", safe_serialization=True)
-            trainer.tokenizer.save_pretrained(out / "update" / "student")
-    else:
-        chunks = (cfg.selection.chunk_size, cfg.loss.chunk_size)
-        gains = single_step_gains(models, bank, sig0, teacher_cache, dcfg, chunks, progress)
-        info = {"single_lr": dcfg.single_lr, "n_single": dcfg.n_single}
+    gains, info = _gains(trainer, (models, bank, sig0, teacher_cache), score, cfg, dcfg, out)
     tags = trainer.tagger(bank.response_ids, valid)  # planted-style positions, or None
     columns, raw = position_columns(
         bank, sig0, kl0, gains, trainer.tokenizer, dcfg.divergence, tags
@@ -107,6 +102,34 @@ def log_to_trackers(cfg: Config, out: Path, summary: dict[str, Any], a: Analysis
         trackers.log({f"summary/{k}": v for k, v in summary.items()}, step=0)
     finally:
         trackers.finish()
+
+
+def _gains(
+    trainer: Any,
+    scored: tuple[Models, Rollout, TokenSignals, list[Tensor]],
+    score: Callable[[str], Any],
+    cfg: Config,
+    dcfg: Any,
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each position's gain under diagnose.mode: the bank's KL after a short OPD run
+    (`opd`; its student saved if asked), or one SGD step per sampled position (`single-step`);
+    and what the mode reports of itself."""
+    models, bank, sig0, teacher_cache = scored
+    progress = trainer.progress
+    kl0 = sig0.forward_kl.double().numpy()
+    if dcfg.mode == "opd":
+        info = opd_update(trainer, progress)
+        gains = opd_gains(kl0, score("bank: scoring θτ").forward_kl.double().numpy(), dcfg.relative)
+        if dcfg.save_student:
+            student = trainer.acc.unwrap_model(trainer.student)
+            student.save_pretrained(out / "update" / "student", safe_serialization=True)
+            trainer.tokenizer.save_pretrained(out / "update" / "student")
+    else:
+        chunks = (cfg.selection.chunk_size, cfg.loss.chunk_size)
+        gains = single_step_gains(models, bank, sig0, teacher_cache, dcfg, chunks, progress)
+        info = {"single_lr": dcfg.single_lr, "n_single": dcfg.n_single}
+    return gains, info
 
 
 def _prepare(

@@ -1,0 +1,124 @@
+"""A comparison's arms: one training run per selection setting and seed (`Arm`), their labels
+(`teachability+1`, `teachability:valid`), and the sweep a `taopd compare` plans (`plan_arms`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import UserError
+
+__all__ = ["Arm", "parse_arm_label", "plan_arms", "with_lrs"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One run of the comparison. `min_per_sequence` > 0 is the released budget rule (at least
+    that many kept positions per rollout), labelled `strategy+N` (e.g. `teachability+1`);
+    `normalize="valid"` the fixed per-token weight (`loss.normalize`), labelled `strategy:valid`;
+    `lr` (None: the config's optim.lr) the arm's learning rate, chosen by `--lr-grid`."""
+
+    strategy: str
+    ratio: float
+    k: int
+    batch_size: int
+    seed: int
+    min_per_sequence: int = 0
+    normalize: str = "kept"
+    lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        return (
+            self.strategy
+            + (f"+{self.min_per_sequence}" if self.min_per_sequence else "")
+            + (":valid" if self.normalize == "valid" else "")
+        )
+
+    @property
+    def name(self) -> str:
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.label}-r{self.ratio:g}-k{self.k}-b{self.batch_size}{lr}-s{self.seed}"
+
+    @property
+    def group(self) -> tuple[str, float, int, int]:
+        return (self.label, self.ratio, self.k, self.batch_size)
+
+    def overrides(self) -> list[str]:
+        return [
+            f"selection.strategy={self.strategy}",
+            f"selection.ratio={self.ratio}",
+            f"selection.k={self.k}",
+            f"selection.min_per_sequence={self.min_per_sequence}",
+            f"loss.normalize={self.normalize}",
+            f"train.batch_size={self.batch_size}",
+            f"train.seed={self.seed}",
+        ] + ([] if self.lr is None else [f"optim.lr={self.lr}"])
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Arm:
+        label, _, norm = str(row["strategy"]).partition(":")
+        strategy, minimum = parse_arm_label(label)
+        lr = row.get("lr")
+        return cls(
+            strategy, row["ratio"], row["k"], row["batch_size"], row["seed"], minimum,
+            norm or "kept", None if lr in (None, "") else float(lr),
+        )  # fmt: skip
+
+
+def parse_arm_label(label: str) -> tuple[str, int]:
+    """'teachability+1' → ('teachability', 1): a strategy and the released at-least-N-per-
+    rollout rule (`selection.min_per_sequence`); a bare name → (name, 0)."""
+    from ..core.selection import STRATEGIES
+
+    name, plus, count = label.strip().partition("+")
+    if name not in STRATEGIES:
+        raise UserError(
+            f"unknown strategy {name!r}; choose from {', '.join(sorted(STRATEGIES))} "
+            "(a '+N' suffix, e.g. teachability+1, keeps at least N positions per rollout; "
+            "a ':valid' suffix normalizes the loss by all valid positions)"
+        )
+    if not plus:
+        return name, 0
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"strategy {label!r}: the suffix must be '+N' with N >= 1 (e.g. +1)")
+    if name == "full":
+        raise UserError(f"strategy {label!r}: full already keeps every position")
+    return name, int(count)
+
+
+def _parse_normalize(label: str) -> tuple[str, str]:
+    """'teachability:valid' → ('teachability', 'valid'); a label without ':' → (label, 'kept')."""
+    base, colon, norm = label.strip().partition(":")
+    if colon and norm not in ("kept", "valid"):
+        raise UserError(f"strategy {label!r}: the suffix after ':' must be 'kept' or 'valid'")
+    return base, norm or "kept"
+
+
+def plan_arms(
+    strategies: list[str], ratios: list[float], seeds: int, ks: list[int], batch_sizes: list[int]
+) -> list[Arm]:
+    """All arms; `full` keeps every position, so it runs once at ratio 1 (and one K).
+    A strategy `name+N` keeps at least N positions per rollout (the released rule)."""
+    parsed = []
+    for label in strategies:
+        base, norm = _parse_normalize(label)
+        parsed.append((*parse_arm_label(base), norm))
+    for r in ratios:
+        if not 0 < r <= 1:
+            raise UserError(f"--ratios: each ratio must be in (0, 1], got {r}")
+    arms: list[Arm] = []
+    for bs in batch_sizes:
+        for seed in range(seeds):
+            for s, minimum, norm in parsed:
+                uses_k = s not in ("full", "random", "entropy", "reverse_kl")
+                for k in ks if uses_k else ks[:1]:
+                    for r in [1.0] if s == "full" else ratios:
+                        arms.append(Arm(s, r, k, bs, seed, minimum, norm))
+    return arms
+
+
+def with_lrs(arms: list[Arm], choice: dict[tuple[str, float, int, int], float]) -> list[Arm]:
+    """The arms, each with its group's chosen learning rate."""
+    return [replace(a, lr=choice[a.group]) for a in arms]
