@@ -24,6 +24,8 @@ def _arm(sweep: Path, name: str, acc: float, kl: float) -> None:
         "heldout_kl_before": 1.5, "heldout_kl_other": kl / 2, "selected_fraction": 0.05,
     }  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
+    steps = [{"step": t, "kl_all": kl + 1 - t / 10, "reverse_kl_other": kl / 2} for t in (1, 2, 3)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
 
 
 def test_merge_keeps_each_arms_lr_and_pairs_by_seed(tmp_path):
@@ -45,6 +47,7 @@ def test_merge_keeps_each_arms_lr_and_pairs_by_seed(tmp_path):
     md = (out / "results.md").read_text()
     line = next(x for x in md.splitlines() if "teachability 0.05 − reverse_kl 0.05" in x)
     assert "+10.0" in line and "ahead" in line  # +10 points on every seed
+    assert (out / "plots" / "training_kl.png").stat().st_size > 10_000  # per-step KL curves
 
 
 def test_merge_refuses_a_pattern_that_matches_nothing(tmp_path, capsys):

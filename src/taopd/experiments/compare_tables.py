@@ -307,6 +307,50 @@ def _curves(out: Path, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def _training_curves(out: Path, rows: list[dict[str, Any]]) -> None:
+    """plots/training_kl.png: each group's reverse KL on its own rollouts at every step (the step
+    metric `kl_all`, and `reverse_kl_other` on the non-style positions when tagged), mean over
+    seeds: a learning curve that needs no evaluation run (`train.eval_every: 0`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("kl_all", "reverse KL, all positions"), ("reverse_kl_other", "reverse KL, non-style"))
+    groups: dict[str, list[dict[int, dict[str, float]]]] = {}
+    for r in rows:
+        path = out / "arms" / r.get("arm", Arm.from_row(r).name) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        steps = {int(m["step"]): m for m in lines if "step" in m and "kl_all" in m}
+        if steps:
+            groups.setdefault(f"{Arm.from_row(r).label} {float(r['ratio']):g}", []).append(steps)
+    if not groups:
+        return
+    shown = [
+        (k, t)
+        for k, t in keys
+        if any(k in m for g in groups.values() for s in g for m in s.values())
+    ]
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 4), squeeze=False)
+    for name, seeds in sorted(groups.items()):
+        common = sorted(set.intersection(*(set(s) for s in seeds)))
+        for ax, (key, title) in zip(axes[0], shown):
+            ys = [statistics.mean(float(s[t].get(key, math.nan)) for s in seeds) for t in common]
+            ax.plot(common, ys, marker="o", label=name)
+            ax.set_title(title)
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.set_ylabel("KL on the step's rollouts")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    fig.savefig(out / "plots" / "training_kl.png", dpi=110)
+    plt.close(fig)
+
+
 def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     """results.csv (one row per arm and seed), results.md (aggregated), plots, report.html."""
     with open(out / "results.csv", "w", newline="") as f:
@@ -318,6 +362,7 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
         return
     atomic_write_text(out / "results.md", _markdown(rows))
     _curves(out, rows)
+    _training_curves(out, rows)
     from ..reports.report import render_report
 
     render_report(out)
