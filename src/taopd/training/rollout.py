@@ -116,6 +116,16 @@ class Sampler(Protocol):
     ) -> Rollout: ...
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """Refuse a sampling temperature or top_p that HF generate and vLLM would reject or misread."""
+    if temperature <= 0:
+        raise UserError(
+            f"temperature must be > 0 for sampling (got {temperature}); use greedy decoding instead"
+        )
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+
+
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """All ids that end a response: the tokenizer's eos and the model's generation-config eos."""
     ids: list[int] = []
@@ -179,13 +189,7 @@ def _generation_config(
     if greedy:
         kw.update(do_sample=False)
     else:
-        if temperature <= 0:
-            raise UserError(
-                f"temperature must be > 0 for sampling (got {temperature}); "
-                "use greedy decoding instead"
-            )
-        if not 0 < top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+        check_sampling(temperature, top_p)
         kw.update(
             do_sample=True,
             temperature=temperature,

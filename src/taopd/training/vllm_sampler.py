@@ -24,7 +24,13 @@ from taopd import seeds
 from taopd.config import VLLMCfg
 from taopd.errors import UserError
 from taopd.models import _unwrap, resolve_model
-from taopd.training.rollout import Rollout, assemble_rollout, eos_token_ids, tokenize_left
+from taopd.training.rollout import (
+    Rollout,
+    assemble_rollout,
+    check_sampling,
+    eos_token_ids,
+    tokenize_left,
+)
 
 __all__ = ["VLLMSampler", "sampling_kwargs", "student_weights"]
 
@@ -123,13 +129,7 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, greed
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     if not greedy:
-        if temperature <= 0:
-            raise UserError(
-                f"temperature must be > 0 for sampling (got {temperature}); "
-                "use greedy decoding instead"
-            )
-        if not 0 < top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1] (got {top_p})")
+        check_sampling(temperature, top_p)
 
 
 def _sampling_params(vllm: Any, n: int, settings: tuple, seed: int | None) -> Any:
