@@ -14,7 +14,6 @@ PATTERN is a glob over the arm folders under SWEEP/arms/ (e.g. 'teachability-*-l
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,27 +23,6 @@ from taopd.experiments.arms import Arm
 from taopd.experiments.compare import collect
 from taopd.experiments.compare_tables import write_results
 from taopd.training.run_dir import write_marker
-
-NAME = re.compile(
-    r"^(?P<strategy>.+)-r(?P<ratio>[^-]+)-k(?P<k>\d+)-b(?P<batch_size>\d+)"
-    r"(?:-lr(?P<lr>.+?))?-s(?P<seed>\d+)$"
-)
-
-
-def arm_of(folder: str) -> Arm:
-    """The Arm an arm folder's name (Arm.name) stands for."""
-    m = NAME.match(folder)
-    if not m or Arm.from_row(_row(m)).name != folder:
-        raise UserError(f"{folder!r} is not an arm folder name of taopd compare")
-    return Arm.from_row(_row(m))
-
-
-def _row(m: re.Match) -> dict:
-    g = m.groupdict()
-    return {
-        "strategy": g["strategy"], "ratio": float(g["ratio"]), "k": int(g["k"]),
-        "batch_size": int(g["batch_size"]), "seed": int(g["seed"]), "lr": g["lr"],
-    }  # fmt: skip
 
 
 def merge(out: Path, sources: list[tuple[Path, str]]) -> list[dict]:
@@ -57,7 +35,7 @@ def merge(out: Path, sources: list[tuple[Path, str]]) -> list[dict]:
         if not found:
             raise UserError(f"no finished arm matches {pattern!r} in {sweep / 'arms'}")
         for folder in found:
-            arm = arm_of(folder.name)
+            arm = Arm.from_name(folder.name)
             if arm in arms:
                 raise UserError(f"arm {folder.name} is given twice")
             dest = out / "arms" / folder.name

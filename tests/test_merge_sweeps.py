@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from taopd.experiments.arms import Arm
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("merge_sweeps", ROOT / "scripts" / "merge_sweeps.py")
 merge_sweeps = importlib.util.module_from_spec(spec)
@@ -61,4 +63,4 @@ def test_merge_refuses_a_pattern_that_matches_nothing(tmp_path, capsys):
     "name", ["teachability+1:valid-r0.05-k16-b8-lr3e-05-s2", "full-r1-k16-b8-s0"]
 )
 def test_arm_names_round_trip(name):
-    assert merge_sweeps.arm_of(name).name == name
+    assert Arm.from_name(name).name == name

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +66,22 @@ class Arm:
             strategy, row["ratio"], row["k"], row["batch_size"], row["seed"], minimum,
             norm or "kept", None if lr in (None, "") else float(lr),
         )  # fmt: skip
+
+    @classmethod
+    def from_name(cls, name: str) -> Arm:
+        """The arm whose `name` (its folder under arms/) this is; the inverse of `Arm.name`."""
+        if m := _NAME.match(name):
+            g = {**m.groupdict(), "ratio": float(m["ratio"]), "seed": int(m["seed"])}
+            arm = cls.from_row({**g, "k": int(m["k"]), "batch_size": int(m["batch_size"])})
+            if arm.name == name:
+                return arm
+        raise UserError(f"{name!r} is not an arm folder name of taopd compare")
+
+
+_NAME = re.compile(
+    r"^(?P<strategy>.+)-r(?P<ratio>[^-]+)-k(?P<k>\d+)-b(?P<batch_size>\d+)"
+    r"(?:-lr(?P<lr>.+?))?-s(?P<seed>\d+)$"
+)
 
 
 def parse_arm_label(label: str) -> tuple[str, int]:
