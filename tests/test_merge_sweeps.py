@@ -27,7 +27,8 @@ def _arm(sweep: Path, name: str, acc: float, kl: float) -> None:
     }  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
     steps = [{"step": t, "kl_all": kl + 1 - t / 10, "reverse_kl_other": kl / 2} for t in (1, 2, 3)]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps))
+    cut = '{"step": 4, "kl_a' if name.endswith("-s2") else ""  # a log cut short by a kill
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in steps) + cut)
 
 
 def test_merge_keeps_each_arms_lr_and_pairs_by_seed(tmp_path):

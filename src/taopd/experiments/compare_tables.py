@@ -316,16 +316,18 @@ def _training_curves(out: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..reports.report import read_jsonl
+
     keys = (("kl_all", "reverse KL, all positions"), ("reverse_kl_other", "reverse KL, non-style"))
     groups: dict[str, list[dict[int, dict[str, float]]]] = {}
     for r in rows:
-        path = out / "arms" / r.get("arm", Arm.from_row(r).name) / "metrics.jsonl"
+        arm = Arm.from_row(r)
+        path = out / "arms" / r.get("arm", arm.name) / "metrics.jsonl"
         if not path.exists():
             continue
-        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        steps = {int(m["step"]): m for m in lines if "step" in m and "kl_all" in m}
+        steps = {int(m["step"]): m for m in read_jsonl(path, []) if "step" in m and "kl_all" in m}
         if steps:
-            groups.setdefault(f"{Arm.from_row(r).label} {float(r['ratio']):g}", []).append(steps)
+            groups.setdefault(f"{arm.label} {float(r['ratio']):g}", []).append(steps)
     if not groups:
         return
     shown = [

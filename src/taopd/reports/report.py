@@ -90,7 +90,9 @@ def _read_json(path: Path, notes: list[str]) -> Any:
         return None
 
 
-def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per line; unreadable or malformed lines are skipped
+    and counted in `notes` (a log cut short by a killed run still reads)."""
     records: list[dict[str, Any]] = []
     bad = 0
     try:
@@ -194,7 +196,7 @@ def render_report(run_dir: Path, signal: str = "teachability", out: Path | None 
     sections += curves
     samples_path = run_dir / "samples.jsonl"
     if samples_path.is_file():
-        samples = _read_jsonl(samples_path, notes)
+        samples = read_jsonl(samples_path, notes)
         if samples:
             body, blob = token_view_html(token_view_data(samples, signal, notes))
             sections.append(("tokens", "Token view", body))
@@ -230,7 +232,7 @@ def _curves_section(run_dir: Path, notes: list[str]) -> tuple[list[Section], lis
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         return [], []
-    metrics = [r for r in _read_jsonl(metrics_path, notes) if is_finite(r.get("step"))]
+    metrics = [r for r in read_jsonl(metrics_path, notes) if is_finite(r.get("step"))]
     if not metrics:
         notes.append("metrics.jsonl has no records with a numeric step")
         return [], []
