@@ -199,6 +199,20 @@ def test_valid_normalization_arm_and_lr_round_trip():
         plan_arms(["teachability:mean"], [0.05], 1, [16], [8])
 
 
+def test_weight_mode_arms_train_every_position_and_round_trip_their_names():
+    arms = plan_arms(["teachability@weight", "iw_opd", "early"], [0.05], 1, [16], [8])
+    assert [(a.label, a.ratio) for a in arms] == [
+        ("teachability@weight", 1.0), ("iw_opd@weight", 1.0), ("early", 0.05),
+    ]  # fmt: skip
+    for a in arms:
+        assert Arm.from_name(a.name) == a
+        assert f"selection.mode={a.mode}" in a.overrides()
+    with pytest.raises(UserError, match="after '@'"):
+        plan_arms(["teachability@soft"], [0.05], 1, [16], [8])
+    with pytest.raises(UserError, match="no '\\+N'"):
+        plan_arms(["teachability+1@weight"], [0.05], 1, [16], [8])
+
+
 def test_paired_differences_match_seeds_and_name_the_outcome():
     def row(strategy, ratio, seed, acc, kl):
         return dict(strategy=strategy, ratio=ratio, k=16, batch_size=8, seed=seed, accuracy=acc,
@@ -208,8 +222,15 @@ def test_paired_differences_match_seeds_and_name_the_outcome():
     rows += [row("random", 0.05, s, 0.10 + 0.02 * s, 0.50 + 0.01 * s) for s in range(3)]
     rows += [row("full", 1.0, s, a, 0.21) for s, a in enumerate([0.25, 0.40, 0.30])]
     rows += [row("random", 0.1, 0, 0.9, 0.1)]  # another ratio: never paired with 5%
+    rows += [row("iw_opd@weight", 1.0, s, 0.33, 0.19) for s in range(3)]  # an all-token rule
     diffs = {d["difference"]: d for d in paired_differences(rows)}
-    assert set(diffs) == {"teachability 0.05 − random 0.05", "teachability 0.05 − full"}
+    assert set(diffs) == {
+        "teachability 0.05 − random 0.05", "teachability 0.05 − full", "random 0.05 − full",
+        "random 0.1 − full", "iw_opd@weight 1 − full", "iw_opd@weight 1 − teachability 0.05",
+    }  # fmt: skip
+    iw = diffs["iw_opd@weight 1 − teachability 0.05"]
+    assert iw["heldout_kl"] == pytest.approx((-0.01, -0.01, -0.01))
+    assert iw["heldout_kl_word"] == "ahead" and iw["heldout_kl_other"] is None
     rnd = diffs["teachability 0.05 − random 0.05"]
     d = [0.20, 0.19, 0.18]  # per-seed accuracy differences
     half = 4.303 * 0.01 / 3**0.5

@@ -378,3 +378,49 @@ def test_eval_split_validation_and_no_accuracy(
     assert summary["student_accuracy_after"] is None
     assert summary["heldout_kl"] is not None and summary["heldout_kl_before"] is not None
     assert [c[2] for c in summary["accuracy_curve"]] == [None, None]
+
+
+@pytest.mark.parametrize("strategy", ["teachability", "iw_opd", "early"])
+def test_weight_mode_trains_every_position_with_logged_weights(
+    strategy, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    rows = two_step_metrics(
+        tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path,
+        f"selection.strategy={strategy}", "selection.mode=weight", "selection.ratio=1",
+    )  # fmt: skip
+    for r in rows:
+        assert r["n_selected"] == r["n_valid"] and r["loss"] >= 0
+        assert r["weight_min"] <= r["weight_max"]
+        if strategy == "iw_opd":
+            assert r["weight_min"] >= 1.0 and r["weight_max"] <= 1.5 + 1e-9
+        else:
+            assert r["weight_mean"] == pytest.approx(1.0, abs=1e-5)  # one rank: mean 1
+            assert r["weight_max"] > 1.0 > r["weight_min"]
+    if strategy == "teachability":  # the weights lean towards high teachability
+        assert all(r["teachability_weighted"] > r["teachability_all"] for r in rows)
+
+
+def test_weight_mode_micro_batches_give_the_same_step(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    runs = {}
+    for mb in (8, 3):
+        out = tmp_path / f"mb{mb}"
+        cfg = tiny_cfg(
+            tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.steps=2",
+            f"train.micro_batch_size={mb}", "train.save_every=2", "optim.lr=1e-3",
+            "train.eval_before=false", "selection.mode=weight", "selection.ratio=1",
+        )  # fmt: skip
+        train(cfg, progress=False)
+        runs[mb] = weights(out / "checkpoints" / "step-000002" / "model")
+    for k in runs[8]:
+        assert torch.allclose(runs[8][k], runs[3][k], atol=1e-5), k
+
+
+def test_weight_mode_with_a_budget_is_refused_before_anything_runs(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    with pytest.raises(UserError, match="means nothing"):
+        tiny_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path / "run",
+                 "selection.mode=weight", "selection.ratio=0.05")  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -149,6 +149,19 @@ class SelectionCfg(_Strict):
     # with AVX512-BF16 / AMX; several times slower where emulated) but keeps a different set:
     # 90-98% of float32's kept positions on the benchmark's batches (benchmarks/README.md)
     projection_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # "select": train on the top share `ratio` (Eq. 13); "weight": train on every valid position,
+    # weighted by the strategy's score (core/weights.py; needs ratio 1; "iw_opd" is weight-only)
+    mode: Literal["select", "weight"] = "select"
+    # weight mode: w ∝ floor + (1 − floor)·score, rescaled to mean 1 (1: full OPD; 0: score alone)
+    weight_floor: float = Field(0.1, ge=0, le=1)
+    iw_gamma: float = Field(0.5, ge=0)  # iw_opd: weights in [1, 1 + γ] (arXiv 2606.22600)
+
+    @model_validator(mode="after")
+    def _mode(self) -> SelectionCfg:
+        from .core.weights import check_mode
+
+        check_mode(self.strategy, self.mode, self.ratio)
+        return self
 
     @field_validator("ratio")
     @classmethod
@@ -161,9 +174,11 @@ class SelectionCfg(_Strict):
     @classmethod
     def _strategy(cls, v: str) -> str:
         from .core.selection import STRATEGIES
+        from .core.weights import WEIGHT_ONLY
 
-        if v not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}; got {v!r}")
+        if v not in STRATEGIES and v not in WEIGHT_ONLY:
+            names = ", ".join(sorted((*STRATEGIES, *WEIGHT_ONLY)))
+            raise ValueError(f"strategy must be one of {names}; got {v!r}")
         return v
 
 
@@ -443,8 +458,11 @@ class Config(_Strict):
             )
         if self.loss.temperature != 1.0:
             raise ValueError("teacher_server needs loss.temperature 1 (the server's log-probs are)")
-        if self.selection.strategy not in strategies_without(TOPK_UNAVAILABLE):
-            ok = ", ".join(sorted(strategies_without(TOPK_UNAVAILABLE)))
+        from .core.weights import WEIGHT_ONLY  # iw_opd reads only the sampled-token log-ratio
+
+        served_ok = [*strategies_without(TOPK_UNAVAILABLE), *WEIGHT_ONLY]
+        if self.selection.strategy not in served_ok:
+            ok = ", ".join(sorted(served_ok))
             raise ValueError(
                 f"selection.strategy {self.selection.strategy!r} needs the full teacher "
                 f"distribution, which teacher_server does not give; use one of {ok}"

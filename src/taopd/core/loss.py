@@ -89,7 +89,10 @@ def _pg_loss(
 
 
 def row_weights(
-    mask: Tensor, reduction: str = "token", normalizer: float | None = None
+    mask: Tensor,
+    reduction: str = "token",
+    normalizer: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Flat indices of the kept positions and the weight of each in the loss Σ_i w_i ℓ_i.
 
@@ -98,6 +101,8 @@ def row_weights(
     sequence's kept positions (last dim), then over sequences; normalizer = number of sequences
     with a kept position. For gradient accumulation pass the whole batch's normalizer to every
     micro-batch: the micro-batch losses then sum to the whole-batch loss.
+    `token_weights` (mask's shape, or [n] for the kept rows; core/weights.py) multiplies each
+    kept position's weight: the soft-weighted loss Σ_t m_t w_t ℓ_t / Σ_t m_t.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
@@ -123,6 +128,11 @@ def row_weights(
             "the mask selects no positions: nothing to train on (check the valid/response mask, "
             "or pass normalizer= for an empty micro-batch of a larger batch)"
         )
+    if token_weights is not None:
+        tw = _rows(token_weights.detach(), mask, rows)
+        if not bool(torch.isfinite(tw).all()) or bool((tw < 0).any()):
+            raise ValueError("token_weights must be finite and >= 0 at the kept positions")
+        weights = weights * tw.to(device=weights.device, dtype=torch.float64)
     return rows, weights
 
 
@@ -151,10 +161,12 @@ def opd_loss(
     temperature: float = 1.0,
     old_logprobs: Tensor | None = None,
     vocab_size: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Budgeted OPD loss L = Σ_t m_t ℓ_t / Σ_t m_t (Eq. 7) from full logits [..., V].
 
-    Only the kept rows enter the loss. See `row_weights` for normalization and accumulation.
+    Only the kept rows enter the loss. See `row_weights` for normalization, accumulation and the
+    optional per-position `token_weights` (soft weighting, core/weights.py).
     """
     student_logits = trim_vocab(student_logits, vocab_size)
     teacher_logits = trim_vocab(teacher_logits, vocab_size)
@@ -166,7 +178,7 @@ def opd_loss(
     lead = student_logits.shape[:-1]
     if mask is None:
         mask = torch.ones(lead, dtype=torch.bool, device=student_logits.device)
-    rows, weights = row_weights(mask, reduction, normalizer)
+    rows, weights = row_weights(mask, reduction, normalizer, token_weights)
     vocab = student_logits.shape[-1]
     if rows.numel() == 0:
         return student_logits.reshape(-1)[:1].sum() * 0.0
@@ -383,6 +395,7 @@ def selective_head_loss(
     chunk_size: int = 1024,
     student_head: HeadSpec = PLAIN_HEAD,
     teacher_head: HeadSpec = PLAIN_HEAD,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """The `opd_loss` of the kept positions from student hidden states [..., d] and lm_head [V, d].
 
@@ -394,6 +407,7 @@ def selective_head_loss(
     grad) or as logits, full [..., V] or already the kept rows [n, V]. Equal to the dense path.
     For kind 'pg' the teacher may instead come as `teacher_token_logprobs`, log p_T(y) of the
     sampled tokens [...] (a teacher served over HTTP), taken as given (no temperature applied).
+    `token_weights` weights each kept position (see `row_weights`).
     """
     _check_teacher_inputs(
         teacher_logits, teacher_hidden, teacher_weight, teacher_token_logprobs, kind, chunk_size
@@ -403,7 +417,7 @@ def selective_head_loss(
     teacher_head = teacher_head.trimmed(vocab_size)
     student_head.check(w_s.shape[0], "student")
     b_s = student_head.bias
-    rows, weights = row_weights(mask, reduction, normalizer)
+    rows, weights = row_weights(mask, reduction, normalizer, token_weights)
     h_rows = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
     if rows.numel() == 0:
         return _no_rows_loss(student_hidden, w_s, b_s)

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 EPS = 1e-8
+OPTIONAL = ("log_ratio", "relative_position")
+"""`TokenSignals` fields that a scoring pass may leave out (None)."""
 TOPK_UNAVAILABLE = ("teacher_entropy", "reverse_kl", "forward_kl")
 """Signals a teacher that returns only its top-k cannot give: NaN in `signals_from_teacher_topk`."""
 
@@ -56,6 +58,9 @@ class TokenSignals:
     compatibility_lb: Tensor  # Ĉ_t = Σ_{v∈S^S∩S^T} p_T(v) (Eq. 17)
     overlap: Tensor  # |S^S ∩ S^T| / K, teacher/student top-K overlap
     log_ratio: Tensor | None = None  # log p_S(y_t) - log p_T(y_t), sampled-token estimator
+    # t / T_i: the position's index among its rollout's valid positions over their count; None =
+    # derived from the valid mask's rows (set it where rows are flattened, e.g. a diagnostic bank)
+    relative_position: Tensor | None = None
 
     def items(self) -> Iterator[tuple[str, Tensor]]:
         """(name, tensor) pairs of the signals that are present."""
@@ -155,7 +160,9 @@ def _assemble(
 ) -> TokenSignals:
     """Scatter per-row results of the valid positions back into zero-filled [lead] tensors."""
     flat_valid = valid.reshape(-1)
-    names = rows[0].keys() if rows else [f.name for f in fields(TokenSignals)][:-1]
+    names = (
+        rows[0].keys() if rows else [f.name for f in fields(TokenSignals) if f.name not in OPTIONAL]
+    )
     result = {}
     for name in names:
         full = torch.zeros(flat_valid.numel(), dtype=dtype, device=device)

@@ -22,6 +22,7 @@ __all__ = [
     "select",
     "select_tokens",
     "count_for",
+    "relative_position",
     "top_n",
 ]
 
@@ -48,6 +49,23 @@ def _full(sig: TokenSignals, valid: Tensor, gen: torch.Generator | None) -> Tens
 def _random(sig: TokenSignals, valid: Tensor, gen: torch.Generator | None) -> Tensor:
     ref = sig.student_entropy
     return torch.rand(ref.shape, generator=gen, device=ref.device, dtype=ref.dtype)
+
+
+def relative_position(valid: Tensor) -> Tensor:
+    """t / T_i per position: its index among its row's valid positions (last dim) over their
+    count, in [0, 1); invalid positions get 1."""
+    v = valid.to(torch.int64)
+    count = v.sum(-1, keepdim=True).clamp_min(1)
+    rel = (v.cumsum(-1) - v).to(torch.float64) / count
+    return rel.masked_fill(~valid.to(torch.bool), 1.0)
+
+
+def _early(sig: TokenSignals, valid: Tensor, gen: torch.Generator | None) -> Tensor:
+    """The position rule (arXiv 2606.22600, ESR 2605.27028): 1 − t/T_i, so the top share ρ of the
+    batch is about the first ρ of every rollout (scope="sequence": exactly its first ⌈ρ·T_i⌉)."""
+    ref = sig.student_entropy
+    rel = sig.relative_position if sig.relative_position is not None else relative_position(valid)
+    return (1.0 - rel).to(device=ref.device, dtype=ref.dtype)
 
 
 def _teach(sig: TokenSignals, valid: Tensor) -> Tensor:
@@ -78,10 +96,12 @@ STRATEGIES: dict[str, ScoreFn] = {
     "tip": lambda s, v, g: _soft_or(_n(s, v, "student_entropy"), _n(s, v, "disagreement")),
     "teachability_entropy": lambda s, v, g: _soft_or(_n(s, v, "student_entropy"), _teach(s, v)),
     "q3": _q3,
+    "early": _early,
 }
 """Named per-position scores. D̃, C̃, H̃ are Eq. 11-normalized over the valid positions:
 teachability D̃·C̃ (Eq. 12, D^L); incompatible D̃(1-C̃) (D^I); tip H̃+D̃-H̃D̃; teachability_entropy
-H̃+s-H̃s; q3 D̃ restricted to low-entropy/high-divergence positions; full keeps everything."""
+H̃+s-H̃s; q3 D̃ restricted to low-entropy/high-divergence positions; early 1 − t/T_i (a position
+rule: the earliest share of every rollout); full keeps everything."""
 
 
 _H, _D, _C = "student_entropy", "disagreement", "compatibility"
@@ -97,6 +117,7 @@ STRATEGY_SIGNALS: dict[str, tuple[str, ...]] = {
     "tip": (_H, _D),
     "teachability_entropy": (_H, _D, _C),
     "q3": (_H, _D),
+    "early": (),
 }
 """The `TokenSignals` fields each strategy reads (checked before scoring)."""
 

@@ -148,18 +148,25 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         )
     lines.append("")
     diffs = paired_differences(rows)
+    other = any(d["heldout_kl_other"] is not None for d in diffs)
     if diffs:
         lines += [
             "Paired differences (mean over seeds of the per-seed difference, 95% t-interval; "
             "ahead / behind when the interval excludes 0, else tied):",
             "",
-            "| difference | seeds | accuracy (points) | | held-out KL | |",
-            "|---|---|---|---|---|---|",
+            "| difference | seeds | accuracy (points) | | held-out KL | |"
+            + (" held-out KL, non-style | |" if other else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if other else ""),
         ]
         for d in diffs:
             lines.append(
                 f"| {d['difference']} | {d['seeds']} | {_interval(d['accuracy'], 100)} | "
                 f"{d['accuracy_word']} | {_interval(d['heldout_kl'])} | {d['heldout_kl_word']} |"
+                + (
+                    f" {_interval(d['heldout_kl_other'])} | {d['heldout_kl_other_word']} |"
+                    if other
+                    else ""
+                )
             )
         lines.append("")
     lines.append(
@@ -199,34 +206,51 @@ def _word(x: tuple[float, float, float] | None, higher_is_better: bool) -> str:
     return "tied"
 
 
+def _pairs(groups: list[tuple], reference: str) -> list[tuple[tuple, tuple, str]]:
+    """(arm, baseline, label) pairs of the same batch size: the `reference` at each ratio minus
+    each other arm at that ratio and minus full OPD; every other arm minus full OPD; and every
+    other all-token arm (ratio 1: weight mode) minus the reference at each of its ratios."""
+
+    def name(g: tuple) -> str:
+        return g[0] if g[0] == "full" else f"{g[0]} {g[1]:g}"
+
+    out = []
+    for a in groups:
+        for b in groups:
+            if a == b or a[3] != b[3]:
+                continue
+            if a[0] == reference and b[0] != reference:
+                keep = b[1] == a[1] or b[0] == "full"
+            else:
+                keep = a[0] not in (reference, "full") and (
+                    b[0] == "full" or (b[0] == reference and a[1] == 1.0)
+                )
+            if keep:
+                out.append((a, b, f"{name(a)} − {name(b)}"))
+    return out
+
+
 def paired_differences(rows: list[dict[str, Any]], reference: str = "teachability") -> list[dict]:
-    """Per-seed paired differences of the `reference` strategy (at each ratio) against every
-    other arm of the same batch size at that ratio, and against full-token OPD: accuracy (higher
-    is better) and held-out KL (lower is better), with a 95% t-interval and a word."""
+    """Per-seed paired differences (see `_pairs`: the `reference` against every other arm of
+    its ratio and full OPD, every other arm against full OPD and all-token arms against the
+    reference): accuracy (higher is better) and held-out KL (lower is better, also on non-style
+    positions where measured), each with a 95% t-interval and a word."""
     by_group: dict[tuple, dict[str, dict[int, float]]] = {}
     for r in rows:
         g = by_group.setdefault((r["strategy"], float(r["ratio"]), r["k"], r["batch_size"]), {})
         for key in ("accuracy", "heldout_kl", "heldout_kl_other"):
             if r.get(key) not in (None, ""):
                 g.setdefault(key, {})[int(r["seed"])] = float(r[key])
+    order = sorted(by_group, key=lambda g: (g[0] != reference, -g[1], g[0], g[2], g[3]))
     out = []
-    for (label, ratio, _k, bs), ref in sorted(by_group.items(), key=lambda x: -x[0][1]):
-        if label != reference:
-            continue
-        for (other, o_ratio, _ok, o_bs), vals in sorted(by_group.items()):
-            if other == reference or o_bs != bs or not (o_ratio == ratio or other == "full"):
-                continue
-            row: dict[str, Any] = {
-                "difference": f"{reference} {ratio:g} − {other}"
-                + ("" if other == "full" else f" {o_ratio:g}"),
-            }
-            for key, better in (("accuracy", True), ("heldout_kl", False)):
-                x = _paired(ref.get(key, {}), vals.get(key, {}))
-                row[key], row[f"{key}_word"] = x, _word(x, better)
-            x = _paired(ref.get("heldout_kl_other", {}), vals.get("heldout_kl_other", {}))
-            row["heldout_kl_other"] = x
-            row["seeds"] = len(set(ref.get("heldout_kl", {})) & set(vals.get("heldout_kl", {})))
-            out.append(row)
+    for a, b, label in _pairs(order, reference):
+        ref, vals = by_group[a], by_group[b]
+        row: dict[str, Any] = {"difference": label}
+        for key, better in (("accuracy", True), ("heldout_kl", False), ("heldout_kl_other", False)):
+            x = _paired(ref.get(key, {}), vals.get(key, {}))
+            row[key], row[f"{key}_word"] = x, _word(x, better)
+        row["seeds"] = len(set(ref.get("heldout_kl", {})) & set(vals.get("heldout_kl", {})))
+        out.append(row)
     return out
 
 

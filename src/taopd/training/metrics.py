@@ -14,6 +14,7 @@ from ..core.signal_names import METRIC_SIGNALS
 
 __all__ = [
     "disagreement_kinds", "kind_metrics", "kl_concentration", "run_summary", "signal_metrics",
+    "weight_metrics",
 ]  # fmt: skip
 
 
@@ -46,6 +47,26 @@ def signal_metrics(
     out.update(kl_concentration(sig.reverse_kl, valid))
     if full_distribution:
         out.update(disagreement_kinds(sig, valid, teach))
+    return out
+
+
+def weight_metrics(
+    sig: TokenSignals, valid: Tensor, weights: Tensor, full_distribution: bool = True
+) -> dict[str, float]:
+    """selection.mode=weight: the weights' range over this rank's valid positions and each
+    signal's weight-averaged mean (`<name>_weighted`, Σ w·x / Σ w), beside `*_all`."""
+    w = weights.double()
+    wv = w[valid]
+    if wv.numel() == 0 or float(wv.sum()) <= 0:
+        return {}
+    out = {"weight_min": float(wv.min()), "weight_max": float(wv.max())}
+    out["weight_mean"] = float(wv.mean())
+    teach = teachability_of(sig, valid)
+    for s in METRIC_SIGNALS:
+        x = (teach if s.field == "teachability" else getattr(sig, s.field)).double()
+        if not full_distribution and bool(torch.isnan(x).all()):
+            continue
+        out[f"{s.metric}_weighted"] = float((x[valid] * wv).sum() / wv.sum())
     return out
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .. import seeds
 from ..core.scores import TokenSignals
 from ..core.selection import select_tokens
+from ..core.weights import token_weights
 from ..errors import UserError
 from .collectives import Group
 from .engines import StudentEngine
@@ -75,6 +76,7 @@ class StepPass(NamedTuple):
     teacher: TeacherView
     loss: float
     clock: PhaseClock
+    weights: Tensor | None = None  # selection.mode=weight: this rank's token weights
 
 
 def kept_region(mask: Tensor, rows: slice) -> tuple[Tensor, int] | None:
@@ -170,25 +172,29 @@ def kept_share(mask: Tensor, roll: Rollout, group: Group) -> float:
 
 def select_batch(
     sig: TokenSignals, valid: Tensor, step: int, cfg: Config, group: Group
-) -> tuple[Tensor, float]:
-    """Selection over the global batch: this rank's mask and the loss normalizer (the
-    global count of kept tokens, or of sequences with one, per loss.reduction; of valid
-    ones with loss.normalize=valid)."""
+) -> tuple[Tensor, float, Tensor | None]:
+    """Selection over the global batch: this rank's mask, the loss normalizer (the global
+    count of kept tokens, or of sequences with one, per loss.reduction; of valid ones with
+    loss.normalize=valid) and, in selection.mode=weight, this rank's token weights (else None;
+    weights and their mean-1 scale are global too)."""
     sel = cfg.selection
     names = [name for name, _ in sig.items()]
     shapes = group.row_shapes(valid)
     g_valid = group.gather_rows(valid, False, shapes)
-    g_sig = {n: group.gather_rows(getattr(sig, n), 0.0, shapes) for n in names}
+    g_sig = TokenSignals(
+        **{n: group.gather_rows(getattr(sig, n), 0.0, shapes).cpu() for n in names}
+    )
     gen = torch.Generator(device="cpu").manual_seed(seeds.selection(cfg.train.seed, step))
-    mask = select_tokens(
-        TokenSignals(**{n: x.cpu() for n, x in g_sig.items()}),
-        g_valid.cpu(),
-        strategy=sel.strategy,
-        ratio=sel.ratio,
-        scope=sel.scope,
-        min_per_sequence=sel.min_per_sequence,
-        generator=gen,
-    ).to(valid.device)
+    weights = None
+    if sel.mode == "weight":
+        mask = g_valid.to(valid.device)
+        kw = {"floor": sel.weight_floor, "gamma": sel.iw_gamma}
+        weights = token_weights(g_sig, g_valid.cpu(), sel.strategy, **kw).to(valid.device)
+    else:
+        mask = select_tokens(
+            g_sig, g_valid.cpu(), strategy=sel.strategy, ratio=sel.ratio, scope=sel.scope,
+            min_per_sequence=sel.min_per_sequence, generator=gen,
+        ).to(valid.device)  # fmt: skip
     if not mask.any():
         raise TrainingError("selection kept no positions in the whole batch")
     # loss.normalize "kept": mean over kept (Eq. 7); "valid": kept sum over all valid
@@ -198,4 +204,5 @@ def select_batch(
     else:
         normalizer = float((counted.sum(-1) > 0).sum())
     first = group.first_row(shapes)
-    return mask[first : first + valid.shape[0], : valid.shape[1]], normalizer
+    mine = (slice(first, first + valid.shape[0]), slice(0, valid.shape[1]))
+    return mask[mine], normalizer, None if weights is None else weights[mine]

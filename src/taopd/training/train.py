@@ -33,7 +33,7 @@ from ..data import render_prompt
 from ..models import lm_head, load_model
 from .checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from .checkpoint import load_trainer_state as load_trainer_state  # still importable from here
-from .metrics import kind_metrics, run_summary, signal_metrics
+from .metrics import kind_metrics, run_summary, signal_metrics, weight_metrics
 from .rollout import Rollout
 from .run_dir import lost_peer, out_of_memory
 from .samples import token_samples
@@ -149,7 +149,7 @@ class Trainer:
             clock.lap("student_forward")
             sig = score_rollout(roll, h_s, lm_head(self.student), teacher, **self.score_kw)
             clock.lap("scoring")
-            mask, normalizer = select_batch(sig, valid, step, self.cfg, self.group)
+            mask, normalizer, weights = select_batch(sig, valid, step, self.cfg, self.group)
             self.kept_share = kept_share(mask, roll, self.group)
             clock.lap("selection")
             loss = 0.0
@@ -161,6 +161,7 @@ class Trainer:
                     part = selective_head_loss(
                         h, w_s, mask[rows][:, :cols], tokens=tokens[rows][:, :cols],
                         normalizer=normalizer, **teacher.loss_inputs(rows, cols), **self.loss_kw,
+                        token_weights=None if weights is None else weights[rows][:, :cols],
                     )  # fmt: skip
                 else:  # padding pass: zero gradients, same collectives
                     part = (h.sum() + w_s.sum()) * 0.0
@@ -172,7 +173,7 @@ class Trainer:
         self.sched.step()
         clock.lap("optimizer")
         self.step = step
-        out = StepPass(roll, sig, mask, h_s, teacher, loss, clock)
+        out = StepPass(roll, sig, mask, h_s, teacher, loss, clock, weights)
         return self._step_metrics(out, grad_norm, applied)
 
     def _rollout(self, step: int) -> Rollout | None:
@@ -214,6 +215,9 @@ class Trainer:
         self.tokens_trained += int(n_sel) if applied else 0
         elapsed = time.perf_counter() - out.clock.start
         metrics.update(signal_metrics(out.sig, valid, out.mask, self.teacher.full_distribution))
+        if out.weights is not None:
+            full = self.teacher.full_distribution
+            metrics.update(weight_metrics(out.sig, valid, out.weights, full))
         tags = self.tagger(out.roll.response_ids, valid)
         metrics.update(kind_metrics(out.sig, valid, out.mask, tags))
         n_valid = group.all_reduce_sum(int(valid.sum()))
