@@ -15,6 +15,11 @@ repeats (the arm order rotates each round), median of the repeats:
          `DistillationTrainer._compute_loss` calls it, then backward
   floor  teacher body (no grad) + student body forward/backward with a trivial loss on the hidden
          states (no vocabulary projection at all): what no distillation loss can beat
+  early  the position rule at the same ratio (`selection.strategy: early`): the trainer still
+         runs the scoring pass (for its metrics), so the expected cost is (b)'s
+  weight teachability-weighted full OPD (`selection.mode: weight`): the scoring pass, then the
+         selective head over every valid position with per-position weights; expected: full's
+         cost plus the scoring pass (no extra teacher pass)
   taopd-bf16  (b) with the scoring projections in bf16 (`projection_dtype=torch.bfloat16`, the
          trainer's `selection.projection_dtype: bfloat16`); softmaxes and sums stay fp32. The
          signals then differ from fp32 scoring: the table reports the share of (b)'s kept
@@ -66,15 +71,18 @@ import torch  # noqa: E402
 from taopd.core.loss import opd_loss, selective_head_loss  # noqa: E402
 from taopd.core.scores import Workspace, signals_from_hidden  # noqa: E402
 from taopd.core.selection import select_tokens  # noqa: E402
+from taopd.core.weights import token_weights  # noqa: E402
 from taopd.models import hidden_states, lm_head  # noqa: E402
 
-ARMS = ("full", "taopd", "trl", "floor", "taopd-bf16")
+ARMS = ("full", "taopd", "trl", "floor", "taopd-bf16", "early", "weight")
 ARM_TITLES = {
     "full": "(a) taopd full-token OPD",
     "taopd": "(b) taopd TA-OPD",
     "taopd-bf16": "(b') TA-OPD, scoring projections in bf16",
     "trl": "(c) TRL 1.16 DistillationTrainer loss, beta=1",
     "floor": "(d) floor: bodies only, no vocabulary",
+    "early": "(e) early (position rule), same ratio, with the scoring pass",
+    "weight": "(f) teachability-weighted full OPD (selection.mode=weight)",
 }
 MiB = 1024 * 1024
 
@@ -256,7 +264,8 @@ class Bench:
         self.b = _make_batch(shape, lm_head(student).shape[0], device)
         self.w_s, self.w_t = lm_head(student), lm_head(teacher)
         self.trl_loss = _trl_loss_fn()
-        self.workspaces = {"taopd": Workspace(), "taopd-bf16": Workspace()}  # one per arm
+        scoring_arms = ("taopd", "taopd-bf16", "early", "weight")
+        self.workspaces = {a: Workspace() for a in scoring_arms}  # one per arm that scores
 
     def _hidden(self, model, batch: Batch | None = None) -> torch.Tensor:
         b = batch or self.b
@@ -272,7 +281,9 @@ class Bench:
         ph["bodies"] = time.perf_counter() - t
         return h_s, h_t
 
-    def signals(self, h_s: torch.Tensor, h_t: torch.Tensor, bf16: bool = False, batch=None):
+    def signals(
+        self, h_s: torch.Tensor, h_t: torch.Tensor, bf16: bool = False, batch=None, arm=None
+    ):
         a, b = self.args, batch or self.b
         return signals_from_hidden(
             h_s,
@@ -284,7 +295,7 @@ class Bench:
             valid=b.valid,
             chunk_size=a.score_chunk,
             projection_dtype=torch.bfloat16 if bf16 else None,
-            workspace=self.workspaces["taopd-bf16" if bf16 else "taopd"],
+            workspace=self.workspaces[arm or ("taopd-bf16" if bf16 else "taopd")],
         )
 
     def _backward(self, loss: torch.Tensor, ph: dict) -> None:
@@ -314,12 +325,17 @@ class Bench:
                 kind="reverse_kl",
                 chunk_size=a.loss_chunk,
             )
-        elif arm in ("taopd", "taopd-bf16"):
-            sig = self.signals(h_s.detach(), h_t, bf16=arm == "taopd-bf16")
+        elif arm in ("taopd", "taopd-bf16", "early", "weight"):
+            sig = self.signals(h_s.detach(), h_t, bf16=arm == "taopd-bf16", arm=arm)
             _sync(self.device)
             t1 = time.perf_counter()
             ph["scoring"] = t1 - t
-            mask = select_tokens(sig, self.b.valid, strategy="teachability", ratio=a.ratio)
+            weights = None
+            if arm == "weight":  # teachability-weighted full OPD (selection.mode=weight)
+                mask, weights = self.b.valid, token_weights(sig, self.b.valid, "teachability")
+            else:
+                strategy = "early" if arm == "early" else "teachability"
+                mask = select_tokens(sig, self.b.valid, strategy=strategy, ratio=a.ratio)
             _sync(self.device)
             t = time.perf_counter()
             ph["selection"] = t - t1
@@ -332,6 +348,7 @@ class Bench:
                 tokens=self.b.targets,
                 kind="reverse_kl",
                 chunk_size=a.loss_chunk,
+                token_weights=weights,
             )
         elif arm == "trl":
             loss, _entropy, _n = self.trl_loss(

@@ -58,7 +58,8 @@ def test_step_benchmark_prints_table_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     shape = data["shapes"]["tiny"]
     arms = shape["arms"]
-    assert {"full", "taopd", "floor", "taopd-bf16"} <= set(arms)
+    assert {"full", "taopd", "floor", "taopd-bf16", "early", "weight"} <= set(arms)
+    assert "(e) early" in table and "(f) teachability-weighted" in table
     for arm in arms.values():
         assert len(arm["seconds"]) == 1 and arm["median_seconds"] > 0
         assert len(arm["peak_bytes"]) == 1

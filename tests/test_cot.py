@@ -100,4 +100,21 @@ def test_pilot_command_prints_the_gate_and_saves_nothing(
         assert r["compat_q05"] <= r["compat_q50"] <= r["compat_q95"] <= 1.0 + 1e-6
         assert r["style_share_all"] is None  # no planted style in the demo
     assert "top-5% overlap" in text
+    assert "Teachability vs reverse KL:" in text  # the verdict in words
     assert not out.exists()  # a scratch folder: the configured run folder is never touched
+
+
+@pytest.mark.parametrize(
+    ("off", "overlap", "words"),
+    [
+        (0.02, 0.9, "nearly the same positions"),
+        (0.7, 0.28, "they can differ here (70% of the top 5% by reverse KL have C < 0.5"),
+        (0.3, 0.5, "differ in part"),
+        (None, None, "not measurable"),
+    ],
+)
+def test_pilot_says_in_words_whether_teachability_and_reverse_kl_can_differ(off, overlap, words):
+    from taopd.experiments.pilot import pilot_verdict
+
+    rows = [{"kl_top5_incompatible": off, "top5_overlap": overlap}] * 2
+    assert words in pilot_verdict(rows)

@@ -119,8 +119,12 @@ def test_cli_writes_every_output(opd_run):
         "entropy",
         "compatibility",
         "random",
+        "early",
     }
-    n_pos = len(read_positions(out / "positions.csv"))
+    positions = read_positions(out / "positions.csv")
+    n_pos = len(positions)
+    rel = [float(r["relative_position"]) for r in positions]
+    assert min(rel) == 0.0 and max(rel) < 1.0  # t / T_i of each bank context
     for per in topn.values():
         assert set(per) == {"0.03", "0.05", "0.1"}
         assert per["0.1"]["n"] == max(1, math.floor(0.1 * n_pos + 0.5))  # round(ρ·N)
@@ -345,6 +349,18 @@ def test_matched_topn_and_correlations_on_a_known_answer():
     e = corr["student_entropy"]
     assert e["spearman_low"] <= e["spearman"] <= e["spearman_high"]
     assert e["spearman_low"] < 0.1
+
+
+def test_early_keeps_the_bank_positions_with_the_smallest_relative_position():
+    raw, clusters, rng = _synthetic()
+    raw["relative_position"] = rng.uniform(0, 1, len(clusters))
+    table = analysis_table(raw)
+    gain = 1.0 - raw["relative_position"]  # early positions gain most
+    topn = matched_topn(table, gain, clusters, ["early", "random"], [0.05], n_boot=50)
+    n = round(0.05 * len(clusters))
+    best = np.sort(gain)[::-1][:n].mean()
+    assert topn["early"]["0.05"]["mean"] == pytest.approx(best)
+    assert topn["early"]["0.05"]["mean"] > topn["random"]["0.05"]["high"]
 
 
 def test_split_model_without_the_interaction_term_gives_the_released_conclusion():

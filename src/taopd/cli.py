@@ -171,7 +171,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_pilot(args: argparse.Namespace) -> int:
-    from .experiments.pilot import pilot
+    from .experiments.pilot import pilot, pilot_verdict
 
     cfg = _load(args)
     rows = pilot(cfg, steps=args.steps, progress=not args.no_progress)
@@ -196,6 +196,7 @@ def cmd_pilot(args: argparse.Namespace) -> int:
                 f"{r['step']:>4}  {_pct(r['style_share_all']):>30}  "
                 f"{_pct(r['style_share_kl_top5']):>19}"
             )
+    print("\n" + pilot_verdict(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

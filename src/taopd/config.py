@@ -355,6 +355,7 @@ DIAGNOSE_SELECTORS = (
     "entropy",
     "compatibility",
     "random",
+    "early",
 )
 
 

@@ -101,8 +101,7 @@ def row_weights(
     sequence's kept positions (last dim), then over sequences; normalizer = number of sequences
     with a kept position. For gradient accumulation pass the whole batch's normalizer to every
     micro-batch: the micro-batch losses then sum to the whole-batch loss.
-    `token_weights` (mask's shape, or [n] for the kept rows; core/weights.py) multiplies each
-    kept position's weight: the soft-weighted loss Σ_t m_t w_t ℓ_t / Σ_t m_t.
+    `token_weights` (mask's shape, or [n]) scale each kept row: Σ_t m_t w_t ℓ_t / normalizer.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
@@ -129,10 +128,10 @@ def row_weights(
             "or pass normalizer= for an empty micro-batch of a larger batch)"
         )
     if token_weights is not None:
-        tw = _rows(token_weights.detach(), mask, rows)
-        if not bool(torch.isfinite(tw).all()) or bool((tw < 0).any()):
+        tw = _rows(token_weights.detach(), mask, rows).to(weights.device, torch.float64)
+        if not bool(torch.isfinite(tw).all() & (tw >= 0).all()):
             raise ValueError("token_weights must be finite and >= 0 at the kept positions")
-        weights = weights * tw.to(device=weights.device, dtype=torch.float64)
+        weights = weights * tw
     return rows, weights
 
 
@@ -165,8 +164,7 @@ def opd_loss(
 ) -> Tensor:
     """Budgeted OPD loss L = Σ_t m_t ℓ_t / Σ_t m_t (Eq. 7) from full logits [..., V].
 
-    Only the kept rows enter the loss. See `row_weights` for normalization, accumulation and the
-    optional per-position `token_weights` (soft weighting, core/weights.py).
+    Only the kept rows enter the loss; see `row_weights` (normalization, token_weights).
     """
     student_logits = trim_vocab(student_logits, vocab_size)
     teacher_logits = trim_vocab(teacher_logits, vocab_size)
@@ -397,17 +395,15 @@ def selective_head_loss(
     teacher_head: HeadSpec = PLAIN_HEAD,
     token_weights: Tensor | None = None,
 ) -> Tensor:
-    """The `opd_loss` of the kept positions from student hidden states [..., d] and lm_head [V, d].
-
-    `student_head` / `teacher_head` (`HeadSpec`) add each head's bias (the student's gets its
-    gradient), logit scale and final-logit softcapping, as the dense logits apply them.
+    """The `opd_loss` (`token_weights`: see `row_weights`) of the kept positions from student
+    hidden states [..., d] and lm_head [V, d]. `student_head` / `teacher_head` (`HeadSpec`) add
+    each head's bias (the student's gets its gradient), logit scale and softcapping.
 
     Only rows where `mask` is True are projected through the vocabulary (with gradient, in chunks
     of `chunk_size`). The teacher comes as hidden states + lm_head (projected at kept rows only, no
     grad) or as logits, full [..., V] or already the kept rows [n, V]. Equal to the dense path.
     For kind 'pg' the teacher may instead come as `teacher_token_logprobs`, log p_T(y) of the
     sampled tokens [...] (a teacher served over HTTP), taken as given (no temperature applied).
-    `token_weights` weights each kept position (see `row_weights`).
     """
     _check_teacher_inputs(
         teacher_logits, teacher_hidden, teacher_weight, teacher_token_logprobs, kind, chunk_size

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import Config, training_only
 
-__all__ = ["PILOT_KEYS", "pilot"]
+__all__ = ["PILOT_KEYS", "pilot", "pilot_verdict"]
 
 PILOT_KEYS = (
     "solved_share",
@@ -50,3 +50,40 @@ def pilot(cfg: Config, steps: int = 1, progress: bool = True) -> list[dict[str, 
         finally:
             trainer.close()
     return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [float(r[key]) for r in rows if r.get(key) is not None and r[key] == r[key]]
+    return sum(vals) / len(vals) if vals else None
+
+
+def pilot_verdict(rows: list[dict[str, Any]]) -> str:
+    """In words: can teachability and reverse-KL selection differ on this pair? From the share
+    of the top 5% by reverse KL whose compatibility C < 0.5 (the largest disagreements sit off
+    the student's top-K) and the overlap of the two top-5% sets, averaged over the steps."""
+    off, overlap = _mean(rows, "kl_top5_incompatible"), _mean(rows, "top5_overlap")
+    if off is None or overlap is None:
+        return (
+            "Teachability vs reverse KL: not measurable here (the teacher's full distribution is "
+            "needed for C and the overlap)."
+        )
+    facts = (
+        f"{off:.0%} of the top 5% by reverse KL have C < 0.5; teachability's and reverse KL's "
+        f"top-5% sets share {overlap:.0%} of their positions"
+    )
+    if off < 0.1 and overlap >= 0.7:
+        return (
+            f"Teachability vs reverse KL: they pick nearly the same positions here ({facts}), so "
+            "expect them to train alike: choose by cost (reverse KL needs no top-K supports)."
+        )
+    if off >= 0.5:
+        return (
+            f"Teachability vs reverse KL: they can differ here ({facts}): most of the largest "
+            "disagreements sit off the student's support, where teachability does not look. "
+            "Compare them before choosing: taopd compare CONFIG --strategies "
+            "teachability,reverse_kl,full --seeds 3 (see the manual's 'Which rule should I use?')."
+        )
+    return (
+        f"Teachability vs reverse KL: they differ in part ({facts}); a short "
+        "`taopd compare CONFIG --strategies teachability,reverse_kl,full` decides."
+    )

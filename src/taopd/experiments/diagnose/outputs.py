@@ -13,6 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from ...core.scores import TokenSignals
+from ...core.selection import relative_position
 from ...training.rollout import Rollout
 from .statistics import DECILE_SIGNALS, Analysis, _topn_means, analysis_table
 
@@ -275,6 +276,8 @@ def position_columns(
         kinds = tags.reshape(-1).numpy()[rows_idx]
         columns["kind"] = np.where(kinds, "style", "other")
     raw = {name: t.double().reshape(-1).numpy()[rows_idx] for name, t in sig0.items()}
+    rel = relative_position(valid)  # the rows are flattened below: `early` reads this column
+    raw["relative_position"] = rel.reshape(-1).numpy()[rows_idx]
     columns.update(raw)
     columns["kl0"] = kl0.reshape(-1)[rows_idx]
     for name, g in gains.items():
