@@ -21,6 +21,7 @@ from .core.scores import (
     trim_vocab,
 )
 from .core.selection import STRATEGIES, count_for, select, select_tokens, strategy_scores
+from .core.weights import iw_opd_weights, score_weights, token_weights
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,9 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "HeadSpec",
     "LOSS_KINDS",
+    "iw_opd_weights",
+    "score_weights",
+    "token_weights",
     "STRATEGIES",
     "TokenSignals",
     "count_for",
