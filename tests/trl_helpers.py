@@ -72,30 +72,38 @@ def dense_completion_logits(model, batch: dict) -> torch.Tensor:
 
 
 def main(out: str) -> None:
-    """One rank of the two-process test: one TRL step; each rank writes its batch and mask."""
+    """One rank of the two-process test: one TRL step in select mode, then one in weight mode
+    (teachability weights); each rank writes its batch and its mask or weights per mode."""
     from datasets import Dataset
 
     from taopd.integrations.trl import TeachabilityDistillationTrainer
+    from taopd.integrations.trl_weights import WEIGHT_KEY
 
     class Recording(TeachabilityDistillationTrainer):
         def _taopd_select(self, batch):
             batch = super()._taopd_select(batch)
             rank = self.accelerator.process_index
             keys = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "tool_mask")
-            record = {k: batch[k].tolist() for k in keys}
+            record = {k: batch[k].tolist() for k in (*keys, WEIGHT_KEY) if k in batch}
             record["num_items_in_batch"] = int(batch["num_items_in_batch"])
-            Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+            Path(out, f"{self.args.selection_mode}{rank}.json").write_text(json.dumps(record))
             return batch
 
     tok = word_tokenizer()
-    trainer = Recording(
-        model=tiny_llama(len(tok), 0),
-        teacher_model=tiny_llama(len(tok), 1),
-        args=config(Path(out) / "run", per_device_train_batch_size=3, selection_ratio=0.25),
-        train_dataset=Dataset.from_dict({"prompt": prompts(12)}),
-        processing_class=tok,
-    )
-    trainer.train()
+    for mode, ratio in (("select", 0.25), ("weight", None)):
+        trainer = Recording(
+            model=tiny_llama(len(tok), 0),
+            teacher_model=tiny_llama(len(tok), 1),
+            args=config(
+                Path(out) / mode,
+                per_device_train_batch_size=3,
+                selection_ratio=ratio,
+                selection_mode=mode,
+            ),  # fmt: skip
+            train_dataset=Dataset.from_dict({"prompt": prompts(12)}),
+            processing_class=tok,
+        )
+        trainer.train()
 
 
 if __name__ == "__main__":

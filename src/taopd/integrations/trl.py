@@ -8,7 +8,8 @@
                                     train_dataset=ds, processing_class=tok).train()
 
 Checked against TRL 1.16 only (`pip install 'taopd[trl]'`); another version is refused at
-import. It relies on two private methods of `trl.DistillationTrainer`:
+import. It relies on two private methods of `trl.DistillationTrainer` (a third, `_compute_loss`,
+only in weight mode; see the end):
 
 - `_generate_and_score_completions`: the one place where a whole generation batch (all
   gradient-accumulation micro-batches of this rank) exists before TRL splits it, so selection
@@ -28,6 +29,19 @@ Evaluation keeps TRL's loss over all positions; TRL's own `entropy` metric becom
 over the kept positions (the positions its loss sees). Strategy "full" or ratio 1 skips the scoring
 pass: the run is vanilla TRL. Refused: multimodal batches, a teacher without local weights
 (TRL's server trainers), an lm_head that is not `torch.nn.Linear`.
+
+Every taopd rule works. The position rule `early` (1 − t/T_i: the earliest share of every
+completion) is a strategy like the others. `selection_mode="weight"` trains on every valid
+position, each with its weight from `taopd.core.weights.token_weights`: a score strategy's
+weights (mean 1 over the global batch, floor `selection_weight_floor`) or IW-OPD's own in
+[1, 1 + γ] (strategy "iw_opd", γ = `selection_iw_gamma`; the scoring pass then also reads the
+sampled tokens). `selection_ratio` left unset is 1 there (any other value is refused) and 0.05
+in select mode. The weights travel with the batch like the teacher hidden states, and a third
+private method is overridden: `_compute_loss`, in weight mode only, returns Σ_t w_t ℓ_t /
+num_items_in_batch from `taopd.selective_head_loss` (TRL's normalization, the global valid
+count; TRL's `beta` as the loss kind: 1 reverse KL, 0 forward KL, else the generalized JSD,
+whose convention TRL shares), reading both bodies through `_get_last_hidden_state`
+(`trl_weights.py`).
 """
 
 from __future__ import annotations
@@ -42,6 +56,9 @@ from torch import Tensor, nn
 
 from taopd.core.scores import HeadSpec, TokenSignals, Workspace, normalize, signals_from_hidden
 from taopd.core.selection import select_tokens
+from taopd.core.weights import token_weights
+
+from .trl_weights import ENTROPY_KEY, WEIGHT_KEY, loss_kind, weight_metrics, weighted_loss
 
 __all__ = [
     "SUPPORTED_TRL",
@@ -116,9 +133,12 @@ class TeachabilityDistillationConfig(DistillationConfig):
         default="teachability",
         metadata={"help": "taopd strategy scoring each completion position (teachability = D̃·C̃)."},
     )
-    selection_ratio: float = field(
-        default=0.05,
-        metadata={"help": "Share ρ of the valid positions of the global batch that get a loss."},
+    selection_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share ρ of the valid positions of the global batch that get a loss; unset: "
+            "0.05 in mode 'select', 1 in mode 'weight' (which refuses any other value)."
+        },
     )
     selection_k: int = field(default=16, metadata={"help": "Top-K of each model for D and C."})
     selection_scope: str = field(
@@ -134,6 +154,20 @@ class TeachabilityDistillationConfig(DistillationConfig):
         default=True,
         metadata={"help": "Reuse the scoring pass's teacher hidden states in the loss step."},
     )
+    selection_mode: str = field(
+        default="select",
+        metadata={
+            "help": "'select': train on the top share selection_ratio; 'weight': train on every "
+            "valid position, weighted by the strategy (taopd.core.weights; 'iw_opd' only here)."
+        },
+    )
+    selection_weight_floor: float = field(
+        default=0.1,
+        metadata={"help": "Weight mode: w ∝ floor + (1 − floor)·score, mean 1 (1: plain TRL)."},
+    )
+    selection_iw_gamma: float = field(
+        default=0.5, metadata={"help": "Strategy 'iw_opd': weights in [1, 1 + γ]."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +175,8 @@ class TeachabilityDistillationConfig(DistillationConfig):
 
         from taopd.config import SelectionCfg
 
+        if self.selection_ratio is None:
+            self.selection_ratio = 1.0 if self.selection_mode == "weight" else 0.05
         try:
             SelectionCfg(
                 strategy=self.selection_strategy,
@@ -149,16 +185,30 @@ class TeachabilityDistillationConfig(DistillationConfig):
                 scope=self.selection_scope,
                 min_per_sequence=self.selection_min_per_sequence,
                 chunk_size=self.selection_chunk_size,
+                mode=self.selection_mode,
+                weight_floor=self.selection_weight_floor,
+                iw_gamma=self.selection_iw_gamma,
             )
         except ValidationError as err:
             first = err.errors()[0]
-            name = "selection_" + str(first["loc"][0]) if first["loc"] else "selection"
+            name = "selection_" + str(first["loc"][0]) if first["loc"] else "selection_mode"
             msg = str(first["msg"]).removeprefix("Value error, ")
+            if name == "selection_mode" and "budget ratio" in msg:
+                msg += "; here: selection_ratio=1.0, or leave it unset"
             raise ValueError(f"{name}: {msg}") from None
+        if self.weighted:
+            loss_kind(self.beta)  # TRL's beta as taopd's loss kind (any beta in [0, 1])
+
+    @property
+    def weighted(self) -> bool:
+        """True in selection_mode 'weight': every valid position, each with its weight."""
+        return self.selection_mode == "weight"
 
     @property
     def selects(self) -> bool:
-        """False when every valid position is kept (then the trainer is vanilla TRL)."""
+        """False when every valid position is kept unweighted (then the trainer is vanilla TRL)."""
+        if self.weighted:
+            return False
         return self.selection_strategy != "full" and self.selection_ratio < 1.0
 
 
@@ -188,7 +238,7 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
-        if not self.args.selects:
+        if not self.args.selects and not self.args.weighted:
             self._metrics["train"]["taopd/kept_share"].append(1.0)
             return out
         for key in _MULTIMODAL_KEYS:
@@ -207,6 +257,8 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
 
     @torch.no_grad()
     def _taopd_select(self, out: dict[str, Any]) -> dict[str, Any]:
+        """Score the generation batch; then select (the kept positions become TRL's tool mask)
+        or, in weight mode, put every position's weight and student entropy into the batch."""
         args = self.args
         student = self.accelerator.unwrap_model(self.model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
@@ -220,26 +272,30 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
             valid = valid & out["tool_mask"].bool()
         w_s = student.get_output_embeddings().weight
         w_t = teacher.get_output_embeddings().weight
+        tokens = out["completion_ids"] if args.selection_strategy == "iw_opd" else None
         sig = signals_from_hidden(
-            h_s, w_s, h_t.to(h_s.device), w_t.to(h_s.device), k=args.selection_k,
+            h_s, w_s, h_t.to(h_s.device), w_t.to(h_s.device), tokens=tokens, k=args.selection_k,
             valid=valid, temperature=self.temperature, chunk_size=args.selection_chunk_size,
             student_head=self._taopd_heads[0], teacher_head=self._taopd_heads[1],
             workspace=self._taopd_workspace,
         )  # fmt: skip
-        keep_local, metrics = self._taopd_global_selection(sig, valid)
+        if args.weighted:
+            metrics = self._taopd_global_weights(sig, valid, out)
+        else:
+            keep_local, metrics = self._taopd_global_selection(sig, valid)
+            out["tool_mask"] = keep_local.to(out["completion_mask"].dtype)
+            kept = int(metrics["taopd/kept_positions"])  # global: every rank's kept positions
+            out["num_items_in_batch"] = torch.tensor(kept, dtype=torch.long, device=valid.device)
         for name, value in metrics.items():
             self._metrics["train"][name].append(value)
-        out["tool_mask"] = keep_local.to(out["completion_mask"].dtype)
-        kept = int(metrics["taopd/kept_positions"])  # global: every rank's kept positions
-        out["num_items_in_batch"] = torch.tensor(kept, dtype=torch.long, device=valid.device)
         if args.selection_cache_teacher:
             out[_TEACHER_KEY] = h_t
         return out
 
-    def _taopd_global_selection(
+    def _taopd_gather(
         self, sig: TokenSignals, valid: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Gather every rank's signals, select over the global batch, return this rank's rows."""
+    ) -> tuple[TokenSignals, Tensor, tuple[slice, slice]]:
+        """Every rank's signals and valid mask on CPU, and where this rank's rows are in them."""
         names = [name for name, _ in sig.items()]
         local = torch.stack([getattr(sig, n).float() for n in names] + [valid.float()], dim=-1)
         rows, width = valid.shape
@@ -247,6 +303,14 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
         every = self.accelerator.gather(padded).cpu()  # [ranks·rows, max width, fields + 1]
         g_valid = every[..., -1] > 0.5
         g_sig = TokenSignals(**{n: every[..., i] for i, n in enumerate(names)})
+        rank = self.accelerator.process_index
+        return g_sig, g_valid, (slice(rank * rows, (rank + 1) * rows), slice(0, width))
+
+    def _taopd_global_selection(
+        self, sig: TokenSignals, valid: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Gather every rank's signals, select over the global batch, return this rank's rows."""
+        g_sig, g_valid, mine = self._taopd_gather(sig, valid)
         gen = torch.Generator().manual_seed(int(self.args.seed) * 1_000_003 + int(self._step))
         keep = select_tokens(
             g_sig,
@@ -257,9 +321,22 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
             min_per_sequence=self.args.selection_min_per_sequence,
             generator=gen,
         )
-        rank = self.accelerator.process_index
-        keep_local = keep[rank * rows : (rank + 1) * rows, :width].to(valid.device)
-        return keep_local, _selection_metrics(g_sig, g_valid, keep)
+        return keep[mine].to(valid.device), _selection_metrics(g_sig, g_valid, keep)
+
+    def _taopd_global_weights(
+        self, sig: TokenSignals, valid: Tensor, out: dict[str, Any]
+    ) -> dict[str, float]:
+        """Weight mode: the token weights of the global batch (mean 1 over it for score
+        strategies); this rank's rows go into the batch with its student entropy."""
+        g_sig, g_valid, mine = self._taopd_gather(sig, valid)
+        args = self.args
+        weights = token_weights(
+            g_sig, g_valid, args.selection_strategy, floor=args.selection_weight_floor,
+            gamma=args.selection_iw_gamma,
+        )  # fmt: skip
+        out[WEIGHT_KEY] = weights[mine].to(device=valid.device, dtype=torch.float32)
+        out[ENTROPY_KEY] = sig.student_entropy.float()
+        return weight_metrics(g_sig, g_valid, weights)
 
     # -- the loss step: serve the cached teacher hidden states --------------------------------
 
@@ -285,6 +362,18 @@ class TeachabilityDistillationTrainer(DistillationTrainer):
         return super()._get_last_hidden_state(
             unwrapped_model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """TRL's loss; in weight mode (a batch carrying token weights) the weighted one."""
+        if WEIGHT_KEY not in inputs:
+            return super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+        if self._taopd_heads is None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self._taopd_heads = (head_spec(unwrapped_student), head_spec(teacher))
+        return weighted_loss(
+            self, unwrapped_student, inputs, num_items_in_batch, self._taopd_heads,
+            self.args.selection_chunk_size,
+        )  # fmt: skip
 
 
 def _selection_metrics(sig: TokenSignals, valid: Tensor, keep: Tensor) -> dict[str, float]:
