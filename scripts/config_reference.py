@@ -8,6 +8,8 @@ in docs/hooks.py), so the reference cannot drift from the code.
 from __future__ import annotations
 
 import ast
+import html
+import re
 import sys
 import typing
 from pathlib import Path
@@ -86,8 +88,27 @@ def _annotation(model: type, name: str) -> ast.expr | None:
     return None
 
 
+def code(text: str, key: bool = False) -> str:
+    """`text` as an HTML code span a Markdown table leaves alone: `|` and Markdown's own
+    characters as entities (a `\\|` would show its backslash inside a code span). Class `cfg`
+    (docs/stylesheets/extra.css) wraps only where a line may break; `key`: a field name, which
+    may break after each dot."""
+    out = html.escape(text, quote=False)
+    for ch in "|_*`[]\\":
+        out = out.replace(ch, f"&#{ord(ch)};")
+    if key:
+        out = out.replace(".", ".<wbr>")
+    return f'<code class="cfg">{out}</code>'
+
+
+def text_cell(text: str) -> str:
+    """Markdown text for a table cell: `|` escaped outside code spans (inside one the table
+    does not split, and a backslash would show)."""
+    parts = re.split(r"(`[^`]*`)", text)
+    return "".join(p if p.startswith("`") else p.replace("|", "\\|") for p in parts)
+
+
 def render() -> str:
-    esc = lambda s: s.replace("|", "\\|")
     parts = [
         "# Config reference",
         "",
@@ -107,7 +128,8 @@ def render() -> str:
                 "| field | type | default | meaning |",
                 "|---|---|---|---|",
             ]
-        parts.append(f"| `{key}` | `{esc(typ)}` | `{esc(default)}` | {esc(desc) or '—'} |")
+        cells = [code(key, key=True), code(typ), code(default), text_cell(desc) or "—"]
+        parts.append(f"| {' | '.join(cells)} |")
     return "\n".join(parts) + "\n"
 
 

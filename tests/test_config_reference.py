@@ -50,4 +50,41 @@ def test_each_section_is_one_table():
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert len(headings) == len(set(headings)), headings
     top = text.split("## `(top level)`", 1)[1].split("\n## ", 1)[0]
-    assert "`output_dir`" in top and "`student`" in top
+    script = reference_script()
+    assert script.code("output_dir", key=True) in top and script.code("student", key=True) in top
+
+
+def test_the_reference_renders_cleanly():
+    """Rendered as the manual renders it (Python-Markdown's tables; markdown comes with
+    tensorboard): one row per field, no visible backslash before a pipe (`str | None`), and a
+    field name wraps only after a dot."""
+    import html
+    import re
+
+    import markdown
+
+    script = reference_script()
+    page = markdown.markdown(script.render(), extensions=["tables"])
+    cells = re.findall(
+        r"<tr>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*<td>(.*?)</td>\s*</tr>",
+        page,
+        re.S,
+    )
+    fields = script.rows()
+    order = list(dict.fromkeys(r[0] for r in fields))
+    fields.sort(key=lambda r: order.index(r[0]))  # as rendered: one table per section
+    assert len(cells) == len(fields)
+    text = lambda cell: html.unescape(re.sub(r"<[^>]+>", "", cell))
+    for (key_cell, type_cell, default_cell, _), (_, key, typ, default, _) in zip(cells, fields):
+        assert (text(key_cell), text(type_cell), text(default_cell)) == (key, typ, default)
+        assert re.fullmatch(r'<code class="cfg">[^<.]*(\.<wbr>[^<.]*)*</code>', key_cell), key_cell
+    assert "\\|" not in page
+    assert any(text(t) == "str | None" for _, t, _, _ in cells)
+
+
+def test_text_cells_escape_pipes_only_outside_code():
+    script = reference_script()
+    assert script.text_cell("a | b, `x | y`") == "a \\| b, `x | y`"
+    assert (
+        script.code("a|b_*c.d", key=True) == '<code class="cfg">a&#124;b&#95;&#42;c.<wbr>d</code>'
+    )

@@ -6,7 +6,6 @@ The packages show the layers (docs/layout.md): core < config, data, models < tra
 < experiments < cli.
 """
 
-from . import _moved
 from .core.loss import LOSS_KINDS, opd_loss, per_token_loss, row_weights, selective_head_loss
 from .core.scores import (
     HeadSpec,
@@ -24,17 +23,6 @@ from .core.selection import STRATEGIES, count_for, select, select_tokens, strate
 from .core.weights import iw_opd_weights, score_weights, token_weights
 
 __version__ = "0.1.0"
-
-_moved.install()  # the flat layout's module paths (taopd.train, ...) keep importing
-
-
-def __getattr__(name: str) -> object:
-    # `taopd.scores` & co. were attributes of the package before the core moved to taopd.core
-    if name in _moved.SHIM_FILES:
-        import importlib
-
-        return importlib.import_module(f"taopd.{name}")
-    raise AttributeError(f"module 'taopd' has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The selective OPD loop: rollouts, teacher scoring, selection, selective-head loss, on accelerate.
 
-`Trainer.train_step` is one step of the method (../shared/design.md), with no backend branches:
+`Trainer.train_step` is one step of the method (docs/method.md), with no backend branches:
 the student samples responses; the teacher answers for them (teachers.py: in process, or a
 server's top-k log-probs); signals are scored from detached hidden states in chunks; the strategy
 keeps a share of the global batch's response positions; only those rows go through the student's
