@@ -71,7 +71,8 @@ class TaskCfg(_Strict):
     name: str | None = "chain_sum"  # reasoning-gym task name (ignored when `path` is set)
     params: dict[str, Any] = Field(default_factory=dict)  # the reasoning-gym task's own options
     # a local .jsonl/.json/.parquet file of records (a "split" field, else a hash of the prompt,
-    # picks train or test); replaces `name`
+    # picks train or test); replaces `name`. Relative in a config file: to its folder, else to
+    # the working directory
     path: str | None = None
     prompt_field: str = "question"  # file task: the record field holding the question
     answer_field: str = "answer"  # file task: the record field holding the reference answer
@@ -433,9 +434,11 @@ class DiagnoseCfg(_Strict):
 class Config(_Strict):
     """One run: models, task, rollout, selection, loss, optimizer, loop, evaluation, output."""
 
-    # the model trained: "smollm2" (the bundled SmolLM2-135M-Instruct), an HF folder or a hub id
+    # the model trained: "smollm2" (the bundled SmolLM2-135M-Instruct), an HF folder (relative in
+    # a config file: to its folder, else to the working directory) or a hub id
     student: str = "smollm2"
-    # the model distilled from (same naming; with teacher_server only its tokenizer is loaded)
+    # the model distilled from (same naming; with teacher_server only its tokenizer is loaded);
+    # not the student itself (refused: nothing would train) unless teacher_sft fine-tunes it
     teacher: str = "smollm2"
     teacher_sft: TeacherSFT | None = None
     student_sft: TeacherSFT | None = None  # warm start: the student fine-tuned on the format
