@@ -97,8 +97,8 @@ def resolve_paths(data: dict[str, Any], config: Path) -> dict[str, str]:
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         value = node.get(leaf) if isinstance(node, dict) else None
-        if not isinstance(value, str) or value.strip().lower() in _BUNDLED:
-            continue
+        if not isinstance(value, str) or value.strip().lower() in ("", *_BUNDLED):
+            continue  # an empty path is left to its own error
         path = Path(value).expanduser()
         beside = config.parent / path
         if path.is_absolute() or (beside.exists() and beside.resolve() == path.resolve()):
