@@ -119,7 +119,9 @@ def test_missing_or_malformed_config_file(capsys, tmp_path):
     assert "config file" in msg and "does not exist (shipped recipes:" in msg
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: [steps: 1\n")
-    assert "is not valid YAML" in user_error(capsys, "train", str(broken))
+    msg = user_error(capsys, "train", str(broken))
+    assert msg.startswith(f"config {broken} is not valid YAML at line 2, column 1: expected ','")
+    assert "<unicode string>" not in msg
 
 
 # ------------------------------------------------------------------------------- models
@@ -128,7 +130,9 @@ def test_missing_or_malformed_config_file(capsys, tmp_path):
 def test_missing_model_folder(capsys, cfg_file, tmp_path, no_models):
     gone = tmp_path / "no-such-model"
     msg = user_error(capsys, "train", str(cfg_file), "--set", f"student={gone}")
-    assert msg.strip() == f"model folder {gone} does not exist"
+    assert msg.strip() == f"student model folder {gone} does not exist"
+    msg = user_error(capsys, "train", str(cfg_file), "--set", f"teacher={gone}")
+    assert msg.strip() == f"teacher model folder {gone} does not exist"
     empty = tmp_path / "empty-model"
     empty.mkdir()
     msg = user_error(capsys, "train", str(cfg_file), "--set", f"teacher={empty}")
@@ -164,14 +168,14 @@ def test_k_larger_than_the_vocabulary(capsys, cfg_file, no_models):
         (
             '{"question": "1 + 1?", "answer": "2"}\n{"question": "2 + 2?"}\n',
             [],
-            "task file {path}: 1 of 2 records lack the answer_field 'answer'; fields present: "
-            "answer, question",
+            "task file {path}, line 2: the record has no 'answer' (task.answer_field); 1 of 2 "
+            "records lack it (line 2); fields of that record: question",
         ),
         (
             '{"question": "1 + 1?", "answer": "2"}\n',
             ["task.prompt_field=problem"],
-            "task file {path}: 1 of 1 records lack the prompt_field 'problem'; fields present: "
-            "answer, question",
+            "task file {path}, line 1: the record has no 'problem' (task.prompt_field); 1 of 1 "
+            "records lack it (line 1); fields of that record: answer, question",
         ),
         (
             '{"question": "1 + 1?", "answer": "2"}\n{"question": \n',

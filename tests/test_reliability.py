@@ -825,7 +825,7 @@ def test_resume_with_no_loadable_checkpoint_names_the_file(capsys, run_copy):
 # --- 3. one line, exit 2, nothing changed
 
 
-def test_resume_refusals(capsys, run_copy, tmp_path, tiny_model_dir_same_tokenizer):
+def test_resume_refusals(capsys, run_copy, tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer):
     out, cfg_path = run_copy
     before = snapshot(out)
     msg = refused(capsys, "train", str(cfg_path), "--resume", "--overwrite")
@@ -837,6 +837,8 @@ def test_resume_refusals(capsys, run_copy, tmp_path, tiny_model_dir_same_tokeniz
         "--resume",
         "--set",
         f"student={tiny_model_dir_same_tokenizer}",
+        "--set",
+        f"teacher={tiny_model_dir}",  # not the student: that is refused before the checkpoint
     )
     assert msg.startswith(
         f"checkpoint {out / 'checkpoints' / 'step-000004'} does not match the student ("
@@ -875,7 +877,8 @@ def test_an_empty_config_file_is_refused(capsys, tmp_path):
 def test_a_learning_rate_that_cannot_train_is_refused(capsys, fresh_cfg, value, why):
     out, cfg_path = fresh_cfg
     msg = refused(capsys, "train", str(cfg_path), "--set", f"optim.lr={value}")
-    assert msg == f"invalid config ({cfg_path}): optim.lr: Input should be {why}"
+    head = f"invalid config (--set optim.lr={value}): optim.lr: Input should be {why}, got "
+    assert msg.startswith(head) and value in msg.removeprefix(head)  # the --set, its value
     assert not out.exists()
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, notice
 
 __all__ = ["main"]
 
@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import make_task
+    from .data import make_task, size_notice
     from .models import load_model, load_tokenizer
     from .training.evaluate import evaluate
 
@@ -126,6 +126,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
     n = args.n if args.n is not None else cfg.task.n_test
     examples = task.examples("test", n, seed=cfg.task.seed)
+    key = "--n" if args.n is not None else "task.n_test"
+    if cut := size_notice(task, "test", n, len(examples), key):
+        notice(cut)
     tok = load_tokenizer(name)
     model = load_model(name, dtype=cfg.train.dtype)
     res = evaluate(

@@ -1,18 +1,34 @@
 """Typed, validated run configs: YAML recipes plus `--set key.sub=value` overrides.
 
-Unknown keys and bad values are reported together in one `UserError` naming each field.
+Unknown keys and bad values are reported together in one `UserError` naming each field (the
+reading and the wording: `config_io.py`).
 """
 
 from __future__ import annotations
 
-import copy
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from .config_io import (
+    apply_overrides,
+    format_errors,
+    list_recipes,
+    override_keys,
+    read_config_file,
+    recipe_path,
+    resolve_paths,
+)
 from .errors import UserError
 
 __all__ = ["Config", "load_config", "apply_overrides", "recipe_path", "list_recipes"]
@@ -55,7 +71,8 @@ class TaskCfg(_Strict):
     name: str | None = "chain_sum"  # reasoning-gym task name (ignored when `path` is set)
     params: dict[str, Any] = Field(default_factory=dict)  # the reasoning-gym task's own options
     # a local .jsonl/.json/.parquet file of records (a "split" field, else a hash of the prompt,
-    # picks train or test); replaces `name`
+    # picks train or test); replaces `name`. Relative in a config file: to its folder, else to
+    # the working directory
     path: str | None = None
     prompt_field: str = "question"  # file task: the record field holding the question
     answer_field: str = "answer"  # file task: the record field holding the reference answer
@@ -68,6 +85,9 @@ class TaskCfg(_Strict):
     # fine-tuning target: "answer" (the bare answer) or "worked" (a worked solution ending in
     # '#### answer'; chain_sum only); evaluation always scores the final answer
     solution: Literal["answer", "worked"] = "answer"
+    # a relative `path` of a config file found neither beside it nor in the working directory:
+    # where it was looked for (load_config), for the error
+    _looked_for: str = PrivateAttr("")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskCfg:
@@ -78,7 +98,11 @@ class TaskCfg(_Strict):
         return self
 
     def as_task_dict(self) -> dict[str, Any]:
+        """The task's `make_task` dict; a file path of the config found nowhere is refused here,
+        naming where it was looked for."""
         if self.path is not None:
+            if self._looked_for and not Path(self.path).expanduser().exists():
+                raise UserError(f"task file {self.path} does not exist{self._looked_for}")
             return {
                 "path": self.path,
                 "prompt_field": self.prompt_field,
@@ -417,16 +441,20 @@ class DiagnoseCfg(_Strict):
         from .core.selection import STRATEGIES
 
         if v is not None and v not in STRATEGIES:
-            raise ValueError(f"update_strategy must be one of {', '.join(sorted(STRATEGIES))}")
+            raise ValueError(
+                f"update_strategy must be one of {', '.join(sorted(STRATEGIES))}; got {v!r}"
+            )
         return v
 
 
 class Config(_Strict):
     """One run: models, task, rollout, selection, loss, optimizer, loop, evaluation, output."""
 
-    # the model trained: "smollm2" (the bundled SmolLM2-135M-Instruct), an HF folder or a hub id
+    # the model trained: "smollm2" (the bundled SmolLM2-135M-Instruct), an HF folder (relative in
+    # a config file: to its folder, else to the working directory) or a hub id
     student: str = "smollm2"
-    # the model distilled from (same naming; with teacher_server only its tokenizer is loaded)
+    # the model distilled from (same naming; with teacher_server only its tokenizer is loaded);
+    # not the student itself (refused: nothing would train) unless teacher_sft fine-tunes it
     teacher: str = "smollm2"
     teacher_sft: TeacherSFT | None = None
     student_sft: TeacherSFT | None = None  # warm start: the student fine-tuned on the format
@@ -440,7 +468,15 @@ class Config(_Strict):
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
     diagnose: DiagnoseCfg = Field(default_factory=DiagnoseCfg)
-    output_dir: str = "runs/run"  # the run folder (config, logs, checkpoints, summary)
+    # the run folder (config, logs, checkpoints, summary); relative to the working directory
+    output_dir: str = "runs/run"
+    # student/teacher folders of a config file found nowhere: where they were looked for
+    _looked_for: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def looked_for(self, key: str) -> str:
+        """Where the config file's relative `key` (student, teacher) was looked for ('' if
+        it was not: absolute, from --set or Python, or found)."""
+        return self._looked_for.get(key, "")
 
     @model_validator(mode="after")
     def _server_fits(self) -> Config:
@@ -501,98 +537,30 @@ def training_only(cfg: Config, output_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {where}: {msg}")
-    if len(lines) == 2:  # one problem: one line
-        return f"{lines[0]} {lines[1].strip()}"
-    return "\n".join(lines)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise UserError(f"--set expects key=value (e.g. selection.ratio=0.1), got {item!r}")
-    key, raw = item.split("=", 1)
-    if any(not part.strip() for part in key.split(".")):
-        raise UserError(
-            f"--set {item}: the key is empty or has an empty part (expected key=value, e.g. "
-            "selection.ratio=0.1)"
-        )
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Return a copy of `data` with each `a.b.c=value` set (value parsed as YAML)."""
-    data = copy.deepcopy(data)
-    for item in overrides or []:
-        path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def list_recipes() -> list[str]:
-    """Names of the YAML recipes shipped with taopd (src/taopd/configs)."""
-    root = resources.files("taopd") / "configs"
-    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
-
-
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A config file path, or the shipped recipe of that name (e.g. `demo`)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    name = str(name_or_path).removesuffix(".yaml")
-    candidate = Path(str(resources.files("taopd") / "configs" / f"{name}.yaml"))
-    if "/" not in name and candidate.exists():
-        return candidate
-    raise UserError(
-        f"config file {name_or_path} does not exist (shipped recipes: {', '.join(list_recipes())})"
-    )
-
-
 def load_config(
     source: str | Path | dict | None = None, overrides: list[str] | None = None
 ) -> Config:
-    """Build a validated Config from a YAML file / recipe name / dict, then apply overrides."""
+    """Build a validated Config from a YAML file / recipe name / dict, then apply overrides.
+
+    A file's relative paths (task.path, student and teacher folders) are looked up beside the
+    file first, then in the working directory; `--set` values and dicts are taken as given.
+    """
+    looked: dict[str, str] = {}
     if source is None:
         data, label = {}, "defaults"
     elif isinstance(source, dict):
         data, label = source, "dict"
     else:
-        path = recipe_path(source)
+        path, data = read_config_file(source)
         label = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise UserError(f"config {path} is not valid YAML: {e}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"config {path} cannot be read ({e})") from None
-        if data is None:  # more likely a mistake (wrong or unsaved file) than all defaults
-            raise UserError(
-                f"config {path} is empty; write the keys to set (e.g. student, teacher, task), "
-                "or `{}` for all defaults"
-            )
-        if not isinstance(data, dict):
-            raise UserError(f"config {path} must be a mapping of keys to values")
+        looked = resolve_paths(data, path)
+    for key in override_keys(overrides):  # a --set value is relative to the working directory
+        looked.pop(key, None)
     data = apply_overrides(data, overrides)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise UserError(_format_errors(e, label)) from None
+        raise UserError(format_errors(e, Config, label, overrides)) from None
+    cfg.task._looked_for = looked.pop("task.path", "")
+    cfg._looked_for = looked
+    return cfg

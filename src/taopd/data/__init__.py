@@ -19,7 +19,7 @@ from .styles import (
     token_texts,
     worked_chain_sum,
 )
-from .tasks import SPLITS, Example, FileTask, ReasoningGymTask, Task, make_task
+from .tasks import SPLITS, Example, FileTask, ReasoningGymTask, Task, make_task, size_notice
 
 __all__ = [
     "SPLITS",
@@ -38,6 +38,7 @@ __all__ = [
     "parse_number",
     "reference_answer",
     "render_prompt",
+    "size_notice",
     "worked_chain_sum",
     "styled_solution",
     "style_positions",

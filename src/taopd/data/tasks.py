@@ -168,8 +168,9 @@ class ReasoningGymTask(Task):
         return float(self._scorer.score_answer(answer=answer, entry=ex.entry))
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .jsonl / .json / .parquet file as dicts."""
+def _read_records(path: Path) -> list[tuple[str, Any]]:
+    """Rows of a .jsonl / .json / .parquet file, each with where it is ('line 7' of a JSONL
+    file, 'record 7' of a JSON list or parquet table, counted from 1)."""
     suffix = path.suffix.lower()
     try:
         raw = path.read_bytes()
@@ -182,10 +183,11 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         if not raw:
             raise UserError(f"task file {path} is empty (0 bytes), not a parquet file")
         try:
-            return pq.read_table(pa.BufferReader(raw)).to_pylist()
+            rows = pq.read_table(pa.BufferReader(raw)).to_pylist()
         except (pa.ArrowException, OSError, ValueError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"task file {path} is not a readable parquet file ({first})") from None
+        return [(f"record {i}", row) for i, row in enumerate(rows, 1)]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -199,18 +201,18 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError:
             data = None  # maybe JSON lines in a .json file
-        if isinstance(data, list):
-            return data
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) == 1:
-                return lists[0]
-            raise UserError(f"{path}: expected a list of records (or one key holding one)")
+            if len(lists) != 1:
+                raise UserError(f"{path}: expected a list of records (or one key holding one)")
+            data = lists[0]
+        if isinstance(data, list):
+            return [(f"record {i}", row) for i, row in enumerate(data, 1)]
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
     return rows
@@ -220,6 +222,35 @@ def _hash_split(question: str) -> str:
     """'test' for a deterministic ~10% of questions (by SHA-256 of the text), else 'train'."""
     digest = hashlib.sha256(question.encode("utf-8")).digest()
     return "test" if int.from_bytes(digest[:8], "big") % 10 == 0 else "train"
+
+
+def _lines(where: list[str]) -> str:
+    """'line 2' / 'lines 2, 5, 9, ...' (the first five)."""
+    nums = [w.split()[-1] for w in where]
+    kind = where[0].split()[0] + ("s" if len(where) > 1 else "")
+    return f"{kind} {', '.join(nums[:5])}{', ...' if len(nums) > 5 else ''}"
+
+
+def _check_records(
+    path: Path, records: list[tuple[str, Any]], prompt_field: str, answer_field: str
+) -> None:
+    """Every record an object with a question and an answer; else name the first bad one's line
+    (and how many more)."""
+    bad = [where for where, row in records if not isinstance(row, dict)]
+    if bad:
+        raise UserError(
+            f"task file {path}, {bad[0]}: every record must be a JSON object ({len(bad)} of "
+            f"{len(records)} are not: {_lines(bad)})"
+        )
+    for role, fld in (("prompt_field", prompt_field), ("answer_field", answer_field)):
+        missing = [(where, row) for where, row in records if row.get(fld) in (None, "")]
+        if missing:
+            (where, row), lines = missing[0], _lines([w for w, _ in missing])
+            raise UserError(
+                f"task file {path}, {where}: the record has no {fld!r} (task.{role}); "
+                f"{len(missing)} of {len(records)} records lack it ({lines}); "
+                f"fields of that record: {', '.join(sorted(row)) or 'none'}"
+            )
 
 
 _SPLIT_ALIASES = {
@@ -254,39 +285,49 @@ class FileTask(Task):
         self.answer_field = answer_field
         self.suffix = suffix
         if not self.path.is_file():
-            raise UserError(f"task file {self.path} does not exist")
+            cwd = Path.cwd()
+            where = "" if self.path.is_absolute() else f" (looked in the working directory, {cwd})"
+            raise UserError(f"task file {self.path} does not exist{where}")
         if self.path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
             raise UserError(f"task file {self.path}: use a .jsonl, .json or .parquet file")
-        rows = _read_records(self.path)
-        if not rows:
+        records = _read_records(self.path)
+        if not records:
             raise UserError(f"task file {self.path} holds no records")
-        if not all(isinstance(r, dict) for r in rows):
-            raise UserError(f"task file {self.path}: every record must be a JSON object")
-        present = sorted({k for r in rows for k in r})
-        for role, fld in (("prompt_field", prompt_field), ("answer_field", answer_field)):
-            missing = sum(1 for r in rows if r.get(fld) in (None, ""))
-            if missing:
-                raise UserError(
-                    f"task file {self.path}: {missing} of {len(rows)} records lack the "
-                    f"{role} {fld!r}; fields present: {', '.join(present)}"
-                )
+        _check_records(self.path, records, prompt_field, answer_field)
         self._splits: dict[str, list[Example]] = {"train": [], "test": []}
-        for row in rows:
+        self._labelled = 0  # records with a "split" field (the rest are split by hash)
+        for where, row in records:
             question = str(row[prompt_field])
-            if "split" in row and row["split"] is not None:
-                label = str(row["split"]).strip().lower()
-                split = _SPLIT_ALIASES.get(label)
-                if split is None:
-                    raise UserError(
-                        f"task file {self.path}: unknown split {row['split']!r} "
-                        f"(use {', '.join(sorted(_SPLIT_ALIASES))})"
-                    )
-            else:
-                split = _hash_split(question)
+            split = self._split_of(where, row, question)
             if suffix:
                 question = f"{question} {suffix}"
             ex = Example(question=question, answer=reference_answer(row[answer_field]), entry=row)
             self._splits[split].append(ex)
+
+    def _split_of(self, where: str, row: dict[str, Any], question: str) -> str:
+        """The record's split: its "split" field when it has one, else by a hash of the question."""
+        if row.get("split") is None:
+            return _hash_split(question)
+        self._labelled += 1
+        split = _SPLIT_ALIASES.get(str(row["split"]).strip().lower())
+        if split is None:
+            raise UserError(
+                f"task file {self.path}, {where}: unknown split {row['split']!r} "
+                f"(use {', '.join(sorted(_SPLIT_ALIASES))})"
+            )
+        return split
+
+    def split_rule(self) -> str:
+        """How the file's records were split, with the test share (for size notices)."""
+        n_test = len(self._splits["test"])
+        total = n_test + len(self._splits["train"])
+        if self._labelled == total:
+            how = 'by its "split" field'
+        elif self._labelled == 0:
+            how = 'by a hash of the question, ~10% to test; a "split" field chooses'
+        else:
+            how = f'by the "split" field of {self._labelled} records, the rest by a hash'
+        return f"split {how}: {n_test} of {total} records are test problems"
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """`n` examples in seeded order; train cycles over reshuffled epochs, test stops at all."""
@@ -313,6 +354,17 @@ class FileTask(Task):
     def score(self, completion: str, ex: Example) -> float:
         """1.0 if the extracted answer matches the reference (`answers_match`), else 0.0."""
         return 1.0 if answers_match(extract_answer(completion), ex.answer) else 0.0
+
+
+def size_notice(task: Task, split: str, requested: int, got: int, key: str) -> str | None:
+    """The notice of a requested size (`key`, e.g. task.n_test) cut to the `got` problems the
+    task's split holds; None when nothing was cut."""
+    if got >= requested:
+        return None
+    source, rule = task.name, ""
+    if isinstance(task, FileTask):
+        source, rule = task.path.name, f" ({task.split_rule()})"
+    return f"{key} {requested} > {got} {split} problems in {source}{rule}: using {got}"
 
 
 def make_task(cfg: dict[str, Any]) -> Task:

@@ -2,7 +2,8 @@
 
 This module: the bundled model, loading (models, tokenizers, meta-device skeletons), weight-file
 checks and `check_models`. `heads.py`: a model's body, lm_head, positions, LoRA; `pairing.py`:
-tokenizer agreement, vocabulary and context checks. Every name imports from `taopd.models`.
+two distinct models, tokenizer agreement, vocabulary and context checks. Every name imports
+from `taopd.models`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from .heads import apply_lora, body, hidden_states, lm_head, position_ids
 from .pairing import (
     TokenizerMismatchError,
     check_context,
+    check_distinct,
     check_tokenizers,
+    identical_weights,
     max_context,
     shared_vocab_size,
 )
@@ -41,10 +44,12 @@ __all__ = [
     "bundled_smollm2",
     "cache_dir",
     "check_context",
+    "check_distinct",
     "check_tokenizers",
     "check_weight_files",
     "convert_gguf",
     "hidden_states",
+    "identical_weights",
     "lm_head",
     "load_model",
     "load_tokenizer",
@@ -188,17 +193,23 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or "\\" in name
 
 
-def resolve_model(name: str) -> str:
-    """Map a name to what `from_pretrained` takes: bundled SmolLM2, a local folder or a hub id."""
+def resolve_model(name: str, role: str = "", looked_for: str = "") -> str:
+    """Map a name to what `from_pretrained` takes: bundled SmolLM2, a local folder or a hub id.
+
+    `role` (student, teacher) and `looked_for` (where a config file's relative path was looked
+    for, `Config.looked_for`) go into the error of a folder that does not exist."""
     if name.strip().lower() in SMOLLM2_NAMES:
         return str(bundled_smollm2())
     path = Path(name).expanduser()
+    who = f"{role} model" if role else "model"
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"model path {name} is not a folder (expected a saved HF model folder)")
+            raise UserError(f"{who} path {name} is not a folder (expected a saved HF model folder)")
         return str(path)
     if _looks_like_path(name) or name.count("/") > 1:
-        raise UserError(f"model folder {name} does not exist")
+        if not looked_for and not path.is_absolute():
+            looked_for = f" (looked in the working directory, {Path.cwd()})"
+        raise UserError(f"{who} folder {name} does not exist{looked_for}")
     return name
 
 
@@ -346,19 +357,23 @@ def check_weight_files(resolved: str) -> None:
 
 
 def check_models(cfg: Any, teacher_served: bool = False) -> Any:
-    """Cheap checks of a run config's models before any heavy work: saved-model folders, the
-    tokenizers' agreement, selection.k, the peft extra for lora. Returns the student's tokenizer.
+    """Cheap checks of a run config's models before any heavy work: saved-model folders, a
+    teacher that is not the student (unless a fine-tune makes one of them), the tokenizers'
+    agreement, selection.k, the peft extra for lora. Returns the student's tokenizer.
     """
-    roles = [("student", cfg.student)]
-    if not teacher_served:  # a served teacher: `teacher` names only its tokenizer
-        roles.append(("teacher", cfg.teacher))
-    for role, name in roles:
-        folder = Path(resolve_model(name))
-        if folder.is_dir() and not (folder / "config.json").is_file():
+    looked_for = getattr(cfg, "looked_for", lambda role: "")
+    resolved = {}
+    for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
+        resolved[role] = resolve_model(name, role, looked_for(role))
+        folder = Path(resolved[role])
+        served = role == "teacher" and teacher_served  # `teacher` names only its tokenizer
+        if not served and folder.is_dir() and not (folder / "config.json").is_file():
             raise UserError(
                 f"{role} model folder {name} holds no saved model (no config.json); "
                 "give a folder written by save_pretrained, a hub id or 'smollm2'"
             )
+    if not teacher_served and cfg.teacher_sft is None and cfg.student_sft is None:
+        check_distinct(resolved["student"], resolved["teacher"], cfg.student, cfg.teacher)
     tokenizer = load_tokenizer(cfg.student)
     teacher_tok = load_tokenizer(cfg.teacher)
     check_tokenizers(tokenizer, teacher_tok, cfg.student, cfg.teacher)

@@ -1,5 +1,6 @@
-"""Whether a student and a teacher can be paired for a run: one tokenizer (ids and special
-tokens), lm_heads that cover it, and contexts long enough for the run's prompts.
+"""Whether a student and a teacher can be paired for a run: two different models (not one
+model twice), one tokenizer (ids and special tokens), lm_heads that cover it, and contexts long
+enough for the run's prompts.
 
 Each check takes models or their meta-device skeletons (`models.model_skeleton`): only configs
 and shapes are read, so they run before any weights load.
@@ -7,7 +8,10 @@ and shapes are read, so they run before any weights load.
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -18,6 +22,7 @@ from .heads import lm_head
 
 __all__ = [
     "TokenizerMismatchError",
+    "check_distinct",
     "check_context",
     "check_tokenizers",
     "max_context",
@@ -27,6 +32,70 @@ __all__ = [
 
 class TokenizerMismatchError(UserError):
     """Student and teacher tokenizers disagree, so their token ids cannot be compared."""
+
+
+def _tensor_index(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...], int, int]]:
+    """name -> (file, dtype, shape, first byte, end byte) of every tensor in the folder's
+    *.safetensors files, from their headers alone."""
+    index = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, v in header.items():
+            if name != "__metadata__":
+                start, end = v["data_offsets"]
+                index[name] = (f, v["dtype"], tuple(v["shape"]), 8 + n + start, 8 + n + end)
+    return index
+
+
+def _same_bytes(a: tuple, b: tuple, chunk: int = 1 << 24) -> bool:
+    """Whether two tensors of `_tensor_index` hold the same bytes (read a chunk at a time)."""
+    with open(a[0], "rb") as fa, open(b[0], "rb") as fb:
+        fa.seek(a[3])
+        fb.seek(b[3])
+        left = a[4] - a[3]
+        while left > 0:
+            size = min(chunk, left)
+            if fa.read(size) != fb.read(size):
+                return False
+            left -= size
+    return True
+
+
+def identical_weights(a: str | Path, b: str | Path) -> bool:
+    """Whether two saved model folders hold the same weights: the same tensor names, dtypes and
+    shapes, and byte-equal tensors of the first layer, the embeddings and the lm_head (a fine-tune
+    changes those). False when either has no readable safetensors files."""
+    try:
+        ia, ib = _tensor_index(Path(a)), _tensor_index(Path(b))
+        if not ia or {k: v[1:3] for k, v in ia.items()} != {k: v[1:3] for k, v in ib.items()}:
+            return False
+        probe = [k for k in ia if re.search(r"\.0\.|embed|wte|lm_head", k)] or list(ia)
+        probe.sort(key=lambda k: ia[k][4] - ia[k][3])  # small first: a difference shows early
+        return all(_same_bytes(ia[k], ib[k]) for k in probe)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False  # a damaged file: the weight-file check names it
+
+
+def check_distinct(student: str, teacher: str, student_name: str, teacher_name: str) -> None:
+    """Refuse a teacher that is the student: the same folder, identical weights or the same hub
+    id (`student`, `teacher`: resolved names). Distilling a model into itself scores zero at
+    every position, so nothing would train."""
+    same_dir = Path(student).is_dir() and Path(teacher).is_dir()
+    if same_dir and Path(student).resolve() == Path(teacher).resolve():
+        why = "are the same model folder"
+    elif same_dir and identical_weights(student, teacher):
+        why = "hold identical weights"
+    elif not same_dir and student == teacher:
+        why = "are the same model"
+    else:
+        return
+    raise UserError(
+        f"student '{student_name}' and teacher '{teacher_name}' {why}: distilling a model into "
+        "itself gives zero signals and zero loss at every position, so nothing would train; "
+        "give a stronger or fine-tuned teacher (or teacher_sft, to fine-tune it on the task first)"
+    )
 
 
 def _special(tok: Any, kind: str) -> tuple[str | None, int | None]:

@@ -3,7 +3,9 @@
 1. `check` validates every input and writes nothing: the config against the processes, the
    teacher server, the output folder and the checkpoint to resume, the task files, the models'
    folders, tokenizers, vocabularies and contexts (from their configs, on the meta device), the
-   resume state and a held-out bank left in the folder. It returns a `Plan`.
+   resume state and a held-out bank left in the folder. It returns a `Plan`. On the way it
+   prints a notice for a size cut to what the data holds and a warning for a GPU-sized config
+   on a CPU (sizing.py).
 2. `claim` takes the run folder: creates and locks it, clears a run replaced by --overwrite,
    writes the marker and config.yaml. Only inputs that passed every check get here.
 3. `build` loads and makes what a `Trainer` runs on (a `Run`): the cached fine-tunes, teacher
@@ -27,8 +29,16 @@ from torch import nn
 
 from ..config import Config
 from ..core.scores import Workspace
-from ..data import Example, PromptStream, Task, make_tagger, make_task, render_prompt
-from ..errors import UserError
+from ..data import (
+    Example,
+    PromptStream,
+    Task,
+    make_tagger,
+    make_task,
+    render_prompt,
+    size_notice,
+)
+from ..errors import UserError, notice
 from ..models import (
     apply_lora,
     check_context,
@@ -37,6 +47,7 @@ from ..models import (
     model_skeleton,
     shared_vocab_size,
 )
+from . import sizing
 from .checkpoint import (
     apply_optim_config,
     check_checkpoint_student,
@@ -145,6 +156,13 @@ def _examples(cfg: Config) -> tuple[Task, list[Example], list[Example]]:
             f"train.batch_size={cfg.train.batch_size} exceeds the task's "
             f"{len(train_examples)} training examples; lower it or raise task.n_train"
         )
+    n_test, bank = len(test_examples), cfg.eval.heldout_kl_prompts
+    if cut := size_notice(task, cfg.eval.split, cfg.task.n_test, n_test, "task.n_test"):
+        notice(cut)
+    if 0 < n_test < bank:
+        notice(
+            f"eval.heldout_kl_prompts {bank} > {n_test} {cfg.eval.split} problems: using {n_test}"
+        )
     return task, train_examples, test_examples
 
 
@@ -159,12 +177,26 @@ def _check_models_fit(plan: Plan) -> None:
         {"student": student, "teacher": teacher}, plan.tokenizer, plan.render, cfg,
         [e.question for e in plan.train_examples], [e.question for e in plan.test_examples],
     )  # fmt: skip
+    if plan.acc.device.type == "cpu":
+        _warn_if_gpu_sized(plan, student, teacher)
     if plan.resume_from is not None and cfg.lora is None:
         check_checkpoint_student(plan.resume_from, student)
     if plan.resume_from is not None and plan.engine_kind == "deepspeed":
         from .engines.zero import check_resumable
 
         check_resumable(student, plan.group.world)
+
+
+def _warn_if_gpu_sized(plan: Plan, student: nn.Module, teacher: nn.Module | None) -> None:
+    """A loud warning before a config sized for a GPU runs on this CPU (sizing.py)."""
+    questions = [e.question for e in plan.train_examples[:64]]
+    ids = plan.tokenizer([plan.render(q) for q in questions], add_special_tokens=False)
+    lengths = [min(len(x), plan.cfg.rollout.max_prompt_tokens) for x in ids["input_ids"]]
+    prompt = sum(lengths) / max(len(lengths), 1)
+    flops = sizing.cpu_matmul_flops()
+    n_s, n_t = sizing.param_count(student), sizing.param_count(teacher)
+    if warning := sizing.gpu_sized_warning(plan.cfg, n_s, n_t, prompt, flops):
+        notice(warning)
 
 
 def _check_resume_state(plan: Plan) -> None:

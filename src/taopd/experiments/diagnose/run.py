@@ -11,7 +11,8 @@ import numpy as np
 from torch import Tensor
 
 from ...config import Config, training_only
-from ...errors import UserError
+from ...data import size_notice
+from ...errors import UserError, notice
 from ...models import load_tokenizer
 from ...training.run_dir import check_diagnose_output, write_marker
 from ...training.trackers import Trackers, check_trackers
@@ -182,6 +183,9 @@ def _bank(
         examples = task.examples("test", dcfg.n_contexts, seed=cfg.task.seed)
         if not examples:
             raise UserError("the task gave no test examples for the bank")
+        key = "diagnose.n_contexts"
+        if cut := size_notice(task, "test", dcfg.n_contexts, len(examples), key):
+            notice(cut)
         prompts = [render(ex.question) for ex in examples]
         bank = make_bank(
             sampler, models.student, models.tokenizer, prompts, max_new,
