@@ -17,8 +17,7 @@ from .scores import PLAIN_HEAD, HeadSpec, trim_vocab
 __all__ = ["LOSS_KINDS", "per_token_loss", "opd_loss", "selective_head_loss", "row_weights"]
 
 LOSS_KINDS = ("reverse_kl", "forward_kl", "jsd", "pg")
-"""The `kind`s of `opd_loss` and `per_token_loss`: reverse KL (the paper's, Eq. 6), forward KL,
-generalized JSD, and the sampled-token policy-gradient estimator (Eq. 7)."""
+"""`opd_loss` kinds: reverse KL (Eq. 6), forward KL, generalized JSD, sampled-token PG (Eq. 7)."""
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # kind 'pg': PPO-style ratio clipping (the authors' values)
 
 
