@@ -203,10 +203,19 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .reports.report import render_report
+    from .reports.token_view import SIGNAL_CHOICES
     from .training.run_dir import check_report_folder
 
+    if args.signal not in SIGNAL_CHOICES:
+        raise UserError(
+            f"--signal {args.signal!r} is not a token-view signal; use one of "
+            f"{', '.join(SIGNAL_CHOICES)}"
+        )
     check_report_folder(Path(args.run_dir))
-    path = render_report(Path(args.run_dir), signal=args.signal)
+    notes: list[str] = []
+    path = render_report(Path(args.run_dir), signal=args.signal, notes=notes)
+    for note in notes:
+        print(f"note: {note}")
     print(f"report: {path}")
     return 0
 
@@ -433,7 +442,12 @@ def _add_report(sub: Any) -> None:
         description="Write RUN_DIR/report.html: curves, tables, token view.",
     )
     p.add_argument("run_dir")
-    p.add_argument("--signal", default="teachability", help="signal that colors the token view")
+    p.add_argument(
+        "--signal",
+        default="teachability",
+        help="signal that colors the token view first: teachability (default), student_entropy, "
+        "disagreement, compatibility, reverse_kl or none (the page can switch)",
+    )
     p.set_defaults(func=cmd_report)
 
 
