@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, quiet_deepspeed_notice
 
 __all__ = ["main"]
 
@@ -453,6 +453,7 @@ def _add_report(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_deepspeed_notice()  # DeepSpeed's CPU notice, on runs that do not use it (errors.py)
     args = build_parser().parse_args(argv)
     if getattr(args, "no_progress", False):  # the libraries' bars too (loading weights, ...)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -1,9 +1,38 @@
-"""Exceptions shared by the taopd modules."""
+"""Exceptions shared by the taopd modules, and the third-party notices kept off taopd's output."""
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+import logging
+
+__all__ = ["DEEPSPEED_CPU_NOTICE", "UserError", "quiet_deepspeed_notice"]
+
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
 
 
 class UserError(Exception):
     """An error caused by user input; the CLI prints its message without a traceback."""
+
+
+class _DropDeepSpeedCPUNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(DEEPSPEED_CPU_NOTICE)
+
+
+_DEEPSPEED_FILTER = _DropDeepSpeedCPUNotice()
+
+
+def quiet_deepspeed_notice(on: bool = True) -> None:
+    """Drop (`on`) or let through DeepSpeed's "Setting accelerator to CPU. If you have GPU ..."
+    warning, and only that line of DeepSpeed's log.
+
+    DeepSpeed logs it when it is imported on a machine without a GPU, and accelerate imports it
+    whenever it is installed (transformers' `save_pretrained`, `Accelerator.unwrap_model`), so
+    every CPU run printed it although DeepSpeed was not used. The filter sits on DeepSpeed's
+    logger before DeepSpeed creates it (`logging.getLogger` returns the same object), so it holds
+    however late DeepSpeed is imported. The DeepSpeed engine turns it off (`on=False`).
+    """
+    logger = logging.getLogger("DeepSpeed")
+    if on:
+        logger.addFilter(_DEEPSPEED_FILTER)  # a no-op when already there
+    else:
+        logger.removeFilter(_DEEPSPEED_FILTER)

@@ -28,7 +28,7 @@ from torch import nn
 from ..config import Config
 from ..core.scores import Workspace
 from ..data import Example, PromptStream, Task, make_tagger, make_task, render_prompt
-from ..errors import UserError
+from ..errors import UserError, quiet_deepspeed_notice
 from ..models import (
     apply_lora,
     check_context,
@@ -93,6 +93,7 @@ def check(
     """Phase 1: every check of a run's inputs, in the order the tests pin; writes nothing."""
     acc = accelerator or _accelerator(cfg)
     kind = engine_kind(cfg, acc)
+    quiet_deepspeed_notice(kind != "deepspeed")  # its CPU notice, only where DeepSpeed runs
     group = Group(acc)
     if cfg.train.batch_size % group.world:
         raise UserError(
