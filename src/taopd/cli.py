@@ -112,9 +112,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .data import make_task
     from .models import load_model, load_tokenizer
     from .training.evaluate import evaluate
+    from .training.train import set_threads
 
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be a positive number of test problems, got {args.n}")
@@ -126,8 +129,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
     n = args.n if args.n is not None else cfg.task.n_test
     examples = task.examples("test", n, seed=cfg.task.seed)
+    # the device and threads `taopd train` evaluates with: on a CPU that other jobs share,
+    # torch's default (one thread per core) made generation many times slower (issue 33)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = set_threads(cfg.train.threads, device)
     tok = load_tokenizer(name)
-    model = load_model(name, dtype=cfg.train.dtype)
+    model = load_model(name, dtype=cfg.train.dtype, device=device)
     res = evaluate(
         model,
         tok,
@@ -139,9 +146,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         chat_template=cfg.task.chat_template,
     )
+    res.update(device=str(device), threads=threads)
+    where = f"{threads} CPU thread{'s' if threads > 1 else ''}" if device.type == "cpu" else device
     print(
         f"{name}: accuracy {_pct(res['accuracy'])} on {res['n']} held-out "
-        f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s)"
+        f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s, {where})"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
