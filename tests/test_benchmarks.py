@@ -141,3 +141,21 @@ def test_trl_step_benchmark_prints_ratios(tmp_path):
     assert set(data["ratio"]) == {"vanilla", "taopd", "nocache"}
     assert data["ratio"]["vanilla"] == 1.0
     assert 0 < data["kept"] < data["valid"]
+
+
+def test_eval_speed_benchmark_times_both_paths(
+    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
+    out = tmp_path / "eval.json"
+    proc = _run(
+        ["benchmarks/eval_speed.py", "--student", str(tiny_model_dir),
+         "--teacher", str(tiny_model_dir_same_tokenizer), "--n", "4", "--max-new-tokens", "3",
+         "--json", str(out)],
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| path | problems | threads | device | eval s | command s |" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert list(rows) == ["train (Trainer.evaluate)", "taopd eval", "taopd eval, before the fix"]
+    n = {r["n"] for r in rows.values()}
+    assert len(n) == 1 and n.pop() >= 1  # the same problems on every path
+    assert rows["taopd eval"]["threads"] == rows["train (Trainer.evaluate)"]["threads"]

@@ -345,3 +345,14 @@ def test_prompt_stream_fits_prompts_and_counts_over_ranks():
     assert s.state()["truncated_prompts"] == 2 and s.state()["skipped_prompts"] == 0
     s = _stream(limit=2)
     assert s.fit(["a", "a b c d"]) == ["a"] and s.skipped == 1
+
+
+def test_prompt_stream_keeps_the_examples_of_the_prompts_it_returns():
+    """`last_examples` lines up with `next_prompts` (skipped prompts dropped from both), so the
+    trainer can grade the rollouts it writes to samples.jsonl."""
+    s = _stream(limit=2)  # "qN" plus N % 4 " x": over 2 words is skipped
+    for _ in range(3):
+        prompts = s.next_prompts(4)
+        assert prompts == [ex.question for ex in s.last_examples]
+        assert all(len(p.split()) <= 2 for p in prompts)
+    assert s.skipped > 0

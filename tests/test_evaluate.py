@@ -65,3 +65,64 @@ def test_evaluate_needs_examples(tiny) -> None:
     model, tok = tiny
     with pytest.raises(ValueError):
         evaluate(model, tok, ReasoningGymTask("chain_sum", {}), [], progress=False)
+
+
+# ------------------------------------------------------------------------------- taopd eval
+
+
+@pytest.fixture
+def eval_cfg(tmp_path: Path, tiny_model_dir: Path, tiny_model_dir_same_tokenizer: Path) -> Path:
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(40)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "student": str(tiny_model_dir),
+        "teacher": str(tiny_model_dir_same_tokenizer),
+        "task": {"path": str(data), "n_test": 3},
+        "eval": {"max_new_tokens": 3},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    return path
+
+
+def test_taopd_eval_runs_as_the_training_evaluation_does(eval_cfg, tmp_path, monkeypatch):
+    """issue 33: `taopd eval` took ~30 s where the same evaluation inside `taopd train` took
+    ~1 s. The cause: eval generated with torch's default threads (one per core) while train
+    uses the free cores only (`set_threads`); on a CPU shared with other jobs every parallel
+    region then waits for the busy core. Eval now takes train's threads and device, and loads
+    only the model it evaluates (never the teacher)."""
+    import torch
+
+    import taopd.models as models
+    import taopd.training.evaluate as ev
+    import taopd.training.train as tr
+    from taopd.cli import main
+
+    before = torch.get_num_threads()
+    loaded, seen = [], {}
+    real_load, real_eval = models.load_model, ev.evaluate
+
+    def load(name, *a, **kw):
+        loaded.append((name, str(kw.get("device"))))
+        return real_load(name, *a, **kw)
+
+    def evaluate_spy(model, *a, **kw):
+        seen.update(threads=torch.get_num_threads(), device=str(next(model.parameters()).device))
+        return real_eval(model, *a, **kw)
+
+    monkeypatch.setattr(models, "load_model", load)
+    monkeypatch.setattr(ev, "evaluate", evaluate_spy)
+    monkeypatch.setattr(tr, "free_cores", lambda: 1)  # another job holds every core but one
+    try:
+        torch.set_num_threads(2)
+        out = tmp_path / "res.json"
+        assert main(["eval", str(eval_cfg), "--no-progress", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    student = json.loads(eval_cfg.read_text())["student"]
+    assert [name for name, _ in loaded] == [student]  # the student only, no teacher
+    assert seen == {"threads": 1, "device": device}  # what train's set_threads gives
+    res = json.loads(out.read_text())
+    assert res["threads"] == 1 and res["device"] == device.split(":")[0]

@@ -64,6 +64,8 @@ def make_run(root: Path) -> Path:
             "tokens_per_second": 1000.0 + step,
             "tokens_trained": 200 * (step + 1),
             "grad_norm": 1.5,
+            "my_metric": float(step),
+            "kept_region_share": None,
         }
         metrics.append(rec)
         if step % 2 == 0:
@@ -143,13 +145,54 @@ def test_write_markdown_table():
 
 
 def test_plot_curves(tmp_path):
-    metrics = [{"step": s, "loss": 1.0 / (s + 1), "lr": 1e-4} for s in range(40)]
+    metrics = [{"step": s, "loss": 1.0 / (s + 1), "lr": 1e-4, "mine": s} for s in range(40)]
     metrics.append({"step": 39, "accuracy": 0.5})
     paths = plot_curves(metrics, tmp_path / "plots")
     names = [p.name for p in paths]
-    assert names == ["curve_loss.png", "curve_accuracy.png", "curve_other.png"]
+    assert names == [
+        "curve_loss.png", "curve_accuracy.png", "curve_optimization.png", "curve_other.png",
+    ]  # fmt: skip
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_metric_the_trainer_logs_has_a_figure():
+    """The keys a training step logs (and the evaluations add) all sit in METRIC_GROUPS, so
+    none lands in "Other metrics" (issue 33: 12 of 34 metrics were drawn)."""
+    from taopd.core.signal_names import METRIC_SIGNALS
+    from taopd.reports.curves import METRIC_GROUPS, PHASES
+
+    drawn = {y for _, _, panels in METRIC_GROUPS for _, _, lines in panels for y, _ in lines}
+    logged = {f"{s.metric}_{w}" for s in METRIC_SIGNALS for w in ("all", "selected")}
+    logged |= {"kl_sampled_all", "kl_sampled_selected", "overlap_all", "solved_share"}
+    logged |= {"kl_top5_share", "kl_top5_incompatible", "top5_overlap", "compat_q05"}
+    logged |= {"compat_q50", "compat_q95", "style_share_all", "style_share_selected"}
+    logged |= {"style_share_kl_top5", "reverse_kl_style", "reverse_kl_other"}
+    logged |= {"compatibility_style", "compatibility_other", "loss", "grad_norm", "lr"}
+    logged |= {"n_selected", "n_valid", "tokens_trained", "response_length", "step_seconds"}
+    logged |= {"kept_region_share", "tokens_per_second", "nonfinite_steps", "selected_fraction"}
+    logged |= {"accuracy", "heldout_kl", "heldout_kl_style", "heldout_kl_other"}
+    logged |= {f"{p}_{w}" for p in PHASES for w in ("seconds", "share")}
+    assert logged - drawn == set()
+
+
+def test_plot_curves_draws_every_numeric_key_without_a_warning(tmp_path):
+    import warnings
+
+    from taopd.reports.curves import MAX_OTHER_PANELS, unplotted
+
+    keys = [f"m{i}" for i in range(2 * MAX_OTHER_PANELS + 3)]
+    metrics = [{"step": s, **{k: float(s + i) for i, k in enumerate(keys)}} for s in range(3)]
+    metrics[0].update(flag=True, empty=None, word="x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plot_curves(metrics, tmp_path / "plots")
+    assert [p.name for p in paths] == ["curve_other.png", "curve_other-2.png", "curve_other-3.png"]
+    assert unplotted(metrics) == [
+        ("flag", "a true/false flag, not a curve"),
+        ("empty", "no finite value (null or NaN at every logged step)"),
+        ("word", "not a number"),
+    ]
 
 
 def test_render_report(tmp_path):
@@ -160,9 +203,14 @@ def test_render_report(tmp_path):
     assert external_refs(text) == []
     assert "<link" not in text and "@import" not in text
     # curves saved and embedded
-    for name in ("loss", "kl", "signals", "accuracy", "throughput", "other"):
+    names = ("loss", "kl", "signals", "selection", "accuracy", "optimization", "throughput")
+    for name in (*names, "other"):
         assert (run / "plots" / f"curve_{name}.png").is_file()
-    assert text.count('src="data:image/png;base64,') == 7
+    assert text.count('src="data:image/png;base64,') == 8
+    assert (
+        "Not plotted: <code>kept_region_share</code> (no finite value (null or NaN at every "
+        "logged step))." in text
+    )
     # token view
     assert 'id="token-view"' in text
     n_tokens = sum(len(s["tokens"]) for s in SAMPLES)
@@ -195,9 +243,14 @@ def test_render_report_signal_and_empty(tmp_path):
     out = render_report(run, signal="student_entropy", out=tmp_path / "r.html")
     assert out == tmp_path / "r.html"
     assert 'data-signal="student_entropy"' in out.read_text(encoding="utf-8")
-    with pytest.warns(UserWarning, match="not in samples"):
-        text = render_report(run, signal="nope").read_text(encoding="utf-8")
+    notes: list[str] = []
+    text = render_report(run, signal="nope", notes=notes).read_text(encoding="utf-8")
     assert 'data-signal="teachability"' in text
+    fallback = "signal 'nope' is not in samples.jsonl (it has teachability, "
+    assert any(n.startswith(fallback) for n in notes)
+    assert "is not in samples.jsonl (it has teachability, " in text
+    none = render_report(run, signal="none", notes=(notes := [])).read_text(encoding="utf-8")
+    assert 'data-signal="none"' in none and not any("colouring by" in n for n in notes)
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no report inputs found" in render_report(empty).read_text(encoding="utf-8")
@@ -244,3 +297,42 @@ def test_report_in_headless_chromium(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 10_000
+
+
+def test_cli_report_prints_notes_and_no_python_warning(tmp_path, capsys):
+    """issue 33: `taopd report` printed a UserWarning with a source path; its notes are plain
+    lines now, and every metric is drawn (no cap to warn about)."""
+    import warnings
+
+    from taopd.cli import main
+
+    run = make_run(tmp_path)
+    for i in range(30):  # more unknown metrics than one "Other metrics" figure holds
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": 6, f"extra_{i}": 1.0}) + "\n")
+    (run / "summary.json").write_text("{}")  # a run folder for check_report_folder
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["report", str(run)]) == 0
+    assert [str(w.message) for w in caught] == []
+    out = capsys.readouterr()
+    assert "Warning" not in out.err and out.err == ""
+    assert "note: metrics.jsonl: skipped 1 malformed line(s)" in out.out
+    assert (run / "plots" / "curve_other-3.png").is_file()
+
+
+def test_cli_report_refuses_an_unknown_signal(tmp_path, capsys):
+    from taopd.cli import build_parser, main
+    from taopd.reports.token_view import SIGNAL_CHOICES
+
+    run = make_run(tmp_path)
+    assert main(["report", str(run), "--signal", "teachabilty"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "taopd: error: --signal 'teachabilty' is not a token-view signal; use one of "
+        "teachability, student_entropy, disagreement, compatibility, reverse_kl, none\n"
+    )
+    assert not (run / "report.html").exists()
+    report = build_parser()._subparsers._group_actions[0].choices["report"]
+    help_text = " ".join(report.format_help().split())
+    assert all(name in help_text for name in SIGNAL_CHOICES)

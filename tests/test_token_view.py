@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from taopd.reports.token_view import MAX_SAMPLES, token_view_data, token_view_html
 
 
@@ -22,8 +20,7 @@ def _record(step: int, values: list[float], selected: list[bool]) -> dict:
 def test_data_keeps_finite_signals_and_falls_back_with_a_note():
     notes: list[str] = []
     samples = [_record(1, [0.0, 1.0, 2.0], [True, False]), {"step": 2}]
-    with pytest.warns(UserWarning, match="not in samples.jsonl"):
-        view = token_view_data(samples, "disagreement", notes)
+    view = token_view_data(samples, "disagreement", notes)  # a note, not a Python warning
     assert view.names == ["teachability"]  # reverse_kl has no finite value: left out
     assert view.signal == "teachability" and view.n_total == 1
     assert any("without tokens" in n for n in notes) and any("colouring by" in n for n in notes)
@@ -49,3 +46,14 @@ def test_html_carries_the_data():
     assert data["initial"] == "teachability" and data["tokens"] == [["a", " b", "\n"]]
     assert section.count('class="tok selected"') == 2 and "2 selected (67%)" in section
     assert 'data-s-teachability="2"' in section and "↵" in section
+
+
+def test_ungraded_samples_say_why():
+    graded = {**_record(1, [0.0, 1.0], [True, False]), "answer": "7", "correct": False}
+    bare = _record(2, [0.5, 0.2], [False, True])  # no answer recorded (the diagnostic's bank)
+    section, _ = token_view_html(token_view_data([graded, bare], "teachability", []))
+    assert "✗ wrong" in section and "answer <code>7</code>" in section
+    assert "not graded (no reference answer recorded)" in section
+    assert "1 of the 2 samples shown are not graded: their samples.jsonl lines record" in section
+    section, _ = token_view_html(token_view_data([graded], "teachability", []))
+    assert "not graded" not in section

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from taopd.config import load_config
 from taopd.core.selection import STRATEGIES
+from taopd.data import make_task
 from taopd.errors import UserError
 from taopd.training.train import Trainer, TrainingError, train
 
@@ -123,6 +124,11 @@ def test_summary_and_checkpoint_reload(tiny_model_dir, tiny_model_dir_same_token
     n_tok = len(sample["tokens"])
     assert n_tok == len(sample["selected"]) == len(sample["signals"]["teachability"])
     assert len(sample["student_top"][0]) == 5
+    # graded as the evaluation grades: the answer of the example its prompt asks (issue 33)
+    task = make_task({**cfg.task.as_task_dict(), "suffix": cfg.task.prompt_suffix or None})
+    examples = task.examples("train", cfg.task.n_train, seed=cfg.task.seed)
+    ex = next(e for e in examples if e.question in sample["prompt"])
+    assert sample["answer"] == ex.answer and isinstance(sample["correct"], bool)
 
 
 def test_resume_continues_to_the_same_weights(

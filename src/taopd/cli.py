@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, notice
+from .errors import UserError, notice, quiet_deepspeed_notice
 
 __all__ = ["main"]
 
@@ -112,9 +112,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .data import make_task, size_notice
     from .models import load_model, load_tokenizer
     from .training.evaluate import evaluate
+    from .training.train import set_threads
 
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be a positive number of test problems, got {args.n}")
@@ -129,8 +132,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     key = "--n" if args.n is not None else "task.n_test"
     if cut := size_notice(task, "test", n, len(examples), key):
         notice(cut)
+    # the device and threads `taopd train` evaluates with: on a CPU that other jobs share,
+    # torch's default (one thread per core) made generation many times slower (issue 33)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = set_threads(cfg.train.threads, device)
     tok = load_tokenizer(name)
-    model = load_model(name, dtype=cfg.train.dtype)
+    model = load_model(name, dtype=cfg.train.dtype, device=device)
     res = evaluate(
         model,
         tok,
@@ -142,9 +149,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         chat_template=cfg.task.chat_template,
     )
+    res.update(device=str(device), threads=threads)
+    where = f"{threads} CPU thread{'s' if threads > 1 else ''}" if device.type == "cpu" else device
     print(
         f"{name}: accuracy {_pct(res['accuracy'])} on {res['n']} held-out "
-        f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s)"
+        f"{cfg.task.name or cfg.task.path} problems ({res['seconds']:.0f} s, {where})"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -207,10 +216,19 @@ def cmd_pilot(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .reports.report import render_report
+    from .reports.token_view import SIGNAL_CHOICES
     from .training.run_dir import check_report_folder
 
+    if args.signal not in SIGNAL_CHOICES:
+        raise UserError(
+            f"--signal {args.signal!r} is not a token-view signal; use one of "
+            f"{', '.join(SIGNAL_CHOICES)}"
+        )
     check_report_folder(Path(args.run_dir))
-    path = render_report(Path(args.run_dir), signal=args.signal)
+    notes: list[str] = []
+    path = render_report(Path(args.run_dir), signal=args.signal, notes=notes)
+    for note in notes:
+        print(f"note: {note}")
     print(f"report: {path}")
     return 0
 
@@ -437,12 +455,18 @@ def _add_report(sub: Any) -> None:
         description="Write RUN_DIR/report.html: curves, tables, token view.",
     )
     p.add_argument("run_dir")
-    p.add_argument("--signal", default="teachability", help="signal that colors the token view")
+    p.add_argument(
+        "--signal",
+        default="teachability",
+        help="signal that colors the token view first: teachability (default), student_entropy, "
+        "disagreement, compatibility, reverse_kl or none (the page can switch)",
+    )
     p.set_defaults(func=cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_deepspeed_notice()  # DeepSpeed's CPU notice, on runs that do not use it (errors.py)
     args = build_parser().parse_args(argv)
     if getattr(args, "no_progress", False):  # the libraries' bars too (loading weights, ...)
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

@@ -35,7 +35,7 @@ SIGNALS = (
 # logged as <metric>_all / <metric>_selected each step (overlap: _all only; kl_sampled: served)
 METRIC_SIGNALS = SIGNALS[:7]
 # metrics drawn in the report's "Token signals" figure, selected vs all
-PLOTTED_SIGNALS = ("teachability", "entropy", "disagreement", "compatibility")
+PLOTTED_SIGNALS = ("teachability", "entropy", "teacher_entropy", "disagreement", "compatibility")
 # written per token to samples.jsonl (besides teachability, normalized over the batch)
 SAMPLE_SIGNALS = ("student_entropy", "disagreement", "compatibility", "reverse_kl")
 

@@ -52,6 +52,7 @@ class PromptStream:
         self.max_prompt_tokens, self.overflow, self.group = max_prompt_tokens, overflow, group
         self.position = 0
         self.skipped = self.truncated = 0
+        self.last_examples: list[Example] = []  # the examples of the last `next_prompts`
         self._order: tuple[int, list[int]] | None = None
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -76,15 +77,24 @@ class PromptStream:
         return picked[self.group.rank * per : (self.group.rank + 1) * per]
 
     def next_prompts(self, batch_size: int) -> list[str]:
-        """The rendered prompts of this process's share of the next batch, fitted to the limit."""
-        return self.fit([self.render(ex.question) for ex in self.next_examples(batch_size)])
+        """The rendered prompts of this process's share of the next batch, fitted to the limit;
+        `last_examples` holds their examples, in the same order (to grade the rollouts)."""
+        examples = self.next_examples(batch_size)
+        fitted = self._fit([self.render(ex.question) for ex in examples])
+        self.last_examples = [ex for ex, p in zip(examples, fitted, strict=True) if p is not None]
+        return [p for p in fitted if p is not None]
 
     def fit(self, prompts: list[str]) -> list[str]:
         """Apply rollout.max_prompt_tokens: keep the last tokens (truncate) or drop (skip).
 
         The skipped / truncated counts are summed over all processes (every one calls this)."""
+        return [p for p in self._fit(prompts) if p is not None]
+
+    def _fit(self, prompts: list[str]) -> list[str | None]:
+        """`fit`, with None in place of each skipped prompt."""
         limit = self.max_prompt_tokens
-        kept, truncated, skipped = [], 0, 0
+        kept: list[str | None] = []
+        truncated = skipped = 0
         for p in prompts:
             ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
             if len(ids) <= limit:
@@ -94,6 +104,7 @@ class PromptStream:
                 kept.append(self.tokenizer.decode(ids[-limit:]))
             else:
                 skipped += 1
+                kept.append(None)
         truncated, skipped = self.group.sum_counts(truncated, skipped)
         self.truncated += truncated
         self.skipped += skipped

@@ -1,5 +1,6 @@
-"""The training curves of a run: the `METRIC_GROUPS` figures (loss, KL, signals, selection,
-accuracy, throughput) and one for any other numeric key of metrics.jsonl, as PNG files.
+"""The training curves of a run: the `METRIC_GROUPS` figures (loss, KL, signals, selection, the
+KL's spread, planted style, accuracy, optimization, throughput, step time) and "Other metrics"
+figures for any other numeric key of metrics.jsonl, as PNG files: every numeric key is drawn.
 
 Imports matplotlib (object API, Agg canvas, no pyplot state) and numpy only.
 """
@@ -7,7 +8,6 @@ Imports matplotlib (object API, Agg canvas, no pyplot state) and numpy only.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,27 +15,48 @@ from typing import Any
 from taopd.core.signal_names import PLOTTED_SIGNALS
 from taopd.reports.html_tables import is_finite
 
-__all__ = ["CURVE_PREFIX", "MAX_OTHER_PANELS", "METRIC_GROUPS", "Panel", "plot_curves"]
+__all__ = [
+    "CURVE_PREFIX", "MAX_OTHER_PANELS", "METRIC_GROUPS", "PHASES", "Panel", "X_KEYS", "plot_curves",
+    "unplotted",
+]  # fmt: skip
 
-# (file stem, title, panels); a panel is (title, x key, [(y key, label), ...]).
+# (file stem, title, panels); a panel is (title, x key, [(y key, label), ...]). Every metric
+# the trainer logs has a place here; any other numeric key goes to the "Other metrics" figures.
 Panel = tuple[str, str, list[tuple[str, str]]]
+PHASES = (
+    "rollout", "teacher", "student_forward", "scoring", "selection", "loss", "backward",
+    "optimizer",
+)  # fmt: skip
+
+
+def _both(stem: str, title: str) -> Panel:
+    return (title, "step", [(f"{stem}_all", "all tokens"), (f"{stem}_selected", "selected")])
+
+
 METRIC_GROUPS: list[tuple[str, str, list[Panel]]] = [
     ("loss", "Training loss", [("loss", "step", [("loss", "loss")])]),
     (
         "kl",
-        "Reverse KL: all valid tokens vs the selected ones",
+        "KL to the teacher: all valid tokens vs the selected ones",
         [
-            ("training batch", "step", [("kl_all", "all tokens"), ("kl_selected", "selected")]),
-            ("held-out", "step", [("heldout_kl", "held-out KL")]),
+            _both("kl", "reverse KL, training batch"),
+            (
+                "held-out reverse KL",
+                "step",
+                [
+                    ("heldout_kl", "held-out KL"),
+                    ("heldout_kl_style", "planted-style positions"),
+                    ("heldout_kl_other", "other positions"),
+                ],
+            ),
+            _both("forward_kl", "forward KL, training batch"),
+            _both("kl_sampled", "sampled-token KL estimate (served teacher)"),
         ],
     ),
     (
         "signals",
         "Token signals: selected vs all",
-        [
-            (name, "step", [(f"{name}_all", "all tokens"), (f"{name}_selected", "selected")])
-            for name in PLOTTED_SIGNALS
-        ],
+        [_both(name, name.replace("_", " ")) for name in PLOTTED_SIGNALS],
     ),
     (
         "selection",
@@ -44,6 +65,56 @@ METRIC_GROUPS: list[tuple[str, str, list[Panel]]] = [
             ("selected fraction", "step", [("selected_fraction", "selected fraction")]),
             ("selected tokens", "step", [("n_selected", "n selected")]),
             ("student/teacher top-K overlap", "step", [("overlap_all", "overlap (all)")]),
+            ("gradient pass: kept region", "step", [("kept_region_share", "share of tokens")]),
+        ],
+    ),
+    (
+        "kl_spread",
+        "Where the batch's KL sits (the pilot's gates)",
+        [
+            (
+                "solved and top-5% shares",
+                "step",
+                [("solved_share", "solved (KL < 0.05)"), ("kl_top5_share", "KL in the top 5%")],
+            ),
+            (
+                "top 5% by KL",
+                "step",
+                [
+                    ("kl_top5_incompatible", "with C < 0.5"),
+                    ("top5_overlap", "shared with teachability's top 5%"),
+                ],
+            ),
+            (
+                "compatibility C quantiles",
+                "step",
+                [("compat_q05", "5%"), ("compat_q50", "50%"), ("compat_q95", "95%")],
+            ),
+        ],
+    ),
+    (
+        "style",
+        "Planted-style positions vs the rest",
+        [
+            (
+                "share of planted-style positions",
+                "step",
+                [
+                    ("style_share_all", "of all"),
+                    ("style_share_selected", "of the selected"),
+                    ("style_share_kl_top5", "of the top 5% by KL"),
+                ],
+            ),
+            (
+                "reverse KL",
+                "step",
+                [("reverse_kl_style", "planted style"), ("reverse_kl_other", "other")],
+            ),
+            (
+                "compatibility C",
+                "step",
+                [("compatibility_style", "planted style"), ("compatibility_other", "other")],
+            ),
         ],
     ),
     (
@@ -55,16 +126,37 @@ METRIC_GROUPS: list[tuple[str, str, list[Panel]]] = [
         ],
     ),
     (
+        "optimization",
+        "Optimization",
+        [
+            ("gradient norm", "step", [("grad_norm", "grad norm")]),
+            ("learning rate", "step", [("lr", "lr")]),
+            ("non-finite steps (cumulative)", "step", [("nonfinite_steps", "skipped steps")]),
+        ],
+    ),
+    (
         "throughput",
-        "Throughput",
+        "Throughput and rollouts",
         [
             ("tokens / second", "step", [("tokens_per_second", "tokens/s")]),
             ("tokens trained (cumulative)", "step", [("tokens_trained", "tokens trained")]),
+            ("response tokens per step", "step", [("n_valid", "valid response tokens")]),
+            ("mean response length", "step", [("response_length", "tokens")]),
+        ],
+    ),
+    (
+        "time",
+        "Where a step's time goes",
+        [
+            ("seconds per phase", "step", [(f"{p}_seconds", p) for p in PHASES]),
+            ("share of the step", "step", [(f"{p}_share", p) for p in PHASES]),
+            ("step seconds", "step", [("step_seconds", "step")]),
         ],
     ),
 ]
 CURVE_PREFIX = "curve_"
-MAX_OTHER_PANELS = 12
+MAX_OTHER_PANELS = 12  # panels per "Other metrics" figure (more keys: more figures)
+X_KEYS = {"step", "time", "epoch", "wall_time", "timestamp"}  # never drawn as a curve
 
 
 def _series(
@@ -129,7 +221,9 @@ def _draw(path: Path, title: str, panels: list[Panel], metrics: Sequence[dict[st
     fig = Figure(figsize=(5.4 * ncols if ncols > 1 else 8.0, 3.3 * nrows + 0.5), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    palette = ["#1f5fbf", "#d1492e", "#2b9348", "#7b4fb0"]
+    palette = [
+        "#1f5fbf", "#d1492e", "#2b9348", "#7b4fb0", "#e08e0b", "#17a2b8", "#8c564b", "#555555",
+    ]  # fmt: skip
     for i, (p_title, x_key, data) in enumerate(drawn):
         ax = axes[i // ncols][i % ncols]
         for j, (label, xs, ys) in enumerate(data):
@@ -160,35 +254,64 @@ def _draw(path: Path, title: str, panels: list[Panel], metrics: Sequence[dict[st
     return True
 
 
-def plot_curves(metrics: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Draw the `METRIC_GROUPS` figures (and one for any other numeric key) from metrics records.
-
-    Writes `out_dir/curve_<group>.png` for each group with data and returns those paths in group
-    order. Records without a finite value of a key are skipped for that key.
-    """
-    out_dir = Path(out_dir)
-    written: list[Path] = []
-    known = {"step", "time", "epoch", "wall_time", "timestamp"}
-    for stem, title, panels in METRIC_GROUPS:
+def _other_keys(metrics: Sequence[dict[str, Any]]) -> list[str]:
+    """Numeric keys of `metrics` outside `METRIC_GROUPS` (and not an x axis), first seen first."""
+    known = set(X_KEYS)
+    for _, _, panels in METRIC_GROUPS:
         for _, x_key, lines in panels:
             known.add(x_key)
             known.update(y for y, _ in lines)
+    others: dict[str, None] = {}
+    for r in metrics:
+        for k, v in r.items():
+            if k not in known and is_finite(v):
+                others.setdefault(k)
+    return list(others)
+
+
+def plot_curves(metrics: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Draw the `METRIC_GROUPS` figures and the "Other metrics" ones from metrics records.
+
+    Every key with a finite numeric value is drawn: the trainer's metrics in their groups
+    (`out_dir/curve_<group>.png`), any other key in `curve_other.png`, `curve_other-2.png`, ...
+    (`MAX_OTHER_PANELS` panels each). Returns the paths written, in group order. Records
+    without a finite value of a key are skipped for that key; `unplotted` says which keys have
+    none at all.
+    """
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for stem, title, panels in METRIC_GROUPS:
         path = out_dir / f"{CURVE_PREFIX}{stem}.png"
         if _draw(path, title, panels, metrics):
             written.append(path)
-    others: list[str] = []
-    for r in metrics:
-        for k, v in r.items():
-            if k not in known and k not in others and is_finite(v):
-                others.append(k)
-    if others:
-        if len(others) > MAX_OTHER_PANELS:
-            warnings.warn(
-                f"plot_curves: {len(others)} other metrics, drawing the first {MAX_OTHER_PANELS}",
-                stacklevel=2,
-            )
-        panels = [(k, "step", [(k, k)]) for k in others[:MAX_OTHER_PANELS]]
-        path = out_dir / f"{CURVE_PREFIX}other.png"
-        if _draw(path, "Other metrics", panels, metrics):
+    others = _other_keys(metrics)
+    for i in range(0, len(others), MAX_OTHER_PANELS):
+        part = i // MAX_OTHER_PANELS + 1
+        panels = [(k, "step", [(k, k)]) for k in others[i : i + MAX_OTHER_PANELS]]
+        suffix = "" if part == 1 else f"-{part}"
+        title = "Other metrics" if len(others) <= MAX_OTHER_PANELS else f"Other metrics ({part})"
+        path = out_dir / f"{CURVE_PREFIX}other{suffix}.png"
+        if _draw(path, title, panels, metrics):
             written.append(path)
     return written
+
+
+def unplotted(metrics: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, why) for each key of `metrics` that no curve shows: it never has a finite number."""
+    seen: dict[str, list[Any]] = {}
+    for r in metrics:
+        for k, v in r.items():
+            if k not in X_KEYS:
+                seen.setdefault(k, []).append(v)
+    out = []
+    for k, values in seen.items():
+        if any(is_finite(v) for v in values):
+            continue
+        if all(isinstance(v, bool) for v in values):
+            why = "a true/false flag, not a curve"
+        elif all(v is None or isinstance(v, float) for v in values):
+            why = "no finite value (null or NaN at every logged step)"
+        else:
+            why = "not a number"
+        out.append((k, why))
+    return out

@@ -6,8 +6,8 @@ base64 PNG, inline JS only (a Content-Security-Policy in the page forbids any ne
 
 - `summary.json`: a flat or nested object, shown as a key/value table at the top.
 - `metrics.jsonl`: one object per line with `step` and any of the keys in `METRIC_GROUPS`
-  (plus any other numeric key, drawn in an "other metrics" figure); curves go to
-  `run_dir/plots/curve_*.png` and into the page.
+  (plus any other numeric key, drawn in the "other metrics" figures); curves go to
+  `run_dir/plots/curve_*.png` and into the page, which lists any key left undrawn and why.
 - `samples.jsonl`: the token view, one rollout per line:
   `{"step", "prompt", "answer", "correct", "tokens": [str], "selected": [bool],
   "signals": {name: [float]}, "student_top": [[[tok, prob], ...]], "teacher_top": ...}`.
@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from taopd.errors import UserError
-from taopd.reports.curves import CURVE_PREFIX, MAX_OTHER_PANELS, METRIC_GROUPS, Panel, plot_curves
+from taopd.reports.curves import (
+    CURVE_PREFIX,
+    MAX_OTHER_PANELS,
+    METRIC_GROUPS,
+    Panel,
+    plot_curves,
+    unplotted,
+)
 from taopd.reports.html_tables import (
     correlations_html,
     csv_html,
@@ -176,19 +183,25 @@ def _template(name: str) -> str:
 Section = tuple[str, str, str]  # (id, title, html)
 
 
-def render_report(run_dir: Path, signal: str = "teachability", out: Path | None = None) -> Path:
+def render_report(
+    run_dir: Path,
+    signal: str = "teachability",
+    out: Path | None = None,
+    notes: list[str] | None = None,
+) -> Path:
     """Write one self-contained HTML page for `run_dir` (default `run_dir/report.html`).
 
     Every input file is optional; missing ones drop their section. Metric curves are also saved
     as `run_dir/plots/curve_*.png`. `signal` picks the token view's initial colouring (the page
     has a drop-down to switch); when the samples lack it, the first signal they have is used.
-    Returns the path written.
+    What the page notes (a skipped line, a signal it fell back from) is also appended to
+    `notes` when given. Returns the path written.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"report: run folder {run_dir} does not exist or is not a folder")
     out = Path(out) if out is not None else run_dir / "report.html"
-    notes: list[str] = []
+    notes = [] if notes is None else notes
     sections: list[Section] = []
     blob: str | None = None
     sections += _summary_section(run_dir, notes)
@@ -237,7 +250,15 @@ def _curves_section(run_dir: Path, notes: list[str]) -> tuple[list[Section], lis
         notes.append("metrics.jsonl has no records with a numeric step")
         return [], []
     made = plot_curves(metrics, run_dir / "plots")
-    body = _figures(made, run_dir) + _last_values_table(metrics)
+    left = unplotted(metrics)
+    skipped = (
+        '<p class="note">Not plotted: '
+        + "; ".join(f"<code>{esc(k)}</code> ({esc(why)})" for k, why in left)
+        + ".</p>"
+        if left
+        else ""
+    )
+    body = _figures(made, run_dir) + skipped + _last_values_table(metrics)
     return [("curves", "Training curves", body)], made
 
 

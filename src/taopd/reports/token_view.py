@@ -10,14 +10,17 @@ from __future__ import annotations
 import html
 import json
 import re
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.signal_names import SAMPLE_SIGNALS
 from .html_tables import esc, is_finite
 
-__all__ = ["TokenViewData", "token_view_data", "token_view_html"]
+__all__ = ["SIGNAL_CHOICES", "TokenViewData", "token_view_data", "token_view_html"]
+
+# what samples.jsonl records per token (training/samples.py), and "none" for no colouring
+SIGNAL_CHOICES = ("teachability", *SAMPLE_SIGNALS, "none")
 
 MAX_SAMPLES = 40  # token view: evenly spaced subset of samples.jsonl beyond this
 TOP_IN_TOOLTIP = 8  # candidates per side kept for the hover tooltip
@@ -132,8 +135,8 @@ def _values(s: dict[str, Any], name: str, n: int) -> list[float | None]:
 def token_view_data(
     samples_all: list[dict[str, Any]], signal: str, notes: list[str]
 ) -> TokenViewData:
-    """Shape samples.jsonl records for the page; problems go to `notes` (and a warning when
-    the requested `signal` is absent and another one colours the view)."""
+    """Shape samples.jsonl records for the page; problems go to `notes` (among them a requested
+    `signal` the samples lack, and the one that colours the view instead)."""
     samples = [s for s in samples_all if isinstance(s.get("tokens"), list)]
     if len(samples) < len(samples_all):
         notes.append(f"samples.jsonl: {len(samples_all) - len(samples)} line(s) without tokens")
@@ -151,12 +154,11 @@ def token_view_data(
         if st is not None:
             stats[name] = st
     names = [n for n in names if n in stats]
-    if names and signal not in names:
+    if names and signal not in names and signal != "none":  # "none": no colouring
         fallback = names[0]
-        notes.append(f"signal {signal!r} is not in samples.jsonl; colouring by {fallback!r}")
-        warnings.warn(
-            f"report: signal {signal!r} not in samples.jsonl (have {names}); using {fallback!r}",
-            stacklevel=3,
+        notes.append(
+            f"signal {signal!r} is not in samples.jsonl (it has {', '.join(names)}); "
+            f"colouring by {fallback!r}"
         )
         signal = fallback
     if not names:
@@ -208,6 +210,21 @@ def _token_span(view: TokenViewData, sample: SampleView, i: int) -> str:
     return f'<span class="{cls}" data-pos="{i}"{attr_txt}{style}>{tok}</span>'
 
 
+def _ungraded_reason(record: dict[str, Any]) -> str:
+    """Why a sample has no verdict (its `correct` is missing)."""
+    if record.get("answer") is None:
+        return "no reference answer recorded"
+    return "no verdict recorded"
+
+
+UNGRADED_NOTE = (
+    "{n} of the {shown} samples shown are not graded: their samples.jsonl lines record no "
+    "reference answer to score the rollout against. Training runs record the answer and the "
+    "verdict of each rollout (scored as the task scores its evaluations); the diagnostic's bank "
+    "samples, and samples.jsonl files written by an earlier taopd version, record neither."
+)
+
+
 def _sample_html(view: TokenViewData, si: int, sample: SampleView) -> str:
     s, n = sample.record, len(sample.tokens)
     correct = s.get("correct")
@@ -216,7 +233,7 @@ def _sample_html(view: TokenViewData, si: int, sample: SampleView) -> str:
         if correct is True
         else '<span class="bad">✗ wrong</span>'
         if correct is False
-        else "<span>not graded</span>"
+        else f'<span class="ungraded">not graded ({esc(_ungraded_reason(s))})</span>'
     )
     n_sel = sum(sample.selected)
     head = [f"<b>sample {si + 1}</b>", f"step <b>{esc(s.get('step', '?'))}</b>", verdict]
@@ -273,12 +290,15 @@ def token_view_html(view: TokenViewData) -> tuple[str, str]:
         if shown < view.n_total
         else f"{shown} sample(s)"
     )
+    ungraded = sum(s.record.get("correct") not in (True, False) for s in view.samples)
+    why = UNGRADED_NOTE.format(n=ungraded, shown=shown) if ungraded else ""
     section = (
         '<p class="note">Response tokens of student rollouts; the background is the chosen '
         "signal, normalized over the samples on this page as in Eq. 11 "
         "(clip((v − Q0.05) / (Q0.95 − Q0.05), 0, 1)); the blue underline marks tokens that "
         "got a loss. Hover a token for all its signals and the student's and teacher's top "
         f"candidates. <b>·</b> is a space, <b>↵</b> a newline. {esc(count)}.</p>"
+        + (f'<p class="note">{esc(why)}</p>' if why else "")
         + _controls(view)
         + f'<div id="token-view" data-signal="{esc(view.signal)}">{"".join(parts)}</div>'
         + '<div id="tok-tip" role="tooltip"></div>'

@@ -38,7 +38,7 @@ from ..data import (
     render_prompt,
     size_notice,
 )
-from ..errors import UserError, notice
+from ..errors import UserError, notice, quiet_deepspeed_notice
 from ..models import (
     apply_lora,
     check_context,
@@ -104,6 +104,7 @@ def check(
     """Phase 1: every check of a run's inputs, in the order the tests pin; writes nothing."""
     acc = accelerator or _accelerator(cfg)
     kind = engine_kind(cfg, acc)
+    quiet_deepspeed_notice(kind != "deepspeed")  # its CPU notice, only where DeepSpeed runs
     group = Group(acc)
     if cfg.train.batch_size % group.world:
         raise UserError(

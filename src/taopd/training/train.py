@@ -33,6 +33,7 @@ from ..data import render_prompt
 from ..models import lm_head, load_model
 from .checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from .checkpoint import load_trainer_state as load_trainer_state  # still importable from here
+from .evaluate import is_correct
 from .metrics import kind_metrics, run_summary, signal_metrics, weight_metrics
 from .rollout import Rollout
 from .run_dir import lost_peer, out_of_memory
@@ -252,7 +253,8 @@ class Trainer:
         return metrics
 
     def _write_samples(self, out: StepPass, tags: Tensor | None) -> None:
-        """Append two rollouts of this step to samples.jsonl (the report's token view)."""
+        """Append two rollouts of this step to samples.jsonl (the report's token view), each
+        with its reference answer and whether the task scores it correct."""
         if not self.group.is_main:
             return
         lines = token_samples(
@@ -268,6 +270,9 @@ class Trainer:
             **out.teacher.sample_inputs(),
             tags=tags,  # the step's position kinds, tagged once for its metrics
         )
+        for line, ex, text in zip(lines, self.prompts.last_examples, out.roll.texts, strict=False):
+            line["answer"] = ex.answer  # each rollout graded as the evaluation grades
+            line["correct"] = is_correct(self.task.score(text, ex))
         self.run_dir.append("samples.jsonl", lines)
 
     # ----------------------------------------------------------------------------- eval
