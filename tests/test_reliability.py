@@ -157,7 +157,7 @@ def reference_run(tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    src = str(Path(tr.__file__).resolve().parents[1])
+    src = str(Path(tr.__file__).resolve().parents[2])  # .../src (tr is src/taopd/training/train.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     return env
 
