@@ -24,6 +24,7 @@ from taopd.cli import main
 from taopd.config import Config, load_config
 from taopd.errors import UserError
 from taopd.training.checkpoint import latest_checkpoint, save_checkpoint
+from taopd.training.run_dir import write_marker
 from taopd.training.train import Trainer, TrainingError, train
 
 SHORT = "What is {a} + {b}?"  # ~22 tokens with the chat template
@@ -608,6 +609,7 @@ def fresh_cfg(tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file
 def test_a_crafted_heldout_bank_runs_nothing(tmp_path, fresh_cfg):
     out, cfg_path = fresh_cfg
     out.mkdir()
+    write_marker(out, "train")  # a run folder (an unmarked one with files is refused first)
     marker = tmp_path / "PWNED"
     write_malicious(out / "heldout_bank.pt", marker)
     msg = refused_cli(tmp_path, "train", str(cfg_path), "--no-progress", "--set",
@@ -675,7 +677,8 @@ def test_overwrite_refuses_a_folder_taopd_did_not_create(tmp_path, fresh_cfg):
     msg = refused_cli(tmp_path, "train", str(cfg_path), "--output-dir", str(proj), "--overwrite")
     assert msg == (
         f"output_dir {proj} was not created by taopd (no taopd-run.json) and holds .git/, "
-        "config.yaml, src/; refusing to delete it: choose another output_dir"
+        "config.yaml, src/; refusing to delete it: choose another output_dir (a new or empty "
+        "one)"
     )
     assert snapshot(proj) == before
     msg = refused_cli(tmp_path, "train", str(cfg_path), "--output-dir", str(proj))

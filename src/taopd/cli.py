@@ -244,6 +244,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.batch_sizes or [cfg.train.batch_size],
     )
     if args.lr_grid:
+        from .training.run_dir import refuse_foreign
+
+        refuse_foreign(out, "write into", but=("grid",))  # before the grid goes in there
         grid_out = out / "grid"
         print(
             f"taopd compare: lr grid {args.lr_grid} on the validation split in {grid_out}",
