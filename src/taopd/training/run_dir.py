@@ -208,11 +208,22 @@ def check_output(
         _check_not_busy(out)
     ckpt = resume_checkpoint(out / "checkpoints") if resume else None
     if resume and ckpt is None:
-        raise UserError(
-            f"--resume: output_dir {out} holds no checkpoint to resume from; run without "
-            "--resume to start (add --overwrite to replace what is there)"
-        )
+        raise UserError(_nothing_to_resume(out, has_run))
     return ckpt, has_run
+
+
+def _nothing_to_resume(out: Path, has_run: bool) -> str:
+    """--resume without a checkpoint: what to run instead (a command that is accepted)."""
+    if has_run:  # stopped before its first checkpoint: only --overwrite starts it again
+        return (
+            f"--resume: the run in {out} has no checkpoint yet (it ended before its first "
+            "save); start it again with --overwrite instead of --resume"
+        )
+    where = "does not exist" if not out.exists() else "holds no run"
+    return (
+        f"--resume: output_dir {out} {where}, so there is nothing to resume; run the same "
+        "command without --resume to start the run"
+    )
 
 
 def claim(out: Path, kind: str, replace: bool, files: dict[str, str]) -> Any:
@@ -305,7 +316,8 @@ def out_of_memory(err: BaseException, step: int, out: Path) -> str | None:
     kept = f"the last checkpoint, {ckpt}, is kept" if ckpt else "no checkpoint was saved yet"
     return (
         f"out of memory in step {step}; {kept}: lower train.micro_batch_size (or "
-        "train.batch_size, rollout.max_new_tokens, selection.chunk_size), then --resume"
+        "selection.chunk_size, loss.chunk_size), then --resume (a smaller train.batch_size or "
+        "rollout.max_new_tokens changes the run: start it again with --overwrite)"
     )
 
 
@@ -359,13 +371,16 @@ class RunFolder:
         self._fresh_start = ckpt is None
         return ckpt
 
-    def commit(self, config_yaml: str) -> None:
+    def commit(self, config_yaml: str | None) -> None:
         """Claim the folder: create and lock it, remove a run replaced by --overwrite, write the
-        taopd marker and config.yaml."""
+        taopd marker and config.yaml (None: keep it, for a finished run). A resume that goes on
+        drops the summary.json of an earlier finish (it is written again at the end)."""
         self.group.wait()
         if self.group.is_main:
-            files = {"config.yaml": config_yaml} if self._fresh_start else {}
+            files = {"config.yaml": config_yaml} if config_yaml is not None else {}
             self._lock = claim(self.path, "train", self._replace_run, files)
+            if not self._fresh_start and config_yaml is not None:
+                (self.path / "summary.json").unlink(missing_ok=True)
         self.group.wait()
 
     def truncate_logs(self, step: int) -> None:
