@@ -199,7 +199,7 @@ def test_bad_dataset_fails_before_models_and_leaves_no_run(
 
 def test_cli_subprocess_prints_one_line_and_exits_2(cfg_file, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    src = str(Path(tr.__file__).resolve().parents[1])
+    src = str(Path(tr.__file__).resolve().parents[2])  # .../src (tr is src/taopd/training/train.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [

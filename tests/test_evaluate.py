@@ -96,7 +96,7 @@ def test_taopd_eval_runs_as_the_training_evaluation_does(eval_cfg, tmp_path, mon
 
     import taopd.models as models
     import taopd.training.evaluate as ev
-    import taopd.training.train as tr
+    import taopd.training.threads as tr
     from taopd.cli import main
 
     before = torch.get_num_threads()

@@ -24,6 +24,7 @@ from taopd.cli import main
 from taopd.config import Config, load_config
 from taopd.errors import UserError
 from taopd.training.checkpoint import latest_checkpoint, save_checkpoint
+from taopd.training.run_dir import write_marker
 from taopd.training.train import Trainer, TrainingError, train
 
 SHORT = "What is {a} + {b}?"  # ~22 tokens with the chat template
@@ -157,7 +158,7 @@ def reference_run(tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    src = str(Path(tr.__file__).resolve().parents[1])
+    src = str(Path(tr.__file__).resolve().parents[2])  # .../src (tr is src/taopd/training/train.py)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     return env
 
@@ -245,13 +246,16 @@ def test_sigterm_saves_and_exits_cleanly_then_resume_finishes(
     proc = launch(tmp_path, cfg_path, pause_at=3)
     wait_for(tmp_path / "paused", proc)
     os.kill(proc.pid, signal.SIGTERM)  # arrives inside step 3: it finishes, saves, exits
-    assert proc.wait(timeout=120) == 2
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # a stop, as asked: not an error
     err = (tmp_path / "stderr.txt").read_text()
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "error" not in err
     assert "SIGTERM: stopping after this step" in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("taopd: error: stopped by a signal at step 3; checkpoint saved")
-    assert "step-000003" in last and last.endswith("continue with --resume")
+    assert last == (
+        f"taopd: stopped by SIGTERM at step 3; checkpoint saved at "
+        f"{out / 'checkpoints' / 'step-000003'}; resume with: taopd train {cfg_path} "
+        f"--output-dir {out} --resume"
+    )
     assert latest_checkpoint(out / "checkpoints").name == "step-000003"
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     assert not (out / "summary.json").exists()
@@ -585,11 +589,13 @@ def small_run(tiny_model_dir, tiny_model_dir_same_tokenizer, task_file, tmp_path
 
 @pytest.fixture
 def run_copy(small_run, tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file):
-    """(copy of the small run, its config file) in this test's tmp_path."""
+    """(copy of the small run, its config file) in this test's tmp_path, without its
+    summary.json: a run cut short after its last checkpoint (a finished one is not resumed)."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(small_run, out)
+    (out / "summary.json").unlink()
     cfg = base_cfg(tiny_model_dir, tiny_model_dir_same_tokenizer, out, task_file, "train.steps=4")
     return out, write_cfg(tmp_path / "cfg.yaml", cfg)
 
@@ -608,6 +614,7 @@ def fresh_cfg(tmp_path, tiny_model_dir, tiny_model_dir_same_tokenizer, task_file
 def test_a_crafted_heldout_bank_runs_nothing(tmp_path, fresh_cfg):
     out, cfg_path = fresh_cfg
     out.mkdir()
+    write_marker(out, "train")  # a run folder (an unmarked one with files is refused first)
     marker = tmp_path / "PWNED"
     write_malicious(out / "heldout_bank.pt", marker)
     msg = refused_cli(tmp_path, "train", str(cfg_path), "--no-progress", "--set",
@@ -675,7 +682,8 @@ def test_overwrite_refuses_a_folder_taopd_did_not_create(tmp_path, fresh_cfg):
     msg = refused_cli(tmp_path, "train", str(cfg_path), "--output-dir", str(proj), "--overwrite")
     assert msg == (
         f"output_dir {proj} was not created by taopd (no taopd-run.json) and holds .git/, "
-        "config.yaml, src/; refusing to delete it: choose another output_dir"
+        "config.yaml, src/; refusing to delete it: choose another output_dir (a new or empty "
+        "one)"
     )
     assert snapshot(proj) == before
     msg = refused_cli(tmp_path, "train", str(cfg_path), "--output-dir", str(proj))
@@ -841,7 +849,7 @@ def test_resume_refusals(capsys, run_copy, tmp_path, tiny_model_dir, tiny_model_
         f"teacher={tiny_model_dir}",  # not the student: that is refused before the checkpoint
     )
     assert msg.startswith(
-        f"checkpoint {out / 'checkpoints' / 'step-000004'} does not match the student ("
+        f"--resume: this config changes the experiment of the run in {out} (student: "
     )
     assert snapshot(out) == before
     import shutil
@@ -850,8 +858,8 @@ def test_resume_refusals(capsys, run_copy, tmp_path, tiny_model_dir, tiny_model_
     before = snapshot(out)
     msg = refused(capsys, "train", str(cfg_path), "--resume")
     assert msg == (
-        f"--resume: output_dir {out} holds no checkpoint to resume from; run without --resume "
-        "to start (add --overwrite to replace what is there)"
+        f"--resume: the run in {out} has no checkpoint yet (it ended before its first save); "
+        "start it again with --overwrite instead of --resume"
     )
     assert snapshot(out) == before
     nowhere = tmp_path / "nowhere"
@@ -915,8 +923,9 @@ def test_out_of_memory_in_a_step_names_the_knob_and_keeps_the_checkpoint(
     ckpt = out / "checkpoints" / "step-000002"
     assert msg == (
         f"out of memory in step 3; the last checkpoint, {ckpt}, is kept: lower "
-        "train.micro_batch_size (or train.batch_size, rollout.max_new_tokens, "
-        "selection.chunk_size), then --resume"
+        "train.micro_batch_size (or selection.chunk_size, loss.chunk_size), then --resume (a "
+        "smaller train.batch_size or rollout.max_new_tokens changes the run: start it again with "
+        "--overwrite)"
     )
     assert ckpt_names(out) == ["step-000002"] and weights(ckpt)
 

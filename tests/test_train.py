@@ -296,7 +296,7 @@ def test_step_metrics_split_the_step_into_phases(
 
 
 def test_threads_follow_the_config_or_the_free_cores(monkeypatch):
-    from taopd import train as train_mod
+    from taopd.training import threads as train_mod
 
     before = torch.get_num_threads()
     try:

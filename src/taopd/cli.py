@@ -78,6 +78,28 @@ def print_summary(summary: dict[str, Any], title: str) -> None:
     print(f"\n{title}\n{_table(rows)}\n\nrun folder: {s['output_dir']}")
 
 
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that resumes a stopped `taopd train` or `taopd demo` run in `out`."""
+    import shlex
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "the same launch command with --resume (instead of --overwrite)"
+    config = args.config if args.func is cmd_train else "demo"
+    sets = [x for item in args.overrides for x in ("--set", item)]
+    argv = ["taopd", "train", config, *sets, "--output-dir", str(out), "--resume"]
+    return shlex.join(argv)
+
+
+def _stopped(args: argparse.Namespace, e: Any) -> int:
+    """A run stopped by SIGINT/SIGTERM (`RunStopped`): one calm line; exit 128 + the signal."""
+    import signal
+
+    if os.environ.get("RANK", "0") == "0":
+        how = _resume_command(args, e.out) if args.func in (cmd_train, cmd_demo) else None
+        print(f"taopd: {e}{f'; resume with: {how}' if how else ''}", file=sys.stderr, flush=True)
+    return 128 + int(getattr(signal.Signals, e.signal_name, signal.SIGTERM))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before importing torch: a config mistake is reported at once
     from .training.collectives import leave_process_group
@@ -117,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import make_task, size_notice
     from .models import load_model, load_tokenizer
     from .training.evaluate import evaluate
-    from .training.train import set_threads
+    from .training.threads import set_threads
 
     if args.n is not None and args.n < 1:
         raise UserError(f"--n must be a positive number of test problems, got {args.n}")
@@ -266,6 +288,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.batch_sizes or [cfg.train.batch_size],
     )
     if args.lr_grid:
+        from .training.run_dir import refuse_foreign
+
+        refuse_foreign(out, "write into", but=("grid",))  # before the grid goes in there
         grid_out = out / "grid"
         print(
             f"taopd compare: lr grid {args.lr_grid} on the validation split in {grid_out}",
@@ -475,7 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"taopd: error: {e}", file=sys.stderr)
+        step = sys.modules.get("taopd.training.step")  # not loaded: no run was stopped
+        if step is not None and isinstance(e, step.RunStopped):  # as asked: not an error
+            code = _stopped(args, e)
+        else:
+            print(f"taopd: error: {e}", file=sys.stderr)
+            code = 2
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
             # a multi-process run that failed (perhaps a peer died): tearing its process group
@@ -483,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             # collectives.leave_process_group); everything kept is already on disk
             sys.stderr.flush()
             sys.stdout.flush()
-            os._exit(2)
-        return 2
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         print("taopd: interrupted", file=sys.stderr)
         return 130

@@ -91,10 +91,11 @@ def run_compare(
     """
     if keep not in KEEP:
         raise UserError(f"keep checkpoints: {keep!r} is not one of {', '.join(KEEP)}")
-    from ..training.run_dir import marker_kind, write_marker
+    from ..training.run_dir import marker_kind, refuse_foreign, write_marker
 
     if marker_kind(out) not in (None, "compare"):
         raise UserError(f"{out} holds a taopd {marker_kind(out)} run; give compare its own folder")
+    refuse_foreign(out, "write into", but=("grid",))  # the --lr-grid points go first, in grid/
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "compare")
     (out / "arms").mkdir(exist_ok=True)

@@ -289,17 +289,6 @@ def lock_holder(folder: Path) -> str:
         return "?"
 
 
-def clear_folder(folder: Path) -> None:
-    """Delete everything in `folder` except its lock file (which this process holds)."""
-    for child in folder.iterdir():
-        if child.name == LOCK_NAME:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def load_student_weights(model: torch.nn.Module, ckpt: Path, lora: bool = False) -> None:
     """A checkpoint's student weights (model/*.safetensors) into a whole, not yet sharded model.
 

@@ -177,4 +177,5 @@ def run_summary(
         "skipped_prompts": t.prompts.skipped,
         "truncated_prompts": t.prompts.truncated,
         "output_dir": str(t.out),
+        "resumes": h.get("resumes", []),  # each resume's step and the settings it changed
     }

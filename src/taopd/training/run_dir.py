@@ -1,11 +1,11 @@
 """The run folder: taopd's marker file, the checks made before anything is written, claiming it,
 and (`RunFolder`) a training run's view of it: its logs, cut back to a checkpoint on resume.
 
-A folder is only ever cleared (`--overwrite`) when it holds the marker `taopd-run.json`, written
-when taopd creates a run; every check that can fail runs before the folder is created or locked.
-Layout of a training run: taopd-run.json, config.yaml, metrics.jsonl, samples.jsonl,
-heldout_bank.pt, checkpoints/step-NNNNNN/, summary.json, tb/ (tensorboard), wandb/ (wandb, unless
-WANDB_DIR is set), trackers.json (the tracker run ids a resume reopens), .taopd.lock (held by the
+The folder rules: taopd writes its marker `taopd-run.json` only into a folder that is new or
+empty (or already marked); a non-empty folder without it is refused, whatever the flags. On
+`--overwrite` it removes only what a run writes (`RUN_OUTPUTS`), in a marked folder; anything
+else there (a user's notes) is kept and named. Every check that can fail runs before the folder
+is created or locked. Layout of a training run: `RUN_OUTPUTS`, and .taopd.lock (held by the
 trainer using the folder).
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,6 @@ from ..errors import UserError
 from .checkpoint import (
     LOCK_NAME,
     atomic_write_text,
-    clear_folder,
     disk_full,
     latest_checkpoint,
     lock_holder,
@@ -33,6 +34,7 @@ from .collectives import Group
 __all__ = [
     "LOGS",
     "MARKER",
+    "RUN_OUTPUTS",
     "RunFolder",
     "check_output",
     "check_diagnose_output",
@@ -41,12 +43,23 @@ __all__ = [
     "lost_peer",
     "marker_kind",
     "out_of_memory",
+    "refuse_foreign",
+    "remove_run",
     "write_marker",
 ]
 
 MARKER = "taopd-run.json"
 LOGS = ("metrics.jsonl", "samples.jsonl")  # one JSON record per line, each with its "step"
 _OURS = {LOCK_NAME, ".write-test"}  # what a run folder holds before its marker is written
+RUN_OUTPUTS = (
+    MARKER, "config.yaml", *LOGS, "heldout_bank.pt", "checkpoints", "summary.json",
+    "tb", "wandb", "trackers.json", "report.html", "model", "student",
+)  # fmt: skip
+"""What a training run writes at the top of its folder, all that `--overwrite` removes: the
+marker, config, logs, the held-out bank, checkpoints/step-NNNNNN/, summary.json, tb/
+(tensorboard), wandb/ (unless WANDB_DIR is set), trackers.json (the tracker run ids a resume
+reopens), report.html (`taopd report`), model/ (a compare arm's final weights) and student/
+(`taopd diagnose`'s updated student, in its update/ folder)."""
 
 
 def write_marker(folder: Path, kind: str) -> None:
@@ -83,6 +96,52 @@ def _foreign(folder: Path) -> bool:
     if not folder.is_dir() or marker_kind(folder) is not None:
         return False
     return any(p.name not in _OURS for p in folder.iterdir())
+
+
+def refuse_foreign(out: Path, verb: str, but: tuple[str, ...] = ()) -> None:
+    """The folder rule: refuse to `verb` ('write into', 'delete') a non-empty folder that taopd
+    did not create (no marker); entries named in `but` do not count."""
+    if not out.is_dir() or marker_kind(out) is not None:
+        return
+    if any(p.name not in _OURS and p.name not in but for p in out.iterdir()):
+        raise UserError(
+            f"output_dir {out} was not created by taopd (no {MARKER}) and holds "
+            f"{_listing(out)}; refusing to {verb} it: choose another output_dir (a new or "
+            "empty one)"
+        )
+
+
+def _ours(name: str) -> bool:
+    """Whether a top-level entry of a run folder is a run's output (or its temp file)."""
+    if name.startswith(".") and ".tmp-" in name:  # atomic_write_text's `.NAME.tmp-PID`
+        name = name[1:].split(".tmp-")[0]
+    return name in RUN_OUTPUTS or name == ".write-test"
+
+
+def remove_run(folder: Path) -> list[str]:
+    """`--overwrite`: delete what a run wrote in the marked `folder` (`RUN_OUTPUTS`; in
+    checkpoints/ only the step folders) and nothing else; return the names of what is kept."""
+    kept = []
+    for child in sorted(folder.iterdir()):
+        if child.name == LOCK_NAME:  # held by this process
+            continue
+        if not _ours(child.name):
+            kept.append(child.name + ("/" if child.is_dir() else ""))
+        elif child.name == "checkpoints" and child.is_dir() and not child.is_symlink():
+            for step in child.iterdir():
+                if not step.name.lstrip(".").startswith(("step-", "tmp-step-", "old-step-")):
+                    kept.append(f"checkpoints/{step.name}")
+                elif step.is_dir() and not step.is_symlink():
+                    shutil.rmtree(step)
+                else:
+                    step.unlink()
+            if not any(child.iterdir()):
+                child.rmdir()
+        elif child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return kept
 
 
 def _check_writable(out: Path) -> None:
@@ -132,13 +191,8 @@ def check_output(
             "--resume and --overwrite contradict each other: --resume continues the run in "
             "output_dir, --overwrite deletes it; pass one"
         )
+    refuse_foreign(out, "delete" if overwrite else "write into")
     has_run = (out / "config.yaml").exists() or (out / "checkpoints").exists()
-    if (overwrite or (has_run and not resume)) and _foreign(out):
-        raise UserError(
-            f"output_dir {out} was not created by taopd (no {MARKER}) and holds "
-            f"{_listing(out)}; refusing to {'delete' if overwrite else 'write into'} it: "
-            "choose another output_dir"
-        )
     if has_run and not (resume or overwrite):
         raise UserError(
             f"output_dir {out} already holds a run; pass --resume to continue it or "
@@ -154,11 +208,22 @@ def check_output(
         _check_not_busy(out)
     ckpt = resume_checkpoint(out / "checkpoints") if resume else None
     if resume and ckpt is None:
-        raise UserError(
-            f"--resume: output_dir {out} holds no checkpoint to resume from; run without "
-            "--resume to start (add --overwrite to replace what is there)"
-        )
+        raise UserError(_nothing_to_resume(out, has_run))
     return ckpt, has_run
+
+
+def _nothing_to_resume(out: Path, has_run: bool) -> str:
+    """--resume without a checkpoint: what to run instead (a command that is accepted)."""
+    if has_run:  # stopped before its first checkpoint: only --overwrite starts it again
+        return (
+            f"--resume: the run in {out} has no checkpoint yet (it ended before its first "
+            "save); start it again with --overwrite instead of --resume"
+        )
+    where = "does not exist" if not out.exists() else "holds no run"
+    return (
+        f"--resume: output_dir {out} {where}, so there is nothing to resume; run the same "
+        "command without --resume to start the run"
+    )
 
 
 def claim(out: Path, kind: str, replace: bool, files: dict[str, str]) -> Any:
@@ -177,14 +242,22 @@ def claim(out: Path, kind: str, replace: bool, files: dict[str, str]) -> Any:
             f"output_dir {out} is in use by another taopd process (pid "
             f"{lock_holder(out)}); wait for it to finish or stop it, then rerun"
         )
-    if replace:
-        if _foreign(out):  # checked before; kept here so no path can delete foreign files
-            lock.close()
-            raise UserError(f"--overwrite: {out} holds no {MARKER}; refusing to delete it")
-        clear_folder(out)  # keeps the lock this process holds
+    try:  # checked before; again here, so that no path marks or clears a foreign folder
+        refuse_foreign(out, "delete" if replace else "write into")
+    except UserError:
+        lock.close()
+        raise
+    kept = remove_run(out) if replace else []
+    if kept:
+        print(
+            f"taopd: --overwrite kept what taopd did not write in {out}: {', '.join(kept[:5])}"
+            f"{f' and {len(kept) - 5} more' if len(kept) > 5 else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
     write_marker(out, kind)
     for name, text in files.items():
-        (out / name).write_text(text)
+        atomic_write_text(out / name, text)
     return lock
 
 
@@ -243,7 +316,8 @@ def out_of_memory(err: BaseException, step: int, out: Path) -> str | None:
     kept = f"the last checkpoint, {ckpt}, is kept" if ckpt else "no checkpoint was saved yet"
     return (
         f"out of memory in step {step}; {kept}: lower train.micro_batch_size (or "
-        "train.batch_size, rollout.max_new_tokens, selection.chunk_size), then --resume"
+        "selection.chunk_size, loss.chunk_size), then --resume (a smaller train.batch_size or "
+        "rollout.max_new_tokens changes the run: start it again with --overwrite)"
     )
 
 
@@ -297,13 +371,16 @@ class RunFolder:
         self._fresh_start = ckpt is None
         return ckpt
 
-    def commit(self, config_yaml: str) -> None:
+    def commit(self, config_yaml: str | None) -> None:
         """Claim the folder: create and lock it, remove a run replaced by --overwrite, write the
-        taopd marker and config.yaml."""
+        taopd marker and config.yaml (None: keep it, for a finished run). A resume that goes on
+        drops the summary.json of an earlier finish (it is written again at the end)."""
         self.group.wait()
         if self.group.is_main:
-            files = {"config.yaml": config_yaml} if self._fresh_start else {}
+            files = {"config.yaml": config_yaml} if config_yaml is not None else {}
             self._lock = claim(self.path, "train", self._replace_run, files)
+            if not self._fresh_start and config_yaml is not None:
+                (self.path / "summary.json").unlink(missing_ok=True)
         self.group.wait()
 
     def truncate_logs(self, step: int) -> None:

@@ -18,8 +18,9 @@ is the one tests/test_reliability.py and tests/test_cli.py pin.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,6 +59,7 @@ from .checkpoint import (
 from .collectives import Group
 from .engines import StudentEngine, engine_kind, make_engine, make_scheduler, optimizer_format
 from .evaluate import Evaluator
+from .resume import Change, finished_summary, resume_changes, resuming_line
 from .run_dir import RunFolder
 from .sampling import make_sampler
 from .teacher_server import TeacherServer
@@ -85,6 +87,8 @@ class Plan:
     test_examples: list[Example]
     tokenizer: Any  # the student's (the teacher's agrees)
     vocab_size: int  # vocabulary rows both models score
+    changes: list[Change] = field(default_factory=list)  # what a --resume changes (accepted)
+    finished: dict[str, Any] | None = None  # a resumed run that already finished: its summary
 
     def render(self, question: str) -> str:
         """The prompt text of `question` (task.system_prompt, task.chat_template)."""
@@ -119,11 +123,12 @@ def check(
     try:
         run_dir = RunFolder(Path(cfg.output_dir), group)
         resume_from = run_dir.prepare(resume, overwrite)
+        changes = resume_changes(run_dir.path, cfg) if resume_from is not None else []
         task, train_examples, test_examples = _examples(cfg)
         tokenizer = check_models(cfg, teacher_served=server is not None)
         plan = Plan(
             cfg, acc, group, kind, server, run_dir, resume_from, None, task, train_examples,
-            test_examples, tokenizer, vocab_size=len(tokenizer),
+            test_examples, tokenizer, vocab_size=len(tokenizer), changes=changes,
         )  # fmt: skip
         _check_models_fit(plan)
         _check_resume_state(plan)
@@ -206,6 +211,12 @@ def _check_resume_state(plan: Plan) -> None:
     if ckpt is None:
         return
     state = load_trainer_state(ckpt)
+    plan.finished = finished_summary(plan.run_dir.path, plan.cfg.train.steps)
+    if plan.finished is None and plan.cfg.train.steps < state["step"]:
+        raise UserError(
+            f"--resume: train.steps={plan.cfg.train.steps} is below step {state['step']} of "
+            f"checkpoint {ckpt}; set train.steps to {state['step']} or more"
+        )
     written = state.get("optimizer_format") or "replicated"
     own = optimizer_format(plan.engine_kind)
     if written != own:
@@ -228,8 +239,14 @@ def _check_heldout_bank(plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------- 2. claim
 def claim(plan: Plan) -> None:
-    """Phase 2: claim the run folder (lock, marker, config.yaml on a fresh start)."""
+    """Phase 2: claim the run folder (lock, marker, config.yaml). A resume rewrites config.yaml
+    with the accepted changes and says where it continues from (a finished run: nothing)."""
+    if plan.finished is not None:  # Trainer.run() says so and returns its summary
+        plan.run_dir.commit(None)
+        return
     plan.run_dir.commit(plan.cfg.to_yaml())
+    if plan.resume_state is not None and plan.group.is_main:
+        print(resuming_line(plan.resume_state["step"], plan.changes), file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- 3. build
@@ -358,4 +375,8 @@ def _resume(
     prompts.load_state(state)
     apply_optim_config(engine.opt, sched, cfg.optim)
     plan.run_dir.truncate_logs(state["step"])
+    if plan.finished is None:  # summary.json lists every resume and what it changed
+        changed = {c.field: [c.saved, c.new] for c in plan.changes}
+        state.setdefault("history", {}).setdefault("resumes", [])
+        state["history"]["resumes"].append({"step": state["step"], "changed": changed})
     return state

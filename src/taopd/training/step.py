@@ -9,6 +9,7 @@ over, so a step runs the same collectives on every rank.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -28,13 +29,23 @@ if TYPE_CHECKING:
     from .teachers import TeacherView
 
 __all__ = [
-    "PHASES", "PhaseClock", "StepPass", "TrainingError", "grad_hidden", "kept_pass",
+    "PHASES", "PhaseClock", "RunStopped", "StepPass", "TrainingError", "grad_hidden", "kept_pass",
     "kept_region", "kept_share", "micro_batches", "pass_input", "select_batch", "student_hidden",
 ]  # fmt: skip
 
 
 class TrainingError(UserError):
     """A run that cannot go on (e.g. repeated non-finite losses); its last checkpoint is kept."""
+
+
+class RunStopped(TrainingError):
+    """A run stopped as asked (SIGINT/SIGTERM) after finishing a step and saving it: not an
+    error (the CLI prints one calm line, and how to resume)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, out: Path) -> None:
+        self.signal_name, self.step, self.checkpoint, self.out = signal_name, step, checkpoint, out
+        saved = f"checkpoint saved at {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"stopped by {signal_name} at step {step}; {saved}")
 
 
 PHASES = (

@@ -13,8 +13,6 @@ the run folder and builds what the Trainer runs on (`setup_run`); around it: the
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import signal
 import sys
 import time
@@ -35,6 +33,7 @@ from .checkpoint import latest_checkpoint, rng_state, save_checkpoint
 from .checkpoint import load_trainer_state as load_trainer_state  # still importable from here
 from .evaluate import is_correct
 from .metrics import kind_metrics, run_summary, signal_metrics, weight_metrics
+from .resume import finished_run, say_finished
 from .rollout import Rollout
 from .run_dir import lost_peer, out_of_memory
 from .samples import token_samples
@@ -43,6 +42,7 @@ from .setup import Loaders, Run, build, check, claim
 from .step import (
     PHASES,
     PhaseClock,
+    RunStopped,
     StepPass,
     TrainingError,
     kept_pass,
@@ -53,35 +53,13 @@ from .step import (
     student_hidden,
 )
 from .teachers import score_rollout
+from .threads import free_cores, set_threads
 from .trackers import Trackers
 
 __all__ = [
-    "PHASES", "Trainer", "TrainingError", "free_cores", "set_threads", "setup_run", "train",
-    "token_samples",
+    "PHASES", "RunStopped", "Trainer", "TrainingError", "free_cores", "set_threads", "setup_run",
+    "train", "token_samples",
 ]  # fmt: skip
-
-
-def free_cores() -> int:
-    """CPU cores this process may use that other processes are not busy on, at least 1.
-
-    The cores it may run on (its affinity mask) minus the 1-minute load average, rounded: with
-    as many OpenMP threads as cores on a machine where another job holds one, every parallel
-    region waits for the thread that shares a core (issue #17: the demo's ~4 s teacher fine-tune
-    step took 19-39 s beside one 1-thread job on 2 cores; benchmarks/README.md, "Threads").
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, (cores or 1) - math.floor(busy + 0.5))
-
-
-def set_threads(threads: int | None, device: torch.device) -> int:
-    """torch's intra-op threads for a run: `train.threads` when set, else on CPU the free cores
-    (`free_cores`, never more than torch's default), else torch's default. Returns the count."""
-    if threads is None and device.type == "cpu":
-        threads = min(torch.get_num_threads(), free_cores())
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 class Trainer:
@@ -112,7 +90,8 @@ class Trainer:
         self.opt, self.sched, self.sampler = run.engine.opt, run.sched, run.sampler
         self.score_kw, self.loss_kw = run.score_kw, run.loss_kw
         self.prompts, self.tagger, self.evaluator = run.prompts, run.tagger, run.evaluator
-        self.stop_requested = False
+        self.stop_requested: str | None = None  # the signal's name, once one came
+        self.finished = p.finished  # a resumed run that already finished: its summary
         self.kl_kinds: dict[str, float] = {}  # the last held-out KL split by position kind
         state = run.state or {"step": 0, "tokens_trained": 0}
         self.step = state["step"]
@@ -121,9 +100,10 @@ class Trainer:
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.tokens_trained = state["tokens_trained"]
         self.history: dict[str, Any] = state.get("history", {})
+        self._saved_step = self.step if self.resume_from is not None else None  # on disk
         self.trackers = Trackers.start(  # train.report_to, on the main process
-            cfg.train, self.out, cfg.model_dump(mode="json"), self.group.is_main,
-            resume=self.resume_from is not None,
+            cfg.train, self.out, cfg.model_dump(mode="json"),
+            self.group.is_main and self.finished is None, resume=self.resume_from is not None,
         )  # fmt: skip
 
     def render(self, question: str) -> str:
@@ -191,15 +171,10 @@ class Trainer:
         """Student rollouts with the configured sampling settings (rollout.*)."""
         ro = self.cfg.rollout
         return self.sampler(
-            self.acc.unwrap_model(self.student),
-            self.tokenizer,
-            prompts,
-            max_new_tokens=ro.max_new_tokens,
-            temperature=ro.temperature,
-            top_p=ro.top_p,
-            greedy=ro.greedy,
-            seed=seed,
-        )
+            self.acc.unwrap_model(self.student), self.tokenizer, prompts,
+            max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+            greedy=ro.greedy, seed=seed,
+        )  # fmt: skip
 
     def _step_metrics(self, out: StepPass, grad_norm: float, applied: bool) -> dict[str, Any]:
         """Count the step, log-ready metrics, samples; stop after too many non-finite steps."""
@@ -339,6 +314,7 @@ class Trainer:
                 keep_last=self.cfg.train.keep_last,
             )
         self.group.wait()
+        self._saved_step = self.step
         return path
 
     def log(self, metrics: dict[str, Any]) -> None:
@@ -351,7 +327,7 @@ class Trainer:
         """First SIGINT/SIGTERM: finish the step, save, stop. A second one: quit at once."""
         if self.stop_requested:
             raise KeyboardInterrupt
-        self.stop_requested = True
+        self.stop_requested = signal.Signals(signum).name
         if self.acc.is_main_process:
             print(
                 f"\ntaopd: {signal.Signals(signum).name}: stopping after this step and saving a "
@@ -361,7 +337,13 @@ class Trainer:
             )
 
     def run(self) -> dict[str, Any]:
-        """Train `train.steps` steps with evaluation and checkpoints; return the summary."""
+        """Train `train.steps` steps with evaluation and checkpoints; return the summary.
+
+        A stop signal ends it after the current step, saved, with `RunStopped`; a resumed run
+        that already finished returns its summary.json as it is."""
+        if self.finished is not None:
+            self.close()
+            return say_finished(self.out, self.finished, self.group.is_main)
         # wall time survives resume: the time up to the last checkpoint is kept in its history
         self._clock = (time.perf_counter(), self.history.get("wall_seconds", 0.0))
         old_handlers = {}
@@ -372,12 +354,11 @@ class Trainer:
             with self._peer_loss():
                 self._evaluate_before()
                 self._train_loop()
-            if self.stop_requested:
-                saved = self.save()
-                raise TrainingError(
-                    f"stopped by a signal at step {self.step}; checkpoint saved"
-                    f"{f' to {saved}' if saved else ''}, continue with --resume"
-                )
+            if self.stop_requested:  # a step just saved (save_every) is not saved again
+                if self._saved_step != self.step:
+                    self.save()
+                saved = latest_checkpoint(self.run_dir.checkpoints)
+                raise RunStopped(self.stop_requested, self.step, saved, self.out)
             summary = self._finish()
         finally:
             for s, old in old_handlers.items():
@@ -448,14 +429,14 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         """Final evaluation (unless the last step had one), last checkpoint, summary.json."""
-        h, cfg = self.history, self.cfg
+        h = self.history
         if h["accuracy_curve"] and h["accuracy_curve"][-1][0] == self.step:
             _, _, after, kl_after = h["accuracy_curve"][-1]
         else:
             after, kl_after = self.evaluate(), self.heldout_kl()
             h.update(self.kl_kinds)
         summary = run_summary(self, after, kl_after, self._wall_seconds())
-        if not (cfg.train.save_every and self.step % cfg.train.save_every == 0):
+        if self._saved_step != self.step:
             self.save()  # the final weights (unless the last step was just saved)
         self.run_dir.write_summary(summary)
         return summary
@@ -493,5 +474,10 @@ def setup_run(
 def train(
     cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Build a Trainer and run it; returns the summary dict (also in output_dir/summary.json)."""
+    """Build a Trainer and run it; returns the summary dict (also in output_dir/summary.json).
+
+    `resume` of a run that already finished at train.steps returns its summary.json, saying so,
+    without loading a model (raise train.steps to train it further)."""
+    if resume and not overwrite and (done := finished_run(cfg)) is not None:
+        return done
     return Trainer(cfg, resume=resume, overwrite=overwrite, progress=progress).run()
