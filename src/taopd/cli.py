@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError, notice, quiet_deepspeed_notice
+from .experiments.pilot import pct as _pct
 
 __all__ = ["main"]
 
@@ -54,19 +55,13 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def print_summary(summary: dict[str, Any], title: str) -> None:
     s = summary
+    arm = f"{s['strategy']}{'@weight' if s.get('mode') == 'weight' else ''} {s['ratio']:g}"
     rows = [
         ("teacher accuracy", _pct(s.get("teacher_accuracy"))),
         ("student accuracy before", _pct(s.get("student_accuracy_before"))),
-        (
-            f"student accuracy after ({s['strategy']} {s['ratio']:g})",
-            _pct(s.get("student_accuracy_after")),
-        ),
+        (f"student accuracy after ({arm})", _pct(s.get("student_accuracy_after"))),
         ("held-out problems", str(s["n_test"])),
         ("steps", str(s["steps"])),
         (
@@ -205,32 +200,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_pilot(args: argparse.Namespace) -> int:
-    from .experiments.pilot import pilot, pilot_verdict
+    from .experiments.pilot import pilot, pilot_report
 
     cfg = _load(args)
     rows = pilot(cfg, steps=args.steps, progress=not args.no_progress)
     print(f"\ntaopd pilot: {cfg.task.name or cfg.task.path}, {cfg.train.batch_size} prompts a step")
-    print("step  positions  solved (KL<0.05)  KL held by top 5%  mean reverse KL  kept")
-    for r in rows:
-        print(
-            f"{r['step']:>4}  {r['n_valid']:>9}  {_pct(r['solved_share']):>16}  "
-            f"{_pct(r['kl_top5_share']):>17}  {r['kl_all']:>15.3f}  {r['n_selected']:>4}"
-        )
-    print("\nstep  top 5% by KL with C<0.5  top-5% overlap (teachability, KL)  C at 5/50/95%")
-    for r in rows:
-        q = "/".join(f"{r[k]:.4f}" for k in ("compat_q05", "compat_q50", "compat_q95"))
-        print(
-            f"{r['step']:>4}  {_pct(r['kl_top5_incompatible']):>22}  "
-            f"{_pct(r['top5_overlap']):>34}  {q}"
-        )
-    if rows and rows[0].get("style_share_all") is not None:
-        print("\nstep  planted-style positions: of all  of the top 5% by KL")
-        for r in rows:
-            print(
-                f"{r['step']:>4}  {_pct(r['style_share_all']):>30}  "
-                f"{_pct(r['style_share_kl_top5']):>19}"
-            )
-    print("\n" + pilot_verdict(rows))
+    print(pilot_report(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
@@ -402,11 +377,11 @@ def _version() -> str:
     """The installed distribution's version (the package's own when not installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from . import __version__
+
     try:
         return version("taopd")
     except PackageNotFoundError:
-        from . import __version__
-
         return __version__
 
 
@@ -462,9 +437,8 @@ def _add_pilot(sub: Any) -> None:
     p = sub.add_parser(
         "pilot",
         help="does a setting leave room for selection? the first steps' KL spread",
-        description="Run the first training step(s) of CONFIG into a scratch folder (no "
-        "evaluation, nothing saved) and print the share of response positions the student "
-        "already solves (reverse KL < 0.05) and the share of the total KL held by the top 5%.",
+        description="Run CONFIG's first step(s) in a scratch folder (nothing saved); print how "
+        "the KL is spread and whether teachability and reverse-KL selection can differ.",
     )
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=1, help="steps to run (default 1)")

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import Config, training_only
 
-__all__ = ["PILOT_KEYS", "pilot", "pilot_verdict"]
+__all__ = ["PILOT_KEYS", "pct", "pilot", "pilot_report", "pilot_verdict"]
 
 PILOT_KEYS = (
     "solved_share",
@@ -87,3 +87,33 @@ def pilot_verdict(rows: list[dict[str, Any]]) -> str:
         f"Teachability vs reverse KL: they differ in part ({facts}); a short "
         "`taopd compare CONFIG --strategies teachability,reverse_kl,full` decides."
     )
+
+
+def pct(x: float | None) -> str:
+    """A share as '12.3%' ('n/a' for None)."""
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def pilot_report(rows: list[dict[str, Any]]) -> str:
+    """The pilot's tables (KL spread, off-support share and overlap, planted style when there is
+    one) and its verdict in words, as `taopd pilot` prints them."""
+    lines = ["step  positions  solved (KL<0.05)  KL held by top 5%  mean reverse KL  kept"]
+    lines += [
+        f"{r['step']:>4}  {r['n_valid']:>9}  {pct(r['solved_share']):>16}  "
+        f"{pct(r['kl_top5_share']):>17}  {r['kl_all']:>15.3f}  {r['n_selected']:>4}"
+        for r in rows
+    ]
+    lines += ["", "step  top 5% by KL with C<0.5  top-5% overlap (teachability, KL)  C at 5/50/95%"]
+    for r in rows:
+        q = "/".join(f"{r[k]:.4f}" for k in ("compat_q05", "compat_q50", "compat_q95"))
+        lines.append(
+            f"{r['step']:>4}  {pct(r['kl_top5_incompatible']):>22}  "
+            f"{pct(r['top5_overlap']):>34}  {q}"
+        )
+    if rows and rows[0].get("style_share_all") is not None:
+        lines += ["", "step  planted-style positions: of all  of the top 5% by KL"]
+        lines += [
+            f"{r['step']:>4}  {pct(r['style_share_all']):>30}  {pct(r['style_share_kl_top5']):>19}"
+            for r in rows
+        ]
+    return "\n".join([*lines, "", pilot_verdict(rows)])

@@ -159,6 +159,7 @@ def run_summary(
         "tokens_trained": t.tokens_trained,
         "steps": t.step,
         "strategy": cfg.selection.strategy,
+        "mode": cfg.selection.mode,
         "ratio": cfg.selection.ratio,
         "k": cfg.selection.k,
         "batch_size": cfg.train.batch_size,
