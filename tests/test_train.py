@@ -172,7 +172,12 @@ def test_resume_continues_to_the_same_weights(
         assert ra["n_selected"] == rb["n_selected"]
 
 
-def test_micro_batches_give_the_same_step(tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path):
+@pytest.mark.parametrize(
+    "mode", [[], ["selection.mode=weight", "selection.ratio=1"]], ids=["select", "weight"]
+)
+def test_micro_batches_give_the_same_step(
+    mode, tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
+):
     runs = {}
     for mb in (8, 3):
         out = tmp_path / f"mb{mb}"
@@ -185,6 +190,7 @@ def test_micro_batches_give_the_same_step(tiny_model_dir, tiny_model_dir_same_to
             "train.save_every=2",
             "optim.lr=1e-3",
             "train.eval_before=false",
+            *mode,
         )
         train(cfg, progress=False)
         runs[mb] = weights(out / "checkpoints" / "step-000002" / "model")
@@ -404,23 +410,6 @@ def test_weight_mode_trains_every_position_with_logged_weights(
             assert r["weight_max"] > 1.0 > r["weight_min"]
     if strategy == "teachability":  # the weights lean towards high teachability
         assert all(r["teachability_weighted"] > r["teachability_all"] for r in rows)
-
-
-def test_weight_mode_micro_batches_give_the_same_step(
-    tiny_model_dir, tiny_model_dir_same_tokenizer, tmp_path
-):
-    runs = {}
-    for mb in (8, 3):
-        out = tmp_path / f"mb{mb}"
-        cfg = tiny_cfg(
-            tiny_model_dir, tiny_model_dir_same_tokenizer, out, "train.steps=2",
-            f"train.micro_batch_size={mb}", "train.save_every=2", "optim.lr=1e-3",
-            "train.eval_before=false", "selection.mode=weight", "selection.ratio=1",
-        )  # fmt: skip
-        train(cfg, progress=False)
-        runs[mb] = weights(out / "checkpoints" / "step-000002" / "model")
-    for k in runs[8]:
-        assert torch.allclose(runs[8][k], runs[3][k], atol=1e-5), k
 
 
 def test_weight_mode_with_a_budget_is_refused_before_anything_runs(
