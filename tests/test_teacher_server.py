@@ -347,6 +347,18 @@ def test_trainer_with_a_served_teacher_trains(pair, server, tmp_path):
     assert moved  # the student was trained through the served teacher's log-probs
 
 
+def test_iw_opd_weights_train_through_a_served_teacher(pair, server, tmp_path):
+    """IW-OPD reads only the sampled-token log-ratio, which a served teacher gives."""
+    out = tmp_path / "run"
+    extra = ("selection.strategy=iw_opd", "selection.mode=weight", "selection.ratio=1")
+    summary = train(_cfg(pair, out, server.url, *extra, "train.steps=2"), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and summary["mode"] == "weight"
+    for r in rows:
+        assert r["n_selected"] == r["n_valid"] and math.isfinite(r["loss"])
+        assert r["weight_min"] >= 1.0 and r["weight_max"] <= 1.5 + 1e-9
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -374,6 +386,7 @@ def test_unserved_model_is_refused(pair, server, tmp_path):
     [
         (["loss.kind=reverse_kl"], "needs loss.kind 'pg'"),
         (["selection.strategy=reverse_kl"], "teachability"),
+        (["selection.strategy=reverse_kl", "selection.mode=weight", "selection.ratio=1"], "iw_opd"),
         (["teacher_server.top_k=8"], "must be >= selection.k"),
         (["loss.temperature=2"], "temperature 1"),
     ],
